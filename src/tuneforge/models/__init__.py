@@ -1,0 +1,1 @@
+"""Find, load, adapt (freeze / LoRA), run and export pre-trained models."""

@@ -1,0 +1,126 @@
+"""Load a pre-trained encoder with the task's head; apply the training method (full, frozen layers, LoRA);
+save a plain `transformers` directory (LoRA merged, safetensors only)."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tuneforge.config import TrainConfig
+from tuneforge.errors import ModelNotFoundError
+from tuneforge.tasks.classification import LabelSpace
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers prints a load report for the new head on every load; the run says it once, itself."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def quiet_transformers():
+    """Context in which transformers prints neither load reports nor progress bars."""
+    return _quiet_transformers()
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"no usable tokenizer in {model_dir} ({err})",
+                                 fix="the model directory needs tokenizer.json or the tokenizer's vocabulary files") from None
+
+
+def load_classifier(model_dir: Path, space: LabelSpace, seed: int):
+    """A sequence-classification model with a fresh head for `space`; the head init depends on `seed` only."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    with _quiet_transformers():
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(
+                str(model_dir), num_labels=len(space.labels), problem_type=space.problem_type,
+                id2label=dict(enumerate(space.labels)), label2id={lab: i for i, lab in enumerate(space.labels)},
+                local_files_only=True, use_safetensors=True, dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise ModelNotFoundError(f"cannot load a classifier from {model_dir} ({err})",
+                                     fix="use a Hugging Face encoder directory with safetensors weights") from None
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks, found structurally (BERT, RoBERTa, DistilBERT, ... name it differently)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not candidates:
+        raise ModelNotFoundError(f"cannot find the {n} encoder layers of {type(model).__name__} to freeze",
+                                 fix="use train.method: full or lora for this architecture")
+    return candidates[0]
+
+
+def input_embeddings_module(model: nn.Module) -> nn.Module:
+    base = model.base_model
+    return getattr(base, "embeddings", None) or model.get_input_embeddings()
+
+
+def apply_method(model, cfg: TrainConfig):
+    """Freeze or wrap the model for the chosen method; returns the model to train."""
+    if cfg.method == "frozen":
+        layers = encoder_layers(model)
+        if cfg.frozen_layers > len(layers):
+            from tuneforge.errors import ConfigError
+            raise ConfigError(f"train.frozen_layers is {cfg.frozen_layers} but the model has {len(layers)} layers",
+                              fix=f"set train.frozen_layers between 0 and {len(layers)}")
+        frozen = [input_embeddings_module(model), *list(layers)[: cfg.frozen_layers]]
+        for module in frozen:
+            module.requires_grad_(False)
+        model._tuneforge_frozen = frozen  # kept in eval mode (no dropout) during training
+    elif cfg.method == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        lcfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                          lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules)
+        model = get_peft_model(model, lcfg)  # SEQ_CLS keeps the classifier head trainable and saved
+    return model
+
+
+def set_train_mode(model) -> None:
+    model.train()
+    for module in getattr(model, "_tuneforge_frozen", []):
+        module.eval()
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def export_model(model, tokenizer, out_dir: Path) -> None:
+    """A directory plain transformers loads: LoRA merged, fp32 safetensors, tokenizer, id2label."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    with _quiet_transformers():
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))

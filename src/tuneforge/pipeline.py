@@ -1,0 +1,202 @@
+"""The one place the stages are wired: config -> data -> model -> train -> evaluate -> artifacts.
+
+    tuneforge run examples/sentiment.yaml
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tuneforge import artifacts
+from tuneforge.config import RunConfig, dump_config, parse_config
+from tuneforge.errors import OutputError
+from tuneforge.data.prepare import prepare_data
+
+
+@contextmanager
+def _stage(durations: dict, name: str):
+    t0 = time.perf_counter()
+    yield
+    durations[name] = round(time.perf_counter() - t0, 2)
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _check_resume_config(out: Path, cfg: RunConfig) -> None:
+    saved_path = out / "config.yaml"
+    import yaml
+
+    saved = parse_config(yaml.safe_load(saved_path.read_text()), str(saved_path))
+    mine, theirs = cfg.model_dump(exclude={"output"}), saved.model_dump(exclude={"output"})
+    if mine != theirs:
+        diff = [k for k in mine if mine[k] != theirs[k]]
+        raise OutputError(f"the config differs from the interrupted run's in section(s) {', '.join(diff)}",
+                          fix=f"resume with the same config (saved in {saved_path}), or start over with --overwrite")
+
+
+def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None) -> dict:
+    """Run the whole job; returns the content of metrics.json. Raises TuneforgeError on bad input."""
+    import torch
+    from accelerate import Accelerator
+
+    from tuneforge.evaluation import evaluate_all
+    from tuneforge.models.infer import encode, mean_pooled, pad_id_of
+    from tuneforge.models.load import apply_method, export_model, load_classifier, load_tokenizer
+    from tuneforge.models.predictor import SETTINGS_KEY, Predictor
+    from tuneforge.models.resolve import describe, resolve_model
+    from tuneforge.tasks.classification import LabelSpace
+    from tuneforge.training import cost
+    from tuneforge.training.loop import TrainData, plan_steps, train
+    from tuneforge.training.precision import resolve_precision
+
+    console = console or Console()
+    out = Path(cfg.output.dir)
+    durations: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    # --- everything that can reject the input happens before the output directory is touched ---
+    artifacts.check_output_dir(out, resume=resume, overwrite=cfg.output.overwrite)
+    if resume:
+        _check_resume_config(out, cfg)
+    with _stage(durations, "data"):
+        data = prepare_data(cfg.data, cfg.task)
+    splits = data.splits
+    model_dir = resolve_model(cfg.model.name)
+    tokenizer = load_tokenizer(model_dir)
+    space = LabelSpace(tuple(data.labels), cfg.task.multi_label, cfg.task.threshold)
+    console.print(f"[bold]data[/] {len(splits.train)} train / {len(splits.val)} validation / {len(splits.test)} test rows, "
+                  f"{len(space.labels)} labels; removed {sum(data.report['removed_counts'].values())} rows "
+                  f"{data.report['removed_counts'] or ''}")
+    with _stage(durations, "tokenize"):
+        ids = {name: encode(tokenizer, ex.texts, cfg.model.max_length) for name, ex in splits.items()}
+        y = {name: space.encode(ex.labels) for name, ex in splits.items()}
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision, why = resolve_precision(cfg.train.precision, device)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu")
+    with _stage(durations, "load_model"):
+        model = load_classifier(model_dir, space, cfg.train.seed)
+    info = describe(model_dir)
+    console.print(f"[bold]model[/] {cfg.model.name} ({info['architecture']}, {info['parameters'] / 1e6:.1f}M parameters) "
+                  f"from {model_dir}; method {cfg.train.method}; precision {precision} ({why})")
+
+    if not resume:
+        artifacts.reset_output_dir(out)
+        artifacts.write_text(out / "config.yaml", dump_config(cfg))  # the resolved config; --resume checks against it
+    pad_id = pad_id_of(tokenizer)
+    model.to(accelerator.device)
+
+    # --- baselines, on the pre-trained encoder before any weight changes ---
+    with _stage(durations, "baselines"):
+        probe_features = None
+        if "frozen_probe" in cfg.eval.baselines:
+            n = len(ids["train"]) if not cfg.eval.probe_train_rows else min(cfg.eval.probe_train_rows, len(ids["train"]))
+            probe_rows = np.random.default_rng(cfg.train.seed).permutation(len(ids["train"]))[:n]
+            probe_ids = {"train": [ids["train"][i] for i in probe_rows], "val": ids["val"], "test": ids["test"]}
+            probe_features = {k: mean_pooled(model.base_model, v, pad_id, cfg.eval.batch_size, precision)
+                              for k, v in probe_ids.items()}
+            probe_features["train_rows"] = probe_rows
+
+    model = apply_method(model, cfg.train)
+    per_epoch, total, eval_every = plan_steps(len(ids["train"]), cfg.train, accelerator.num_processes)
+    with _stage(durations, "estimate"):
+        est = cost.estimate(model, ids["train"], y["train"], batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                            group_by_length=cfg.train.group_by_length, total_steps=total, grad_accum=cfg.train.grad_accum,
+                            eval_rows_tokens=sum(map(len, ids["val"])), n_evals=max(1, total // eval_every),
+                            infer_tokens=sum(map(len, ids["test"])) * 3, pad_id=pad_id, precision=precision)
+    console.print(f"[bold]estimate[/] training {_fmt_s(est['seconds_train'])} + evaluation {_fmt_s(est['seconds_eval_and_baselines'])} "
+                  f"({total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}, {est['trainable_parameters'] / 1e6:.1f}M trainable); "
+                  f"peak memory ~{est['peak_memory_bytes'] / 2**30:.1f} GiB on {est['device']}")
+
+    # --- train ---
+    with _stage(durations, "train"), _progress(console) as progress:
+        result = train(model, TrainData(ids["train"], y["train"]), TrainData(ids["val"], y["val"]), space, cfg.train, cfg.eval,
+                       accelerator=accelerator, precision=precision, pad_id=pad_id,
+                       checkpoint_dir=out / artifacts.CHECKPOINT, resume=resume, progress=progress)
+    console.print(f"[bold]trained[/] {result.steps} steps, {result.samples_per_second:.1f} samples/s; best validation "
+                  f"{cfg.eval.metric} {result.best_metric:.4f} at step {result.best_step}"
+                  + (" (stopped early)" if result.stopped_early else ""))
+
+    # --- export, then evaluate the exported model exactly as a user will load it ---
+    with _stage(durations, "export"):
+        staging = out / "model.tmp"
+        raw = accelerator.unwrap_model(model)
+        export_model(raw, tokenizer, staging)
+        _record_settings(staging, SETTINGS_KEY, {"threshold": cfg.task.threshold, "max_length": cfg.model.max_length})
+        artifacts.replace_dir(staging, out / "model")
+    with _stage(durations, "evaluate"):
+        predictor = Predictor.load(out / "model")
+        test_probs = predictor.probabilities(splits.test.texts, cfg.eval.batch_size)
+        metrics = evaluate_all(space, cfg, splits, y, test_probs, probe_features)
+    metrics["validation"] = {"metric": cfg.eval.metric, "best": result.best_metric, "best_step": result.best_step,
+                             "history": result.history, "stopped_early": result.stopped_early}
+    durations["total"] = round(time.perf_counter() - t_start, 2)
+    metrics["cost"] = {"estimated": est, "actual": {"seconds_total": durations["total"], "seconds_train": result.train_seconds,
+                                                     "train_samples_per_second": result.samples_per_second,
+                                                     "peak_memory_bytes": cost.peak_memory_bytes(accelerator.device)}}
+
+    # --- artifacts; run.json last: its presence marks a finished run ---
+    artifacts.write_json(out / "metrics.json", metrics)
+    artifacts.write_json(out / "data_report.json", data.report)
+    artifacts.write_json(out / artifacts.FINISHED_MARKER, {
+        "data": {"files": data.report["files"], "splits": {k: v["sha256"] for k, v in data.report["splits"].items()}},
+        "model": {"reference": cfg.model.name, "path": str(model_dir), **info},
+        "seed": {"split": cfg.data.seed, "train": cfg.train.seed},
+        "precision": precision, "hardware": artifacts.hardware(), "versions": artifacts.library_versions(),
+        "durations_s": durations, "resumed": resume, "steps": result.steps,
+    })
+    import shutil
+
+    shutil.rmtree(out / artifacts.CHECKPOINT, ignore_errors=True)
+    _print_summary(console, metrics, est, durations, out)
+    return metrics
+
+
+def _record_settings(model_dir: Path, key: str, settings: dict) -> None:
+    import json
+
+    path = model_dir / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg[key] = settings
+    artifacts.write_text(path, json.dumps(cfg, indent=2))
+
+
+@contextmanager
+def _progress(console: Console):
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+    task = progress.add_task("train", total=None, info="")
+    state = {"info": ""}
+
+    def update(step: int, total: int, row: dict | None) -> None:
+        if row is not None:
+            metric = next(k for k in row if k.startswith("val_") and k != "val_loss")
+            state["info"] = f"loss {row['train_loss']:.3f} val {metric[4:]} {row[metric]:.3f}"
+        progress.update(task, completed=step, total=total, info=state["info"])
+
+    with progress:
+        yield update
+
+
+def _print_summary(console: Console, metrics: dict, est: dict, durations: dict, out: Path) -> None:
+    table = Table(title="test split: model vs baselines")
+    for col in ("", "accuracy", "macro-F1", f"95% CI ({metrics['main_metric']})"):
+        table.add_column(col, justify="right" if col else "left")
+    rows = [("fine-tuned model", metrics["test"]["model"])] + list(metrics["test"]["baselines"].items())
+    for name, m in rows:
+        ci = m.get("ci")
+        table.add_row(name, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-")
+    console.print(table)
+    verdict = "beats every baseline" if metrics["beats_baselines"] else "does NOT beat every baseline"
+    console.print(f"The fine-tuned model {verdict} on test {metrics['main_metric']}.")
+    console.print(f"[bold]cost[/] estimated {_fmt_s(est['seconds_total'])}, actual {_fmt_s(durations['total'])} "
+                  f"(train {_fmt_s(durations['train'])}); peak memory {metrics['cost']['actual']['peak_memory_bytes'] / 2**30:.1f} GiB")
+    console.print(f"[bold]output[/] {out}  (load: AutoModelForSequenceClassification.from_pretrained('{out / 'model'}'))")

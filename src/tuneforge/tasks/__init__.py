@@ -1,0 +1,1 @@
+"""Tasks: how rows become model inputs and targets, and how predictions are scored."""

@@ -1,0 +1,1 @@
+"""The training run: batching, mixed precision, early stopping, checkpoints and resume."""

@@ -1,0 +1,78 @@
+"""Resumable checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint holds the trainable weights (frozen ones are reloaded from the pre-trained model),
+the best weights so far, the optimizer and scheduler state, RNG states and the loop counters.
+It is written to a temporary folder and renamed, so an interruption never leaves half of one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tuneforge.errors import OutputError
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(directory: Path, *, trainable: dict, best: dict | None, optimizer, scheduler, counters: dict) -> None:
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    if best is not None:
+        save_file({k: v.contiguous().cpu() for k, v in best.items()}, str(tmp / "best.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    (tmp / "state.json").write_text(json.dumps({"counters": counters, "optimizer": opt_meta, "scheduler": sched}, indent=1))
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(directory: Path, *, optimizer, scheduler) -> tuple[dict, dict | None, dict]:
+    """(trainable weights, best weights or None, counters); restores optimizer, scheduler and RNG in place."""
+    if not (directory / "state.json").is_file():
+        raise OutputError(f"no checkpoint to resume from in {directory}",
+                          fix="run without --resume to start a new run")
+    meta = json.loads((directory / "state.json").read_text())
+    trainable = load_file(str(directory / "trainable.safetensors"))
+    best_path = directory / "best.safetensors"
+    best = load_file(str(best_path)) if best_path.is_file() else None
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), meta["optimizer"]))
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    rng = load_file(str(directory / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    return trainable, best, meta["counters"]

@@ -1,0 +1,207 @@
+"""The training loop, written out plainly: length-grouped batches, AdamW with warm-up, mixed precision,
+evaluation on validation only, early stopping, checkpoints and resume.
+
+The same code runs on one CPU, one GPU, or many processes under `torchrun` / `accelerate launch`:
+Accelerate places the model, wraps it for DDP and applies autocast; each process takes its share of
+the batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tuneforge.config import EvalConfig, TrainConfig
+from tuneforge.errors import TuneforgeError
+from tuneforge.models.infer import collate, predict_logits
+from tuneforge.models.load import load_trainable_state, set_train_mode, trainable_state
+from tuneforge.tasks.classification import LabelSpace, main_metric
+from tuneforge.training.checkpoint import load_checkpoint, save_checkpoint
+
+
+class TrainingInterrupted(TuneforgeError):
+    exit_code = 130
+
+
+@dataclass
+class TrainData:
+    ids: list[list[int]]
+    targets: np.ndarray
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_step: int
+    best_metric: float
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.train_seconds if self.train_seconds else 0.0
+
+
+def make_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[np.ndarray]:
+    """Shuffled batches; with grouping, rows of similar length share a batch (as HF's LengthGroupedSampler:
+    shuffle, sort within mega-batches of 50 batches, then shuffle the batch order)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if group_by_length:
+        lengths_arr = np.asarray(lengths)
+        mega = batch_size * 50
+        chunks = [order[i : i + mega] for i in range(0, len(order), mega)]
+        order = np.concatenate([c[np.argsort(-lengths_arr[c], kind="stable")] for c in chunks])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def plan_steps(n_rows: int, cfg: TrainConfig, world: int = 1) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, evaluate every N steps)."""
+    batches = max(1, math.ceil(n_rows / cfg.batch_size) // world)
+    per_epoch = math.ceil(batches / cfg.grad_accum)
+    total = max(1, math.ceil(cfg.epochs * per_epoch))
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    every = cfg.eval_every or max(1, per_epoch // 4)
+    return per_epoch, total, min(every, total)
+
+
+def build_optimizer(model, cfg: TrainConfig, total_steps: int):
+    from transformers import get_linear_schedule_with_warmup
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # why: decaying biases and LayerNorm gains only hurts (standard BERT recipe)
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total_steps), total_steps)
+    return opt, sched
+
+
+def _val_loss(space: LabelSpace, logits: np.ndarray, targets: np.ndarray) -> float:
+    if space.multi_label:
+        t = torch.from_numpy(targets)
+        return float(torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits), t))
+    valid = targets >= 0
+    return float(torch.nn.functional.cross_entropy(torch.from_numpy(logits[valid]), torch.from_numpy(targets[valid])))
+
+
+def evaluate(model, data: TrainData, space: LabelSpace, metric: str, pad_id: int, batch_size: int, precision: str) -> dict:
+    logits = predict_logits(model, data.ids, pad_id, batch_size, precision)
+    pred = space.decide(space.probabilities(logits))
+    return {"val_loss": _val_loss(space, logits, data.targets), f"val_{metric}": main_metric(space, metric, data.targets, pred)}
+
+
+def _optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> None:
+    accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train(model, train_data: TrainData, val_data: TrainData, space: LabelSpace, cfg: TrainConfig, ecfg: EvalConfig,
+          *, accelerator, precision: str, pad_id: int, checkpoint_dir: Path, resume: bool, progress=None) -> TrainResult:
+    """Train `model` in place; on return it holds the best weights by the validation metric."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_epoch, total, eval_every = plan_steps(len(train_data.ids), cfg, world)
+    ckpt_every = cfg.checkpoint_every or eval_every
+    optimizer, scheduler = build_optimizer(model, cfg, total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    raw = accelerator.unwrap_model(model)
+    metric_key = f"val_{ecfg.metric}"
+
+    c = {"step": 0, "epoch": 0, "batch_pos": 0, "best_metric": -math.inf, "best_step": 0, "bad_evals": 0,
+         "samples": 0, "tokens": 0, "train_seconds": 0.0, "history": [], "loss_sum": 0.0, "loss_n": 0}
+    best = None
+    if resume:
+        state, best, c = load_checkpoint(checkpoint_dir, optimizer=optimizer, scheduler=scheduler)
+        load_trainable_state(raw, state)
+    lengths = [len(x) for x in train_data.ids]
+
+    def checkpoint() -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(checkpoint_dir, trainable=trainable_state(raw), best=best, optimizer=optimizer,
+                            scheduler=scheduler, counters=c)
+        accelerator.wait_for_everyone()
+
+    def run_eval() -> bool:
+        """Evaluate, keep the best weights; True when early stopping says stop."""
+        nonlocal best
+        row = {"step": c["step"], "epoch": round(c["step"] / per_epoch, 3), "lr": scheduler.get_last_lr()[0],
+               "train_loss": c["loss_sum"] / max(c["loss_n"], 1)}
+        row.update(evaluate(raw, val_data, space, ecfg.metric, pad_id, ecfg.batch_size, precision))
+        c["loss_sum"], c["loss_n"] = 0.0, 0
+        c["history"].append(row)
+        if row[metric_key] > c["best_metric"]:
+            c["best_metric"], c["best_step"], c["bad_evals"] = row[metric_key], c["step"], 0
+            best = trainable_state(raw)
+        else:
+            c["bad_evals"] += 1
+        if progress:
+            progress(c["step"], total, row)
+        return bool(cfg.early_stopping_patience) and c["bad_evals"] >= cfg.early_stopping_patience
+
+    stopped_early = False
+    try:
+        set_train_mode(raw)
+        while c["step"] < total and not stopped_early:
+            batches = make_batches(lengths, cfg.batch_size, cfg.seed, c["epoch"], cfg.group_by_length)
+            batches = batches[: len(batches) // world * world][rank::world] if world > 1 else batches
+            for pos in range(c["batch_pos"], len(batches), cfg.grad_accum):
+                t0 = time.perf_counter()
+                group = batches[pos : pos + cfg.grad_accum]
+                for k, idx in enumerate(group):
+                    batch = collate([train_data.ids[i] for i in idx], pad_id, device)
+                    batch["labels"] = torch.from_numpy(train_data.targets[idx]).to(device)
+                    sync = k == len(group) - 1
+                    ctx = accelerator.no_sync(model) if (world > 1 and not sync) else contextlib.nullcontext()
+                    with ctx, accelerator.autocast():
+                        loss = model(**batch).loss
+                    accelerator.backward(loss / cfg.grad_accum)
+                    c["loss_sum"] += float(loss.detach())
+                    c["loss_n"] += 1
+                    c["samples"] += len(idx) * world
+                    c["tokens"] += int(batch["attention_mask"].sum()) * world
+                _optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+                c["train_seconds"] += time.perf_counter() - t0
+                c["step"] += 1
+                c["batch_pos"] = pos + cfg.grad_accum
+                if progress:
+                    progress(c["step"], total, None)
+                if c["step"] % eval_every == 0 or c["step"] == total:
+                    stopped_early = run_eval()
+                    set_train_mode(raw)
+                if c["step"] % ckpt_every == 0 or c["step"] == total or stopped_early:
+                    checkpoint()
+                if c["step"] >= total or stopped_early:
+                    break
+            else:
+                c["epoch"] += 1
+                c["batch_pos"] = 0
+    except KeyboardInterrupt:
+        optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is redone on resume
+        checkpoint()
+        raise TrainingInterrupted(f"training interrupted at step {c['step']} of {total}; a checkpoint is saved in {checkpoint_dir}",
+                                  fix="run the same command again with --resume to continue") from None
+
+    if not c["history"] or c["history"][-1]["step"] != c["step"]:
+        run_eval()
+    if best is not None:
+        load_trainable_state(raw, best)
+    raw.eval()
+    return TrainResult(steps=c["step"], best_step=c["best_step"], best_metric=c["best_metric"], stopped_early=stopped_early,
+                       history=c["history"], train_seconds=c["train_seconds"], samples=c["samples"], tokens=c["tokens"])
