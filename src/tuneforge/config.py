@@ -122,7 +122,7 @@ class RunConfig(_Section):
 
 
 def _check_lora_method(cfg: RunConfig) -> None:
-    if cfg.train.method != "lora" and "lora" in cfg.train.model_fields_set:
+    if cfg.train.method != "lora" and cfg.train.lora != LoraConfig():
         raise ValueError("train.lora is set but train.method is not 'lora': set train.method: lora or remove train.lora")
 
 

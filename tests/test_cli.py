@@ -1,0 +1,88 @@
+"""The command line as a user meets it: exit codes, messages without tracebacks, nothing half-written."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tuneforge.cli import main
+
+from conftest import make_rows
+
+
+def _bad(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err and err.startswith("error: ")
+    return err
+
+
+def _quick(tmp_path, data, model, *extra):
+    return ["run", "--data", str(data), "--text-column", "text", "--label-column", "label",
+            "--model", str(model), "--output", str(tmp_path / "out"), *extra]
+
+
+def test_bad_inputs_exit_2_and_leave_no_output(capsys, tmp_path, write_csv, tiny_model_dir):
+    good = write_csv(make_rows(40))
+    cases = {
+        "missing file": (_quick(tmp_path, tmp_path / "none.csv", tiny_model_dir), "does not exist"),
+        "missing column": (_quick(tmp_path, good, tiny_model_dir)[:4] + ["review"] + _quick(tmp_path, good, tiny_model_dir)[5:],
+                           "column 'review' not found"),
+        "unknown model": (_quick(tmp_path, good, "no-such-model"), "model 'no-such-model'"),
+    }
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncaf\xe9 good,pos\nbad,neg\n".encode("latin-1"))
+    cases["non-utf8"] = (_quick(tmp_path, latin, tiny_model_dir), "row 0")
+    single = write_csv([r for r in make_rows(30) if r["label"] == "pos"], "single.csv")
+    cases["single class"] = (_quick(tmp_path, single, tiny_model_dir), "only one class")
+    for name, (argv, expected) in cases.items():
+        err = _bad(capsys, argv)
+        assert expected in err, name
+        assert "fix:" in err, name
+        assert not (tmp_path / "out").exists(), name
+
+
+def test_config_typo_exit_2(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {path: x.csv}\ntrain: {epoch: 2}\n")
+    err = _bad(capsys, ["run", str(cfg)])
+    assert "train.epoch" in err and "Did you mean 'epochs'" in err
+
+
+def test_quick_start_then_predict_then_refuse_to_clobber(capsys, tmp_path, write_csv, tiny_model_dir):
+    data = write_csv(make_rows(60))
+    assert main(_quick(tmp_path, data, tiny_model_dir, "--epochs", "2")) == 0
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "out"), "--text", "good great film", "--text", "awful", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [l["text"] for l in lines] == ["good great film", "awful"]
+    assert all(abs(sum(l["probabilities"].values()) - 1) < 1e-5 and l["label"] in ("pos", "neg") for l in lines)
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("lovely moving\n\nboring flat\n")
+    assert main(["predict", str(tmp_path / "out"), "--input", str(texts)]) == 0
+    out = capsys.readouterr().out
+    assert "lovely moving" in out and "boring flat" in out
+
+    err = _bad(capsys, _quick(tmp_path, data, tiny_model_dir))
+    assert "already holds a finished run" in err and "--overwrite" in err
+    err = _bad(capsys, _quick(tmp_path, data, tiny_model_dir, "--resume"))
+    assert "nothing to resume" in err
+
+
+def test_predict_without_texts_or_model(capsys, tmp_path):
+    err = _bad(capsys, ["predict", str(tmp_path), "--text", "x"])
+    assert "not a tuneforge model directory" in err
+
+
+def test_models_lists_a_local_directory_with_its_size(capsys, tiny_model_dir):
+    assert main(["models", "--path", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "BertModel" in out and "est. train" in out
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from tuneforge.cli import build_parser; import tuneforge.config;"
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"

