@@ -73,7 +73,7 @@ def plan_steps(n_rows: int, cfg: TrainConfig, world: int = 1) -> tuple[int, int,
     total = max(1, math.ceil(cfg.epochs * per_epoch))
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    every = cfg.eval_every or max(1, per_epoch // 4)
+    every = cfg.eval_every or max(1, math.ceil(per_epoch / 4))  # the 4th lands on the epoch's end
     return per_epoch, total, min(every, total)
 
 
