@@ -28,7 +28,7 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise OutputError(f"{out} already holds a finished run", fix="pass --overwrite to replace it, or choose another --output")
     if (out / CHECKPOINT).exists() or (out / "config.yaml").is_file():
         raise OutputError(f"{out} holds an unfinished run", fix="pass --resume to continue it, or --overwrite to start over")
-    if any(out.iterdir()):
+    if any(p.name != "audit.json" for p in out.iterdir()):
         raise OutputError(f"{out} is not empty and holds no tuneforge run", fix="choose an empty or new --output directory")
 
 

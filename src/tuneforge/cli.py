@@ -35,6 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune a pre-trained model for your task, with the evidence.")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    p = sub.add_parser("audit", help="audit the data (leakage, duplicates, label errors, truncation, balance) before training",
+                       description="Audit from a YAML config, or from flags without one. Exit code 3 on a blocking finding.")
+    p.add_argument("config", nargs="?", help="YAML config (see examples/)")
+    for flag, text in (("--data", "data file"), ("--text-column", "column with the text"),
+                       ("--label-column", "column with the label(s)"), ("--test-data", "separate test file"),
+                       ("--model", "model whose tokenizer measures truncation"),
+                       ("--output", "directory for audit.json (default: the config's output.dir)")):
+        p.add_argument(flag, help=text)
+    p.add_argument("--multi-label", action="store_true", help="rows may carry several labels")
+    p.set_defaults(method=None, epochs=None, overwrite=False)
     p = sub.add_parser("predict", help="predict labels with a finished run's model")
     p.add_argument("output", help="output directory of a finished run (or its model/ directory)")
     p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
@@ -82,6 +92,33 @@ def cmd_run(args) -> int:
 
     metrics = run(_config_from_args(args), resume=args.resume)
     return 0 if metrics else 1
+
+
+def cmd_audit(args) -> int:
+    from rich.console import Console
+
+    from tuneforge import artifacts
+    from tuneforge.data.prepare import prepare_data
+    from tuneforge.errors import AuditBlocked
+    from tuneforge.models.load import load_tokenizer
+    from tuneforge.models.resolve import resolve_model
+    from tuneforge.pipeline import audit_data, check_audit
+
+    cfg = _config_from_args(args)
+    console = Console()
+    data = prepare_data(cfg.data, cfg.task)
+    tokenizer = load_tokenizer(resolve_model(cfg.model.name))
+    out = Path(cfg.output.dir)
+    report = audit_data(cfg, data, tokenizer, console)
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(out / "audit.json", report)
+    console.print(f"[bold]audit[/] written to {out / 'audit.json'}")
+    try:
+        check_audit(report)
+    except AuditBlocked as err:
+        print(f"blocking: {err.message}\nfix: {err.fix}", file=sys.stderr)
+        return err.exit_code
+    return 0
 
 
 def _read_texts(args, out: Path) -> list[str]:
@@ -166,7 +203,7 @@ def cmd_models(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "predict": cmd_predict, "models": cmd_models}[args.command]
+    handler = {"run": cmd_run, "audit": cmd_audit, "predict": cmd_predict, "models": cmd_models}[args.command]
     try:
         return handler(args)
     except TuneforgeError as err:

@@ -93,6 +93,16 @@ class EvalConfig(_Section):
         "sentence embeddings saturates long before; the encoding pass dominates the cost); 0 = all.")
 
 
+class AuditConfig(_Section):
+    near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity of word 1-2-grams above which two texts are near-duplicates.")
+    allow_leakage: bool = Field(False, description="Let `run` train although held-out rows also sit in training (reported as a warning).")
+    label_issues: bool = Field(True, description="Rank likely label errors (cleanlab on out-of-fold TF-IDF probabilities).")
+    label_issue_folds: int = Field(5, ge=2, le=20)
+    min_train_rows_per_class: int = Field(20, ge=1, description="Warn when a class has fewer training rows: too few to learn.")
+    min_test_rows_per_class: int = Field(10, ge=1, description="Warn when a class has fewer test rows: too few to test.")
+    max_imbalance_ratio: float = Field(10.0, gt=1.0, description="Warn when largest/smallest class in train exceeds this.")
+
+
 class OutputConfig(_Section):
     dir: str = Field("runs/latest", description="Everything the run writes goes here.")
     overwrite: bool = Field(False, description="Replace a finished run in `dir`.")
@@ -104,6 +114,7 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")

@@ -43,3 +43,9 @@ class ModelNotFoundError(TuneforgeError):
 
 class OutputError(TuneforgeError):
     """The output directory is in a state the requested action cannot use."""
+
+
+class AuditBlocked(TuneforgeError):
+    """The data audit found a blocking problem (leakage between splits); training would give false scores."""
+
+    exit_code = 3

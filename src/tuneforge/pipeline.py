@@ -72,6 +72,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     model_dir = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(model_dir)
     space = LabelSpace(tuple(data.labels), cfg.task.multi_label, cfg.task.threshold)
+    audit_report = audit_data(cfg, data, tokenizer, console)
+    check_audit(audit_report)
     console.print(f"[bold]data[/] {len(splits.train)} train / {len(splits.val)} validation / {len(splits.test)} test rows, "
                   f"{len(space.labels)} labels; removed {sum(data.report['removed_counts'].values())} rows "
                   f"{data.report['removed_counts'] or ''}")
@@ -91,6 +93,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     if not resume:
         artifacts.reset_output_dir(out)
         artifacts.write_text(out / "config.yaml", dump_config(cfg))  # the resolved config; --resume checks against it
+        artifacts.write_json(out / "audit.json", audit_report)
     pad_id = pad_id_of(tokenizer)
     model.to(accelerator.device)
 
@@ -158,6 +161,65 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     shutil.rmtree(out / artifacts.CHECKPOINT, ignore_errors=True)
     _print_summary(console, metrics, est, durations, out)
     return metrics
+
+
+def audit_data(cfg: RunConfig, data, tokenizer, console: Console) -> dict:
+    """Run the audit and print its summary."""
+    from tuneforge.data.audit import audit
+
+    report = audit(data.splits, data.report["removed"], cfg.task.multi_label, tokenizer, cfg.model.max_length,
+                   cfg.audit, seed=cfg.data.seed)
+    _print_audit(console, report)
+    return report
+
+
+def check_audit(report: dict) -> None:
+    """Stop (exit code 3) on a blocking finding, naming the rows."""
+    from tuneforge.errors import AuditBlocked
+
+    leakage = report["leakage"]
+    if leakage["severity"] == "blocking":
+        shown = []
+        for group in leakage["groups"][:10]:
+            shown.append(" = ".join(f"{r['split']} {r['file']} row {r['row']}" for r in group["rows"])
+                         + f" ({group['kind']}, similarity {group['similarity']:.2f})")
+        more = len(leakage["groups"]) - len(shown)
+        raise AuditBlocked(
+            f"{leakage['held_out_rows_leaked']} validation/test rows also sit in another split:\n  "
+            + "\n  ".join(shown) + (f"\n  ... and {more} more (tuneforge audit writes them all to audit.json)" if more else ""),
+            fix="remove the copies from the training data, or set audit.allow_leakage: true to train anyway")
+
+
+def _print_audit(console: Console, report: dict) -> None:
+    table = Table(title="data audit")
+    for col in ("check", "severity", "finding"):
+        table.add_column(col)
+    colour = {"info": "green", "warning": "yellow", "blocking": "bold red"}
+    for name, section in report.items():
+        if name == "summary":
+            continue
+        table.add_row(name, f"[{colour[section['severity']]}]{section['severity']}[/]", _audit_finding(name, section))
+    console.print(table)
+
+
+def _audit_finding(name: str, s: dict) -> str:
+    if s.get("skipped"):
+        return f"skipped: {s['skipped']}"
+    if name == "leakage":
+        return f"{len(s['groups'])} groups, {s['held_out_rows_leaked']} held-out rows leaked" if s["groups"] else "none"
+    if name == "duplicates":
+        return f"{len(s['normalised_exact'])} normalised-exact groups, {len(s['near'])} near pairs (Jaccard >= {s['threshold']})"
+    if name == "label_issues":
+        return f"{len(s['rows'])} likely label errors ({s['share']:.1%})"
+    if name == "truncation":
+        return "; ".join(f"{k} {v['truncated']} of {v['rows']} over {s['max_length']} tokens" for k, v in s["splits"].items())
+    if name == "class_balance":
+        return "; ".join(s["problems"]) or f"train {s['counts']['train']}, ratio {s['imbalance_ratio']:.2f}"
+    if name == "outliers":
+        return f"{len(s['rows'])} rows (empty-ish, non-text or very long)"
+    if name == "cleaning":
+        return ", ".join(f"{k} {v}" for k, v in s["counts"].items()) or "nothing removed"
+    return ""
 
 
 def _record_settings(model_dir: Path, key: str, settings: dict) -> None:

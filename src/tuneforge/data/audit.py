@@ -1,0 +1,163 @@
+"""Data audit: know the data before spending compute.
+
+Checks, each with a severity (info / warning / blocking) and the rows involved: class balance,
+duplicates within a split, leakage between splits, truncation against the tokenizer, likely label
+errors (confident learning on out-of-fold probabilities), and outlier inputs. Rows are 0-based data
+rows of the file they come from. Rows that cleaning removed are listed once, under `cleaning`.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from tuneforge.config import AuditConfig
+from tuneforge.data.neardup import exact_groups, near_pairs, normalise
+from tuneforge.data.split import Splits
+
+SEVERITIES = ("info", "warning", "blocking")
+
+
+def _worst(*levels: str) -> str:
+    return max(levels, key=SEVERITIES.index, default="info")
+
+
+def _index(splits: Splits) -> list[tuple[str, int]]:
+    return [(name, k) for name, ex in splits.items() for k in range(len(ex))]
+
+
+def _ref(splits: Splits, name: str, k: int) -> dict:
+    ex = dict(splits.items())[name]
+    return {"split": name, "file": ex.source, "row": ex.rows[k]}
+
+
+def class_balance(splits: Splits, multi_label: bool, cfg: AuditConfig) -> dict:
+    counts = {}
+    for name, ex in splits.items():
+        flat = [lab for labs in ex.labels for lab in labs] if multi_label else ex.labels
+        counts[name] = dict(sorted(Counter(flat).items()))
+    train = counts["train"]
+    problems = []
+    for label in sorted(set().union(*counts.values())):
+        if train.get(label, 0) < cfg.min_train_rows_per_class:
+            problems.append(f"class {label!r} has {train.get(label, 0)} training rows (< {cfg.min_train_rows_per_class}): too few to learn")
+        if counts["test"].get(label, 0) < cfg.min_test_rows_per_class:
+            problems.append(f"class {label!r} has {counts['test'].get(label, 0)} test rows (< {cfg.min_test_rows_per_class}): too few to test")
+    ratio = max(train.values()) / max(min(train.values()), 1)
+    if ratio > cfg.max_imbalance_ratio:
+        problems.append(f"largest/smallest class ratio in train is {ratio:.1f} (> {cfg.max_imbalance_ratio:g}): prefer macro-F1")
+    return {"severity": "warning" if problems else "info", "counts": counts, "imbalance_ratio": round(ratio, 3),
+            "problems": problems}
+
+
+def duplicates_and_leakage(splits: Splits, cfg: AuditConfig) -> tuple[dict, dict]:
+    where = _index(splits)
+    texts = [normalise(t) for _, ex in splits.items() for t in ex.texts]
+    dup_exact, dup_near, leaks = [], [], []
+    for group in exact_groups(texts):
+        refs = [_ref(splits, *where[i]) for i in group]
+        if len({r["split"] for r in refs}) > 1:
+            leaks.append({"kind": "exact", "similarity": 1.0, "rows": refs})
+        else:
+            dup_exact.append({"split": refs[0]["split"], "rows": refs})
+    for i, j, sim in near_pairs(texts, cfg.near_duplicate_threshold, seed=0):
+        refs = [_ref(splits, *where[i]), _ref(splits, *where[j])]
+        entry = {"kind": "near", "similarity": round(sim, 4), "rows": refs}
+        (leaks if refs[0]["split"] != refs[1]["split"] else dup_near).append(entry)
+    n_dup = sum(len(g["rows"]) - 1 for g in dup_exact) + len(dup_near)
+    duplicates = {"severity": "warning" if n_dup else "info", "normalised_exact": dup_exact, "near": dup_near,
+                  "threshold": cfg.near_duplicate_threshold, "rows_affected": n_dup}
+    leak_sev = "info" if not leaks else ("warning" if cfg.allow_leakage else "blocking")
+    leaked_rows = sorted({(r["split"], r["file"], r["row"]) for g in leaks for r in g["rows"] if r["split"] != "train"})
+    leakage = {"severity": leak_sev, "groups": leaks, "allowed": cfg.allow_leakage,
+               "held_out_rows_leaked": len(leaked_rows)}
+    return duplicates, leakage
+
+
+def truncation(splits: Splits, tokenizer, max_length: int) -> dict:
+    out, sev = {}, "info"
+    for name, ex in splits.items():
+        lengths = np.array([len(x) for x in tokenizer(ex.texts, truncation=False, verbose=False)["input_ids"]]) \
+            if len(ex) else np.zeros(0, dtype=int)
+        over = lengths > max_length
+        lost = (lengths[over] - max_length) if over.any() else np.zeros(0)
+        out[name] = {"rows": int(len(lengths)), "truncated": int(over.sum()),
+                     "share": float(over.mean()) if len(lengths) else 0.0,
+                     "mean_tokens_lost": float(lost.mean()) if len(lost) else 0.0,
+                     "max_tokens": int(lengths.max()) if len(lengths) else 0,
+                     "p95_tokens": int(np.percentile(lengths, 95)) if len(lengths) else 0,
+                     "truncated_rows": [ex.rows[k] for k in np.flatnonzero(over)[:200].tolist()]}
+        if out[name]["share"] > 0.05:
+            sev = "warning"
+    return {"severity": sev, "max_length": max_length, "splits": out}
+
+
+def label_issues(splits: Splits, multi_label: bool, cfg: AuditConfig, seed: int) -> dict:
+    """Confident learning (cleanlab) on out-of-fold probabilities of TF-IDF + a linear model, all splits."""
+    if multi_label or not cfg.label_issues:
+        why = "multi-label data" if multi_label else "audit.label_issues is off"
+        return {"severity": "info", "skipped": why, "rows": []}
+    from cleanlab.filter import find_label_issues
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    where = _index(splits)
+    texts = [t for _, ex in splits.items() for t in ex.texts]
+    given = [lab for _, ex in splits.items() for lab in ex.labels]
+    classes = sorted(set(given))
+    y = np.array([classes.index(lab) for lab in given])
+    per_class = np.bincount(y)
+    folds = min(cfg.label_issue_folds, int(per_class.min()))
+    if folds < 2:
+        return {"severity": "info", "skipped": "a class has fewer than 2 rows", "rows": []}
+    x = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=300_000).fit_transform(texts)
+    clf = SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=30, tol=1e-4, random_state=seed)
+    probs = cross_val_predict(clf, x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
+    ranked = find_label_issues(y, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
+    rows = [{**_ref(splits, *where[i]), "given": classes[y[i]], "suggested": classes[int(probs[i].argmax())],
+             "confidence_in_given": round(float(probs[i, y[i]]), 4)} for i in ranked]
+    share = len(rows) / max(len(y), 1)
+    # the least-confident 10% of all rows, most suspect first: where a reviewer should start
+    least = np.argsort(probs[np.arange(len(y)), y], kind="stable")[: max(1, len(y) // 10)]
+    return {"severity": "warning" if share > 0.02 else "info", "method": "cleanlab find_label_issues, "
+            f"{folds}-fold out-of-fold TF-IDF + logistic SGD", "share": round(share, 4), "rows": rows,
+            "least_confident_10pct": [_ref(splits, *where[i]) for i in least]}
+
+
+def outliers(splits: Splits) -> dict:
+    rows = []
+    all_lengths = np.array([len(t) for _, ex in splits.items() for t in ex.texts])
+    median = float(np.median(all_lengths)) if len(all_lengths) else 0.0
+    long_cut = max(10 * median, float(np.percentile(all_lengths, 99.9)) if len(all_lengths) else 0.0, 200.0)
+    for name, ex in splits.items():
+        for k, text in enumerate(ex.texts):
+            letters = sum(ch.isalpha() for ch in text)
+            reason = None
+            if letters < 2:
+                reason = "no words (fewer than 2 letters)"
+            elif letters / len(text) < 0.4:
+                reason = f"mostly non-letters ({letters / len(text):.0%} letters)"
+            elif len(text) > long_cut:
+                reason = f"very long ({len(text)} chars; median {median:.0f})"
+            if reason:
+                rows.append({**_ref(splits, name, k), "reason": reason})
+    return {"severity": "warning" if rows else "info", "rows": rows, "median_chars": median}
+
+
+def audit(splits: Splits, removed: list[dict], multi_label: bool, tokenizer, max_length: int,
+          cfg: AuditConfig, seed: int = 0) -> dict:
+    duplicates, leakage = duplicates_and_leakage(splits, cfg)
+    report = {
+        "leakage": leakage,
+        "duplicates": duplicates,
+        "label_issues": label_issues(splits, multi_label, cfg, seed),
+        "truncation": truncation(splits, tokenizer, max_length) if tokenizer is not None else
+        {"severity": "info", "skipped": "no tokenizer"},
+        "class_balance": class_balance(splits, multi_label, cfg),
+        "outliers": outliers(splits),
+        "cleaning": {"severity": "info", "removed": removed, "counts": dict(Counter(r["reason"] for r in removed))},
+    }
+    levels = {name: section["severity"] for name, section in report.items()}
+    report["summary"] = {"worst": _worst(*levels.values()), "checks": levels}
+    return report

@@ -1,0 +1,124 @@
+"""The data audit on data with injected problems (the issue's targets), and its contract in `run`."""
+import json
+import random
+
+import pandas as pd
+import pytest
+
+from tuneforge.cli import main
+from tuneforge.config import AuditConfig, DataConfig, TaskConfig
+from tuneforge.data.audit import audit
+from tuneforge.data.neardup import near_pairs, normalise
+from tuneforge.data.prepare import prepare_data
+
+VOCAB = [f"w{i}" for i in range(3000)]
+POS, NEG = ["good", "great", "superb", "lovely"], ["bad", "awful", "dull", "boring"]
+
+
+def _text(rng, label):
+    words = rng.sample(VOCAB, rng.randint(8, 14)) + rng.sample(POS if label == "pos" else NEG, 2)
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def _vary_case_punct(rng, text):
+    words = text.split()
+    words = [w.upper() if rng.random() < 0.4 else w.capitalize() for w in words]
+    return ", ".join(" ".join(words[i:i + 3]) for i in range(0, len(words), 3)) + "!!"
+
+
+@pytest.fixture
+def injected(tmp_path):
+    """600 clean train rows and 150 test rows; then 5% flipped labels, 50 test rows copied into train,
+    30 train rows copied with changed case and punctuation."""
+    rng = random.Random(1)
+    train = [{"text": _text(rng, lab), "label": lab} for lab in ["pos", "neg"] * 300]
+    test = [{"text": _text(rng, lab), "label": lab} for lab in ["pos", "neg"] * 75]
+    flipped = rng.sample(range(len(train)), 30)
+    for i in flipped:
+        train[i]["label"] = "neg" if train[i]["label"] == "pos" else "pos"
+    originals = rng.sample([i for i in range(len(train)) if i not in flipped], 30)
+    copied_test = rng.sample(range(len(test)), 50)
+    train += [dict(test[i]) for i in copied_test]                                   # rows 600..649
+    train += [{"text": _vary_case_punct(rng, train[i]["text"]), "label": train[i]["label"]} for i in originals]  # 650..679
+    pd.DataFrame(train).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(test).to_csv(tmp_path / "test.csv", index=False)
+    return {"dir": tmp_path, "flipped": flipped, "copies": list(range(600, 650)), "near": list(range(650, 680)),
+            "originals": originals}
+
+
+def _audit(tmp_path, tokenizer=None, **audit_cfg):
+    cfg = DataConfig(path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"))
+    data = prepare_data(cfg, TaskConfig())
+    return audit(data.splits, data.report["removed"], False, tokenizer, 32, AuditConfig(**audit_cfg))
+
+
+def _rows_in(groups, file_name):
+    return {r["row"] for g in groups for r in g["rows"] if r["file"].endswith(file_name)}
+
+
+def test_injected_problems_are_found(injected):
+    report = _audit(injected["dir"])
+    leak = report["leakage"]
+    assert leak["severity"] == "blocking"
+    leaked_train_rows = _rows_in([g for g in leak["groups"] if g["kind"] == "exact"], "train.csv")
+    assert set(injected["copies"]) <= leaked_train_rows            # every copied row
+    dup_groups = report["duplicates"]["normalised_exact"] + report["duplicates"]["near"] + leak["groups"]
+    found_near = set(injected["near"]) & _rows_in(dup_groups, "train.csv")
+    assert len(found_near) >= 0.9 * len(injected["near"])           # >= 90% of the near-copies
+    top = {r["row"] for r in report["label_issues"]["least_confident_10pct"] if r["file"].endswith("train.csv")}
+    assert len(set(injected["flipped"]) & top) >= len(injected["flipped"]) / 2  # half the flips in the top 10%
+    flagged = {r["row"] for r in report["label_issues"]["rows"] if r["file"].endswith("train.csv")}
+    assert len(set(injected["flipped"]) & flagged) >= 10
+    assert set(report) >= {"leakage", "duplicates", "label_issues", "truncation", "class_balance"}
+
+
+def test_clean_data_has_no_leakage_or_duplicates(injected):
+    df = pd.read_csv(injected["dir"] / "train.csv").iloc[:600]
+    df.to_csv(injected["dir"] / "train.csv", index=False)
+    report = _audit(injected["dir"])
+    assert report["leakage"]["groups"] == [] and report["leakage"]["severity"] == "info"
+    assert report["duplicates"]["rows_affected"] == 0
+
+
+def test_allow_leakage_downgrades_to_warning(injected):
+    assert _audit(injected["dir"], allow_leakage=True)["leakage"]["severity"] == "warning"
+
+
+def test_normalise_and_near_pairs():
+    assert normalise("  The Film, was GREAT!! ") == normalise("the film was great")
+    base = " ".join(f"w{i}" for i in range(20))
+    texts = [base, base.replace("w7", "x7"), " ".join(f"v{i}" for i in range(20))]
+    pairs = near_pairs([normalise(t) for t in texts], 0.7)
+    assert [(a, b) for a, b, _ in pairs] == [(0, 1)]
+    assert 0.7 <= pairs[0][2] < 1
+
+
+def test_truncation_class_balance_and_outliers(tmp_path, tiny_model_dir):
+    from tuneforge.models.load import load_tokenizer
+
+    rows = [{"text": " ".join(["good"] * (40 if i < 5 else 4)) + f" {i}", "label": "pos" if i % 10 else "neg"} for i in range(100)]
+    rows.append({"text": "$$$ ### 123 456 !!!", "label": "pos"})
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    data = prepare_data(DataConfig(path=str(tmp_path / "d.csv")), TaskConfig())
+    report = audit(data.splits, [], False, load_tokenizer(tiny_model_dir), 32, AuditConfig())
+    trunc = report["truncation"]["splits"]
+    assert sum(s["truncated"] for s in trunc.values()) == 5
+    assert all(s["max_tokens"] <= 43 for s in trunc.values())
+    balance = report["class_balance"]
+    assert balance["severity"] == "warning" and any("'neg'" in p for p in balance["problems"])
+    assert [r["row"] for r in report["outliers"]["rows"]] == [100]
+
+
+def test_audit_command_and_run_refusal(injected, tiny_model_dir, capsys):
+    d = injected["dir"]
+    quick = ["--data", str(d / "train.csv"), "--text-column", "text", "--label-column", "label",
+             "--test-data", str(d / "test.csv"), "--model", str(tiny_model_dir), "--output", str(d / "out")]
+    assert main(["audit", *quick]) == 3
+    report = json.loads((d / "out" / "audit.json").read_text())
+    assert report["summary"]["worst"] == "blocking"
+    capsys.readouterr()
+    assert main(["run", *quick[:-1], str(d / "run")]) == 3
+    err = capsys.readouterr().err
+    assert "train.csv row 6" in err and "audit.allow_leakage" in err and "Traceback" not in err
+    assert not (d / "run").exists()
