@@ -47,8 +47,8 @@ def injected(tmp_path):
             "originals": originals}
 
 
-def _audit(tmp_path, tokenizer=None, **audit_cfg):
-    cfg = DataConfig(path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"))
+def _audit(tmp_path, tokenizer=None, dedupe="exact", **audit_cfg):
+    cfg = DataConfig(path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"), dedupe=dedupe)
     data = prepare_data(cfg, TaskConfig())
     return audit(data.splits, data.report["removed"], False, tokenizer, 32, AuditConfig(**audit_cfg))
 
@@ -71,6 +71,16 @@ def test_injected_problems_are_found(injected):
     flagged = {r["row"] for r in report["label_issues"]["rows"] if r["file"].endswith("train.csv")}
     assert len(set(injected["flipped"]) & flagged) >= 10
     assert set(report) >= {"leakage", "duplicates", "label_issues", "truncation", "class_balance"}
+
+
+def test_normalised_cleaning_reports_near_copies_once(injected):
+    """With the default cleaning, case/punctuation copies are dropped before the split, each reported once."""
+    report = _audit(injected["dir"], dedupe="normalised")
+    dropped = [r for r in report["cleaning"]["removed"] if r["reason"] == "duplicate"]
+    assert {r["row"] for r in dropped} == set(injected["near"])
+    audited = _rows_in(report["duplicates"]["normalised_exact"] + report["duplicates"]["near"] + report["leakage"]["groups"], "train.csv")
+    assert not audited & set(injected["near"])
+    assert set(injected["copies"]) <= _rows_in(report["leakage"]["groups"], "train.csv")  # across files: still leakage
 
 
 def test_clean_data_has_no_leakage_or_duplicates(injected):

@@ -46,6 +46,14 @@ def test_cleaning_records_every_removed_row_with_its_reason(write_csv):
     assert data.report["removed_counts"] == {"empty_text": 1, "duplicate": 1, "conflicting_labels": 2}
 
 
+def test_normalised_dedupe_folds_case_and_punctuation(write_csv):
+    rows = make_rows(20)
+    rows.append({**rows[2], "text": rows[2]["text"].upper() + " !!"})
+    data = _prepare(write_csv(rows))
+    assert [(r["row"], r["reason"]) for r in data.report["removed"]] == [(20, "duplicate")]
+    assert _prepare(write_csv(rows), dedupe="exact").report["removed"] == []
+
+
 def test_split_is_stratified_repeatable_and_hashed(write_csv):
     path = write_csv(make_rows(100))
     a, b = _prepare(path), _prepare(path)

@@ -32,6 +32,9 @@ class DataConfig(_Section):
     keep_labels: list[str] | None = Field(
         None, description="Keep only rows with these labels (others are dropped and reported).")
     label_separator: str = Field("|", description="Multi-label only: separator of labels in one cell.")
+    dedupe: Literal["normalised", "exact"] = Field(
+        "normalised", description="Which texts count as the same for duplicate / conflicting-label cleaning: "
+        "normalised folds case, punctuation and whitespace (copies that differ only so would leak across splits).")
     drop_invalid: bool = Field(
         False, description="Drop rows with missing (null/NaN) text or label instead of stopping with an error.")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of rows held out for validation.")

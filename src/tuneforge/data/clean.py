@@ -117,17 +117,19 @@ def clean(df: pd.DataFrame, cfg: DataConfig, task: TaskConfig, path: Path) -> Cl
         labels.append(label)
         rows.append(i)
 
-    examples, dup_removed = _dedupe(Examples(texts, labels, rows, source))
+    examples, dup_removed = _dedupe(Examples(texts, labels, rows, source), normalised=cfg.dedupe == "normalised")
     removed.extend(dup_removed)
     removed.sort(key=lambda r: r["row"])
     return CleanResult(examples, rows_read=len(df), removed=removed)
 
 
-def _dedupe(ex: Examples) -> tuple[Examples, list[dict]]:
-    """Drop exact duplicates (keep the first) and every row of a text seen with different labels."""
+def _dedupe(ex: Examples, normalised: bool) -> tuple[Examples, list[dict]]:
+    """Drop duplicates (keep the first) and every row of a text seen with different labels."""
+    from tuneforge.data.neardup import normalise
+
     by_text: dict[str, list[int]] = {}
     for k, text in enumerate(ex.texts):
-        by_text.setdefault(text, []).append(k)
+        by_text.setdefault(normalise(text) if normalised else text, []).append(k)
     keep, removed = [], []
     for ks in by_text.values():
         if len({ex.labels[k] for k in ks}) > 1:
@@ -137,7 +139,7 @@ def _dedupe(ex: Examples) -> tuple[Examples, list[dict]]:
             continue
         keep.append(ks[0])
         removed += [{"file": ex.source, "row": ex.rows[k], "reason": "duplicate",
-                     "detail": f"same text and label as row {ex.rows[ks[0]]}"} for k in ks[1:]]
+                     "detail": f"same {'normalised ' if normalised else ''}text and label as row {ex.rows[ks[0]]}"} for k in ks[1:]]
     keep.sort()
     return ex.subset(keep), removed
 
