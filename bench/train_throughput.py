@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--train-rows", type=int, default=3000)
     ap.add_argument("--trainer-bf16", action="store_true", help="also run the Trainer with bf16=True")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a train.* default for tuneforge's side, e.g. --set frozen_layers=3")
+    ap.add_argument("--skip-trainer", action="store_true", help="only tuneforge's side (for trying settings)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results_train_throughput.json"))
     args = ap.parse_args()
 
@@ -44,7 +48,8 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     cfg = load_config(ROOT / "examples" / "sentiment.yaml")
-    cfg.train = type(cfg.train)()  # tuneforge's defaults, not the demo's
+    cfg.train = type(cfg.train)(**{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+    # ^ tuneforge's defaults (not the demo's), plus any --set overrides
     data = prepare_data(cfg.data, cfg.task)
     train_ex, val_ex, test_ex = data.splits.train, data.splits.val, data.splits.test
     if args.train_rows:
@@ -83,6 +88,8 @@ def main() -> None:
         def __getitem__(self, i):
             return {"input_ids": ids["train"][i], "labels": int(y["train"][i])}
 
+    if args.skip_trainer:
+        return
     variants = [("trainer_fp32", False)] + ([("trainer_bf16", True)] if args.trainer_bf16 else [])
     for name, bf16 in variants:
         torch.manual_seed(42)

@@ -87,8 +87,12 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     with _stage(durations, "load_model"):
         model = load_classifier(model_dir, space, cfg.train.seed)
     info = describe(model_dir)
+    method = cfg.train.method
+    if method == "frozen" and info["layers"]:
+        n = info["layers"] // 2 if cfg.train.frozen_layers is None else cfg.train.frozen_layers
+        method += f" (embeddings + {n} of {info['layers']} layers fixed)"
     console.print(f"[bold]model[/] {cfg.model.name} ({info['architecture']}, {info['parameters'] / 1e6:.1f}M parameters) "
-                  f"from {model_dir}; method {cfg.train.method}; precision {precision} ({why})")
+                  f"from {model_dir}; method {method}; lr {cfg.train.learning_rate:g}; precision {precision} ({why})")
 
     if not resume:
         artifacts.reset_output_dir(out)

@@ -79,11 +79,12 @@ def apply_method(model, cfg: TrainConfig):
     """Freeze or wrap the model for the chosen method; returns the model to train."""
     if cfg.method == "frozen":
         layers = encoder_layers(model)
-        if cfg.frozen_layers > len(layers):
+        n_frozen = len(layers) // 2 if cfg.frozen_layers is None else cfg.frozen_layers
+        if n_frozen > len(layers):
             from tuneforge.errors import ConfigError
             raise ConfigError(f"train.frozen_layers is {cfg.frozen_layers} but the model has {len(layers)} layers",
                               fix=f"set train.frozen_layers between 0 and {len(layers)}")
-        frozen = [input_embeddings_module(model), *list(layers)[: cfg.frozen_layers]]
+        frozen = [input_embeddings_module(model), *list(layers)[:n_frozen]]
         for module in frozen:
             module.requires_grad_(False)
         model._tuneforge_frozen = frozen  # kept in eval mode (no dropout) during training
