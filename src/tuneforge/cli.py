@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="file of texts: .txt (one per line), or CSV/JSONL/Parquet with the run's text column")
     p.add_argument("--text-column", help="text column of --input (default: the run's)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p = sub.add_parser("report", help="rebuild report.html (and the model card) from a finished run's stored results")
+    p.add_argument("output", help="output directory of a finished run")
     p = sub.add_parser("models", help="list the pre-trained models found, with size and estimated training cost")
     p.add_argument("--path", action="append", default=[], help="also describe this local model directory (repeatable)")
     return parser
@@ -106,7 +108,7 @@ def cmd_audit(args) -> int:
 
     cfg = _config_from_args(args)
     console = Console()
-    data = prepare_data(cfg.data, cfg.task)
+    data = prepare_data(cfg.data, cfg.task, cfg.eval.slices)
     tokenizer = load_tokenizer(resolve_model(cfg.model.name))
     out = Path(cfg.output.dir)
     report = audit_data(cfg, data, tokenizer, console)
@@ -178,6 +180,18 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from tuneforge.evaluation.card import build_card
+    from tuneforge.evaluation.report import build_report
+
+    out = Path(args.output)
+    path = build_report(out)
+    if (out / "model").is_dir():
+        build_card(out)
+    print(f"report written to {path}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -203,7 +217,8 @@ def cmd_models(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "audit": cmd_audit, "predict": cmd_predict, "models": cmd_models}[args.command]
+    handler = {"run": cmd_run, "audit": cmd_audit, "predict": cmd_predict, "report": cmd_report,
+               "models": cmd_models}[args.command]
     try:
         return handler(args)
     except TuneforgeError as err:

@@ -94,6 +94,12 @@ class TrainConfig(_Section):
         return values
 
 
+class GateConfig(_Section):
+    """Promotion gate: the model is `promoted` only if it clears the best baseline on the test split."""
+    min_margin: float = Field(0.01, ge=-1, le=1, description="Main metric must beat the best baseline by at least this.")
+    ci_lower_above_baseline: bool = Field(True, description="The 95% CI's lower bound must also be above the best baseline.")
+
+
 BaselineName = Literal["majority", "tfidf_logreg", "frozen_probe"]
 
 
@@ -102,6 +108,11 @@ class EvalConfig(_Section):
     baselines: list[BaselineName] = Field(default_factory=lambda: ["majority", "tfidf_logreg", "frozen_probe"])
     bootstrap_samples: int = Field(1000, ge=0, description="Resamples for the 95% confidence interval; 0 = none.")
     batch_size: int = Field(64, ge=1)
+    slices: list[str] = Field(default_factory=list, description="Data columns (not model inputs) whose groups get "
+                              "their own test metrics, e.g. [region, age_band]: bias checks.")
+    slice_max_gap: float = Field(0.05, ge=0, le=1, description="Warn when the main metric differs more than this between groups.")
+    slice_min_rows: int = Field(10, ge=1, description="Groups with fewer test rows are listed but left out of the gap.")
+    gate: GateConfig = Field(default_factory=lambda: GateConfig())
     probe_train_rows: int = Field(
         4000, ge=0, description="frozen_probe: training rows its linear head is fitted on (a linear head on "
         "sentence embeddings saturates long before; the encoding pass dominates the cost); 0 = all.")

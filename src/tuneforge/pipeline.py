@@ -67,7 +67,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     if resume:
         _check_resume_config(out, cfg)
     with _stage(durations, "data"):
-        data = prepare_data(cfg.data, cfg.task)
+        data = prepare_data(cfg.data, cfg.task, cfg.eval.slices)
     splits = data.splits
     model_dir = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(model_dir)
@@ -143,6 +143,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         predictor = Predictor.load(out / "model")
         test_probs = predictor.probabilities(splits.test.texts, cfg.eval.batch_size)
         metrics = evaluate_all(space, cfg, splits, y, test_probs, probe_features)
+        _write_reference_profile(out / "model", space, splits.test.texts, test_probs)
     metrics["validation"] = {"metric": cfg.eval.metric, "best": result.best_metric, "best_step": result.best_step,
                              "history": result.history, "stopped_early": result.stopped_early}
     durations["total"] = round(time.perf_counter() - t_start, 2)
@@ -162,6 +163,12 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     })
     import shutil
 
+    from tuneforge.evaluation.card import build_card
+    from tuneforge.evaluation.report import build_report
+
+    with _stage(durations, "report"):
+        build_card(out)
+        build_report(out)
     shutil.rmtree(out / artifacts.CHECKPOINT, ignore_errors=True)
     _print_summary(console, metrics, est, durations, out)
     return metrics
@@ -195,6 +202,8 @@ def check_audit(report: dict) -> None:
 
 
 def _print_audit(console: Console, report: dict) -> None:
+    from tuneforge.data.audit import summarise
+
     table = Table(title="data audit")
     for col in ("check", "severity", "finding"):
         table.add_column(col)
@@ -202,28 +211,21 @@ def _print_audit(console: Console, report: dict) -> None:
     for name, section in report.items():
         if name == "summary":
             continue
-        table.add_row(name, f"[{colour[section['severity']]}]{section['severity']}[/]", _audit_finding(name, section))
+        table.add_row(name, f"[{colour[section['severity']]}]{section['severity']}[/]", summarise(name, section))
     console.print(table)
 
 
-def _audit_finding(name: str, s: dict) -> str:
-    if s.get("skipped"):
-        return f"skipped: {s['skipped']}"
-    if name == "leakage":
-        return f"{len(s['groups'])} groups, {s['held_out_rows_leaked']} held-out rows leaked" if s["groups"] else "none"
-    if name == "duplicates":
-        return f"{len(s['normalised_exact'])} normalised-exact groups, {len(s['near'])} near pairs (Jaccard >= {s['threshold']})"
-    if name == "label_issues":
-        return f"{len(s['rows'])} likely label errors ({s['share']:.1%})"
-    if name == "truncation":
-        return "; ".join(f"{k} {v['truncated']} of {v['rows']} over {s['max_length']} tokens" for k, v in s["splits"].items())
-    if name == "class_balance":
-        return "; ".join(s["problems"]) or f"train {s['counts']['train']}, ratio {s['imbalance_ratio']:.2f}"
-    if name == "outliers":
-        return f"{len(s['rows'])} rows (empty-ish, non-text or very long)"
-    if name == "cleaning":
-        return ", ".join(f"{k} {v}" for k, v in s["counts"].items()) or "nothing removed"
-    return ""
+def _write_reference_profile(model_dir: Path, space, texts: list[str], probs: np.ndarray) -> None:
+    """What serving's drift monitor compares live traffic with: the test split as the model saw it."""
+    from tuneforge.serving.monitor import PROFILE_FILE, profile
+
+    decided = space.decide(probs)
+    if space.multi_label:
+        labels = [",".join(x) for x in space.names(decided)]
+        conf = np.where(probs >= space.threshold, probs, 1 - probs).min(axis=1)
+    else:
+        labels, conf = space.names(decided), probs.max(axis=1)
+    artifacts.write_json(model_dir / PROFILE_FILE, profile([len(t) for t in texts], labels, conf.tolist(), list(space.labels)))
 
 
 def _record_settings(model_dir: Path, key: str, settings: dict) -> None:
@@ -263,6 +265,12 @@ def _print_summary(console: Console, metrics: dict, est: dict, durations: dict, 
     console.print(table)
     verdict = "beats every baseline" if metrics["beats_baselines"] else "does NOT beat every baseline"
     console.print(f"The fine-tuned model {verdict} on test {metrics['main_metric']}.")
+    console.print(("[bold green]promoted[/]: " if metrics["promoted"] else "[bold red]not promoted[/]: ") + metrics["promotion_reason"])
+    for col, s in metrics["slices"].items():
+        if s["warning"]:
+            console.print(f"[yellow]slice warning[/]: {metrics['main_metric']} differs by {s['largest_gap']:.3f} across {col} "
+                          f"({s['between']['best']} vs {s['between']['worst']})")
     console.print(f"[bold]cost[/] estimated {_fmt_s(est['seconds_total'])}, actual {_fmt_s(durations['total'])} "
                   f"(train {_fmt_s(durations['train'])}); peak memory {metrics['cost']['actual']['peak_memory_bytes'] / 2**30:.1f} GiB")
+    console.print(f"[bold]report[/] {out / 'report.html'}; model card {out / 'model' / 'README.md'}")
     console.print(f"[bold]output[/] {out}  (load: AutoModelForSequenceClassification.from_pretrained('{out / 'model'}'))")

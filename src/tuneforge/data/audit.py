@@ -161,3 +161,24 @@ def audit(splits: Splits, removed: list[dict], multi_label: bool, tokenizer, max
     levels = {name: section["severity"] for name, section in report.items()}
     report["summary"] = {"worst": _worst(*levels.values()), "checks": levels}
     return report
+
+
+def summarise(name: str, s: dict) -> str:
+    """One line saying what a check of the audit found."""
+    if s.get("skipped"):
+        return f"skipped: {s['skipped']}"
+    if name == "leakage":
+        return f"{len(s['groups'])} groups, {s['held_out_rows_leaked']} held-out rows leaked" if s["groups"] else "none"
+    if name == "duplicates":
+        return f"{len(s['normalised_exact'])} normalised-exact groups, {len(s['near'])} near pairs (Jaccard >= {s['threshold']})"
+    if name == "label_issues":
+        return f"{len(s['rows'])} likely label errors ({s['share']:.1%})"
+    if name == "truncation":
+        return "; ".join(f"{k} {v['truncated']} of {v['rows']} over {s['max_length']} tokens" for k, v in s["splits"].items())
+    if name == "class_balance":
+        return "; ".join(s["problems"]) or f"train {s['counts']['train']}, ratio {s['imbalance_ratio']:.2f}"
+    if name == "outliers":
+        return f"{len(s['rows'])} rows (empty-ish, non-text or very long)"
+    if name == "cleaning":
+        return ", ".join(f"{k} {v}" for k, v in s["counts"].items()) or "nothing removed"
+    return ""

@@ -25,12 +25,14 @@ class Examples:
     labels: list  # str per row, or a tuple of str per row for multi-label
     rows: list[int]
     source: str
+    extras: dict[str, list] = field(default_factory=dict)  # columns that are not model inputs (eval.slices)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx) -> "Examples":
-        return Examples([self.texts[i] for i in idx], [self.labels[i] for i in idx], [self.rows[i] for i in idx], self.source)
+        return Examples([self.texts[i] for i in idx], [self.labels[i] for i in idx], [self.rows[i] for i in idx],
+                        self.source, {k: [v[i] for i in idx] for k, v in self.extras.items()})
 
 
 @dataclass
@@ -44,11 +46,14 @@ def _is_null(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
 
 
-def _require_columns(df: pd.DataFrame, cfg: DataConfig, path: Path) -> None:
-    for role, col in (("text", cfg.text_column), ("label", cfg.label_column)):
+def _require_columns(df: pd.DataFrame, cfg: DataConfig, path: Path, extra: list[str]) -> None:
+    wanted = [("text", cfg.text_column, f"set data.text_column (or --text-column) to one of them"),
+              ("label", cfg.label_column, f"set data.label_column (or --label-column) to one of them")]
+    wanted += [("slice", col, "fix eval.slices: it names data columns whose groups get their own metrics") for col in extra]
+    for role, col, fix in wanted:
         if col not in df.columns:
             raise DataError(f"{role} column '{col}' not found; the columns are: {', '.join(map(str, df.columns))}",
-                            path=path, column=col, fix=f"set data.{role}_column (or --{role}-column) to one of them")
+                            path=path, column=col, fix=fix)
 
 
 def _text_of(value, i: int, cfg: DataConfig, path: Path) -> str | None:
@@ -85,8 +90,9 @@ def _label_of(value, i: int, cfg: DataConfig, task: TaskConfig, path: Path):
     return str(value).strip()
 
 
-def clean(df: pd.DataFrame, cfg: DataConfig, task: TaskConfig, path: Path) -> CleanResult:
-    _require_columns(df, cfg, path)
+def clean(df: pd.DataFrame, cfg: DataConfig, task: TaskConfig, path: Path, extra_columns: list[str] = ()) -> CleanResult:
+    _require_columns(df, cfg, path, list(extra_columns))
+    extra_values = {c: ["" if _is_null(v) else str(v) for v in df[c].tolist()] for c in extra_columns}
     source = str(path)
     removed: list[dict] = []
     texts, labels, rows = [], [], []
@@ -117,7 +123,8 @@ def clean(df: pd.DataFrame, cfg: DataConfig, task: TaskConfig, path: Path) -> Cl
         labels.append(label)
         rows.append(i)
 
-    examples, dup_removed = _dedupe(Examples(texts, labels, rows, source), normalised=cfg.dedupe == "normalised")
+    extras = {c: [vals[i] for i in rows] for c, vals in extra_values.items()}
+    examples, dup_removed = _dedupe(Examples(texts, labels, rows, source, extras), normalised=cfg.dedupe == "normalised")
     removed.extend(dup_removed)
     removed.sort(key=lambda r: r["row"])
     return CleanResult(examples, rows_read=len(df), removed=removed)

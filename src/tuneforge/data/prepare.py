@@ -22,22 +22,23 @@ def _class_counts(labels: list, multi_label: bool) -> dict[str, int]:
     return dict(sorted(Counter(flat).items()))
 
 
-def _load_clean(ref: str, cfg: DataConfig, task: TaskConfig):
+def _load_clean(ref: str, cfg: DataConfig, task: TaskConfig, extra_columns: list[str]):
     path = resolve_path(ref)
     df = read_table(path, cfg.format, cfg.encoding)
-    result = clean(df, cfg, task, path)
+    result = clean(df, cfg, task, path, extra_columns)
     check_usable(result.examples, result.removed, path, cfg, task.multi_label)
     info = {"path": str(path), "format": detect_format(path, cfg.format), "sha256": file_sha256(path),
             "rows_read": result.rows_read, "rows_kept": len(result.examples)}
     return result, info
 
 
-def prepare_data(cfg: DataConfig, task: TaskConfig) -> PreparedData:
-    main, main_info = _load_clean(cfg.path, cfg, task)
+def prepare_data(cfg: DataConfig, task: TaskConfig, extra_columns: list[str] = ()) -> PreparedData:
+    """`extra_columns` (e.g. eval.slices) travel with the rows without being model inputs."""
+    main, main_info = _load_clean(cfg.path, cfg, task, list(extra_columns))
     files, removed = [main_info], list(main.removed)
     test = None
     if cfg.test_path:
-        test_result, test_info = _load_clean(cfg.test_path, cfg, task)
+        test_result, test_info = _load_clean(cfg.test_path, cfg, task, list(extra_columns))
         files.append(test_info)
         removed += test_result.removed
         test = test_result.examples

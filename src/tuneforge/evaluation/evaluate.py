@@ -6,6 +6,7 @@ import numpy as np
 from tuneforge.config import RunConfig
 from tuneforge.data.split import Splits
 from tuneforge.evaluation import baselines as bl
+from tuneforge.evaluation.stats import calibration, mcnemar, paired_bootstrap, slice_metrics
 from tuneforge.tasks.classification import LabelSpace, bootstrap_ci, metrics
 
 
@@ -40,5 +41,37 @@ def evaluate_all(space: LabelSpace, cfg: RunConfig, splits: Splits, y: dict[str,
     key = cfg.eval.metric
     best_baseline = max((m[key] for m in result["test"]["baselines"].values()), default=-np.inf)
     result["beats_baselines"] = bool(result["test"]["model"][key] > best_baseline)
-    result["best_baseline"] = max(result["test"]["baselines"], key=lambda n: result["test"]["baselines"][n][key], default=None)
+    best = max(result["test"]["baselines"], key=lambda n: result["test"]["baselines"][n][key], default=None)
+    result["best_baseline"] = best
+    if best is not None:
+        result["significance"] = {
+            "against": best,
+            "mcnemar": mcnemar(space, y_test, model_pred, predictions[best]),
+            "paired_bootstrap": paired_bootstrap(space, key, y_test, model_pred, predictions[best],
+                                                 cfg.eval.bootstrap_samples, seed=cfg.train.seed),
+        }
+    result["calibration"] = calibration(space, y_test, test_probs)
+    result["slices"] = {col: slice_metrics(space, key, y_test, model_pred, splits.test.extras[col],
+                                           cfg.eval.slice_max_gap, cfg.eval.slice_min_rows) for col in cfg.eval.slices}
+    result.update(gate(result, cfg))
     return result
+
+
+def gate(result: dict, cfg: RunConfig) -> dict:
+    """`promoted` and the reason, from eval.gate against the best baseline on the test split."""
+    g, key = cfg.eval.gate, cfg.eval.metric
+    model = result["test"]["model"]
+    best = result["best_baseline"]
+    if best is None:
+        return {"promoted": True, "promotion_reason": "no baselines configured; nothing to clear"}
+    base = result["test"]["baselines"][best][key]
+    margin = model[key] - base
+    reasons = []
+    if margin < g.min_margin:
+        reasons.append(f"{key} {model[key]:.4f} beats {best} ({base:.4f}) by {margin:+.4f}, less than the required {g.min_margin:+.4f}")
+    if g.ci_lower_above_baseline and model.get("ci") and model["ci"]["low"] <= base:
+        reasons.append(f"the 95% CI lower bound {model['ci']['low']:.4f} is not above {best} ({base:.4f})")
+    if reasons:
+        return {"promoted": False, "promotion_reason": "; ".join(reasons)}
+    return {"promoted": True, "promotion_reason": f"{key} {model[key]:.4f} beats {best} ({base:.4f}) by {margin:+.4f}"
+            + (" and the CI lower bound is above it" if g.ci_lower_above_baseline else "")}

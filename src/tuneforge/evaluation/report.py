@@ -1,0 +1,182 @@
+"""`report.html`: one self-contained page (plots inlined as PNG) built only from a run's stored JSON,
+so `tuneforge report OUTPUT` can rebuild it at any time without the model or the data.
+
+    tuneforge report runs/sentiment
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tuneforge.errors import OutputError  # noqa: E402
+
+_BLUE, _GREY, _RED = "#2563eb", "#9ca3af", "#dc2626"
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _img(src: str, alt: str) -> str:
+    return f'<figure><img src="{src}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def plot_learning_curves(history: list[dict], metric: str) -> str:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [h["step"] for h in history]
+    ax1.plot(steps, [h["train_loss"] for h in history], "o-", color=_GREY, label="train loss")
+    ax1.plot(steps, [h["val_loss"] for h in history], "o-", color=_BLUE, label="validation loss")
+    ax1.set_xlabel("optimizer step"), ax1.set_title("loss"), ax1.legend(frameon=False)
+    ax2.plot(steps, [h[f"val_{metric}"] for h in history], "o-", color=_BLUE)
+    ax2.set_xlabel("optimizer step"), ax2.set_title(f"validation {metric}")
+    for ax in (ax1, ax2):
+        ax.spines[["top", "right"]].set_visible(False)
+    return _png(fig)
+
+
+def plot_vs_baselines(test: dict, metric: str) -> str:
+    rows = [("fine-tuned model", test["model"])] + list(test["baselines"].items())
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1))
+    for y, (name, m) in enumerate(rows):
+        ci = m.get("ci")
+        err = [[m[metric] - ci["low"]], [ci["high"] - m[metric]]] if ci else None
+        ax.barh(y, m[metric], xerr=err, color=_BLUE if y == 0 else _GREY, capsize=4)
+        ax.text((ci["high"] if ci else m[metric]) + 0.015, y, f"{m[metric]:.3f}", va="center")
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows]), ax.invert_yaxis()
+    ax.set_xlim(0, 1.15), ax.set_xlabel(f"test {metric} (bars: 95% bootstrap CI)")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _png(fig)
+
+
+def plot_confusion(cm: dict) -> str | None:
+    matrix, labels = cm["matrix"], cm["labels"]
+    if isinstance(matrix, dict):  # multi-label: one 2x2 per label, shown as a table instead
+        return None
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.0 * n + 2.5, 1.0 * n + 2))
+    ax.imshow(matrix, cmap="Blues")
+    top = max(max(r) for r in matrix) or 1
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, matrix[i][j], ha="center", va="center", color="white" if matrix[i][j] > top / 2 else "black")
+    ax.set_xticks(range(n), labels, rotation=45, ha="right"), ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title("confusion matrix (test)")
+    return _png(fig)
+
+
+def plot_calibration(cal: dict) -> tuple[str, str]:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    bins = [b for b in cal["bins"] if b["n"]]
+    ax.plot([0, 1], [0, 1], "--", color=_GREY, label="perfectly calibrated")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color=_BLUE, label="model")
+    ax.set_xlabel("confidence"), ax.set_ylabel("accuracy"), ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+    ax.set_title(f"reliability (ECE {cal['ece']:.3f})"), ax.legend(frameon=False, loc="upper left")
+    reliability = _png(fig)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    h = cal["confidence_histogram"]
+    ax.bar(h["edges"][:-1], h["counts"], width=h["edges"][1] - h["edges"][0], align="edge", color=_BLUE)
+    ax.set_xlabel("confidence of the predicted label"), ax.set_ylabel("test rows"), ax.set_title("confidence histogram")
+    ax.spines[["top", "right"]].set_visible(False)
+    return reliability, _png(fig)
+
+
+def plot_slice(column: str, s: dict) -> str:
+    groups = list(s["groups"])
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(groups) + 1.2))
+    vals = [s["groups"][g][s["metric"]] for g in groups]
+    colours = [_RED if s["between"] and g == s["between"]["worst"] and s["warning"] else _BLUE for g in groups]
+    ax.barh(range(len(groups)), vals, color=colours)
+    ax.set_yticks(range(len(groups)), [f"{g} (n={s['groups'][g]['n']})" for g in groups]), ax.invert_yaxis()
+    ax.set_xlim(0, 1), ax.set_xlabel(f"test {s['metric']}"), ax.set_title(f"slice: {column} (largest gap {s['largest_gap']:.3f})")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _png(fig)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _load(out: Path, name: str) -> dict:
+    path = out / name
+    if not path.is_file():
+        raise OutputError(f"{path} is missing", fix="pass the output directory of a finished `tuneforge run`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def build_report(out: Path) -> Path:
+    """Write OUT/report.html from OUT/metrics.json, data_report.json, run.json and audit.json."""
+    m, data, run = _load(out, "metrics.json"), _load(out, "data_report.json"), _load(out, "run.json")
+    audit = json.loads((out / "audit.json").read_text()) if (out / "audit.json").is_file() else None
+    key = m["main_metric"]
+    test = m["test"]
+    parts = [f"<h1>tuneforge run: {html.escape(run['model']['reference'])}</h1>",
+             f'<p class="verdict {"ok" if m.get("promoted") else "no"}">{"PROMOTED" if m.get("promoted") else "NOT PROMOTED"}: '
+             f'{html.escape(m.get("promotion_reason", ""))}</p>']
+    parts.append("<h2>Model vs baselines (test split)</h2>" + _img(plot_vs_baselines(test, key), f"test {key}: model vs baselines"))
+    rows = [["fine-tuned model", _f(test["model"]["accuracy"]), _f(test["model"]["macro_f1"]),
+             f"{_f(test['model']['ci']['low'])} - {_f(test['model']['ci']['high'])}" if test["model"].get("ci") else "-"]]
+    rows += [[n, _f(b["accuracy"]), _f(b["macro_f1"]), f"{_f(b['ci']['low'])} - {_f(b['ci']['high'])}" if b.get("ci") else "-"]
+             for n, b in test["baselines"].items()]
+    parts.append(_table(["", "accuracy", "macro-F1", f"95% CI ({key})"], rows))
+    sig = m.get("significance")
+    if sig:
+        mc, pb = sig["mcnemar"], sig["paired_bootstrap"]
+        parts.append(f"<p>Against the best baseline, <b>{html.escape(sig['against'])}</b>: McNemar exact p = {mc['p_value']:.4g} "
+                     f"({mc['only_model_right']} rows only the model gets right, {mc['only_baseline_right']} only the baseline); "
+                     f"paired bootstrap {key} difference {pb['diff']:+.4f} (95% CI {pb['low']:+.4f} to {pb['high']:+.4f}).</p>")
+    if m["validation"]["history"]:
+        parts.append("<h2>Learning curves</h2>" + _img(plot_learning_curves(m["validation"]["history"], key), "loss and validation metric"))
+    parts.append("<h2>Per class</h2>" + _table(["class", "precision", "recall", "F1", "support"],
+                 [[c, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), v["support"]] for c, v in test["model"]["per_class"].items()]))
+    cm = plot_confusion(test["model"]["confusion_matrix"])
+    if cm:
+        parts.append(_img(cm, "confusion matrix"))
+    if m.get("calibration"):
+        rel, hist = plot_calibration(m["calibration"])
+        parts.append("<h2>Calibration</h2><div class='row'>" + _img(rel, "reliability diagram") + _img(hist, "confidence histogram") + "</div>")
+    for col, s in (m.get("slices") or {}).items():
+        warn = (f"<p class='warn'>Gap of {s['largest_gap']:.3f} in {key} between {html.escape(s['between']['best'])} and "
+                f"{html.escape(s['between']['worst'])} exceeds {s['max_gap']}.</p>") if s["warning"] else ""
+        parts.append(f"<h2>Slice: {html.escape(col)}</h2>{warn}" + _img(plot_slice(col, s), f"{key} by {col}")
+                     + _table(["group", "rows", "accuracy", key], [[g, v["n"], _f(v["accuracy"]), _f(v[key])] for g, v in s["groups"].items()]))
+    parts.append("<h2>Data</h2>" + _table(["split", "rows", "classes", "sha256"],
+                 [[k, v["rows"], ", ".join(f"{c}: {n}" for c, n in v["class_counts"].items()), v["sha256"][:16]] for k, v in data["splits"].items()]))
+    if audit:
+        from tuneforge.data.audit import summarise
+
+        parts.append("<h2>Data audit</h2>" + _table(["check", "severity", "finding"],
+                     [[k, v["severity"], summarise(k, v)] for k, v in audit.items() if k != "summary"]))
+    cost = m.get("cost", {})
+    if cost:
+        parts.append(f"<h2>Cost</h2><p>estimated {cost['estimated']['seconds_total']:.0f} s, actual {cost['actual']['seconds_total']:.0f} s; "
+                     f"training {cost['actual']['train_samples_per_second']:.1f} samples/s on {html.escape(run['hardware']['cpu'])} "
+                     f"({html.escape(run['precision'])}).</p>")
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>tuneforge report</title>
+<style>body{{font:15px/1.45 system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#111}}
+table{{border-collapse:collapse;margin:.5em 0 1em}}td,th{{border-bottom:1px solid #e5e7eb;padding:.25em .8em;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}figure{{margin:.5em 0}}figcaption{{color:#6b7280;font-size:13px}}
+.row{{display:flex;gap:1em;flex-wrap:wrap}}.verdict{{font-weight:600;padding:.5em .8em;border-radius:6px}}
+.ok{{background:#dcfce7}}.no{{background:#fee2e2}}.warn{{color:#b91c1c}}</style></head><body>
+{''.join(parts)}</body></html>"""
+    path = out / "report.html"
+    tmp = path.with_name("report.html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,111 @@
+"""Prediction log and drift: every prediction goes to a request log (SQLite by default, PostgreSQL by
+URL); the recent window is compared with the reference profile saved at training time by the
+population stability index (PSI) of input length, predicted label and confidence.
+
+Raw text is never stored unless asked: only its length and a hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+LENGTH_EDGES = [0, 20, 40, 60, 80, 100, 150, 200, 300, 500, 1000, 10**9]  # characters
+CONFIDENCE_EDGES = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0 + 1e-9]
+PROFILE_FILE = "reference_profile.json"
+
+
+def _shares(counts) -> list[float]:
+    total = float(sum(counts)) or 1.0
+    return [c / total for c in counts]
+
+
+def profile(lengths: list[int], labels: list[str], confidences: list[float], label_names: list[str]) -> dict:
+    """Binned distributions of the three watched signals (input length in characters)."""
+    return {
+        "n": len(lengths),
+        "length": {"edges": LENGTH_EDGES, "shares": _shares(np.histogram(lengths, LENGTH_EDGES)[0])},
+        "confidence": {"edges": CONFIDENCE_EDGES, "shares": _shares(np.histogram(confidences, CONFIDENCE_EDGES)[0])},
+        "label": {"names": label_names, "shares": _shares([sum(1 for lab in labels if lab == n) for n in label_names])},
+    }
+
+
+def psi(expected: list[float], actual: list[float], eps: float = 1e-4) -> float:
+    """Population stability index: sum (a - e) * ln(a / e); < 0.1 stable, 0.1-0.25 moderate, > 0.25 shift."""
+    return float(sum((a - e) * math.log((a + eps) / (e + eps)) for e, a in zip(expected, actual)))
+
+
+def _connect(url: str):
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg
+        except ImportError:
+            from tuneforge.errors import TuneforgeError
+
+            raise TuneforgeError("a PostgreSQL monitor URL needs the psycopg package", fix="pip install 'psycopg[binary]'") from None
+        return psycopg.connect(url, autocommit=True), "%s"
+    path = url.removeprefix("sqlite:///")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    return conn, "?"
+
+
+class RequestLog:
+    """Append-only prediction log with retention; safe to call from the batching thread."""
+
+    def __init__(self, url: str, retention_days: float = 30.0, keep_text: bool = False):
+        self.conn, self.ph = _connect(url)
+        self.retention_s = retention_days * 86400
+        self.keep_text = keep_text
+        self.lock = threading.Lock()
+        self.conn.execute("CREATE TABLE IF NOT EXISTS predictions (ts DOUBLE PRECISION, input_chars INTEGER, "
+                          "input_sha256 TEXT, label TEXT, confidence DOUBLE PRECISION, latency_ms DOUBLE PRECISION, text TEXT)")
+        self._last_prune = 0.0
+
+    def write(self, texts: list[str], labels: list[str], confidences: list[float], latency_ms: float) -> None:
+        now = time.time()
+        rows = [(now, len(t), hashlib.sha256(t.encode()).hexdigest(), lab, conf, latency_ms, t if self.keep_text else None)
+                for t, lab, conf in zip(texts, labels, confidences)]
+        sql = f"INSERT INTO predictions VALUES ({', '.join([self.ph] * 7)})"
+        with self.lock:
+            cur = self.conn.cursor()
+            cur.executemany(sql, rows)
+            if now - self._last_prune > 60:
+                cur.execute(f"DELETE FROM predictions WHERE ts < {self.ph}", (now - self.retention_s,))
+                self._last_prune = now
+
+    def recent(self, limit: int) -> list[tuple]:
+        with self.lock:
+            cur = self.conn.cursor()
+            cur.execute(f"SELECT input_chars, label, confidence FROM predictions ORDER BY ts DESC LIMIT {int(limit)}")
+            return cur.fetchall()
+
+
+def drift_report(reference: dict | None, rows: list[tuple], thresholds: dict[str, float], min_rows: int = 50) -> dict:
+    """PSI of each signal between the reference profile and the recent rows (input_chars, label, confidence)."""
+    if reference is None:
+        return {"status": "no_reference", "window": len(rows), "signals": {}}
+    if len(rows) < min_rows:
+        return {"status": "insufficient_data", "window": len(rows), "min_rows": min_rows, "signals": {}}
+    lengths, labels, confs = zip(*rows)
+    now = profile(list(lengths), list(labels), list(confs), reference["label"]["names"])
+    signals = {}
+    for name in ("length", "label", "confidence"):
+        value = psi(reference[name]["shares"], now[name]["shares"])
+        signals[name] = {"psi": round(value, 4), "threshold": thresholds[name], "drift": value > thresholds[name],
+                         "reference": reference[name]["shares"], "recent": now[name]["shares"]}
+    return {"status": "drift" if any(s["drift"] for s in signals.values()) else "ok", "window": len(rows), "signals": signals}
+
+
+def load_reference(run_dir: Path) -> dict | None:
+    for path in (run_dir / PROFILE_FILE, run_dir / "model" / PROFILE_FILE):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None

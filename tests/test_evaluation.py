@@ -1,0 +1,160 @@
+"""Significance, calibration, slices and the promotion gate on cases with known answers; the report and
+model card of a real (tiny) run."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from tuneforge.config import parse_config
+from tuneforge.evaluation.evaluate import gate
+from tuneforge.evaluation.stats import calibration, mcnemar, paired_bootstrap, slice_metrics
+from tuneforge.tasks.classification import LabelSpace
+
+SPACE = LabelSpace(("a", "b"), False)
+
+
+def test_mcnemar_known_answer():
+    y = np.ones(30, dtype=int)
+    model = np.ones(30, dtype=int)
+    base = model.copy()
+    base[:10] = 0  # the baseline is wrong on 10 rows the model gets right, never the other way
+    r = mcnemar(SPACE, y, model, base)
+    assert (r["only_model_right"], r["only_baseline_right"]) == (10, 0)
+    assert r["p_value"] == pytest.approx(2 * 0.5**10)
+    assert mcnemar(SPACE, y, model, model)["p_value"] == 1.0
+
+
+def test_paired_bootstrap_known_answers():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    same = paired_bootstrap(SPACE, "accuracy", y, y, y, samples=200)
+    assert same["diff"] == same["low"] == same["high"] == 0
+    better = paired_bootstrap(SPACE, "accuracy", y, y, 1 - y, samples=200)
+    assert better["diff"] == 1 and better["low"] == 1 and better["p_value"] == 0
+
+
+def test_calibration_known_answers():
+    y = np.array([0] * 8 + [1] * 2)
+    probs = np.tile([0.8, 0.2], (10, 1))  # says 80% sure of class a, right 80% of the time
+    assert calibration(SPACE, y, probs)["ece"] == pytest.approx(0.0)
+    over = calibration(SPACE, np.array([0, 1] * 5), np.tile([1.0, 0.0], (10, 1)))
+    assert over["ece"] == pytest.approx(0.5)
+    assert sum(over["confidence_histogram"]["counts"]) == 10
+
+
+def test_slices_on_a_hand_built_table():
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    pred = np.array([0, 1, 0, 1, 1, 0, 0, 1])  # group x all right; group y right on 2 of 4
+    groups = ["x", "x", "x", "x", "y", "y", "y", "y"]
+    s = slice_metrics(SPACE, "accuracy", y, pred, groups, max_gap=0.1, min_rows=2)
+    assert s["groups"]["x"]["accuracy"] == 1.0 and s["groups"]["y"]["accuracy"] == 0.5
+    assert s["largest_gap"] == pytest.approx(0.5) and s["between"] == {"best": "x", "worst": "y"} and s["warning"]
+    few = slice_metrics(SPACE, "accuracy", y, pred, groups, max_gap=0.1, min_rows=5)
+    assert few["largest_gap"] == 0 and few["small_groups"] == ["x", "y"] and not few["warning"]
+
+
+def _result(model_f1, low, base_f1):
+    return {"test": {"model": {"macro_f1": model_f1, "ci": {"low": low, "high": model_f1 + 0.02}},
+                     "baselines": {"tfidf_logreg": {"macro_f1": base_f1}}}, "best_baseline": "tfidf_logreg"}
+
+
+def test_gate_pass_and_fail():
+    cfg = parse_config({"data": {"path": "x"}, "eval": {"gate": {"min_margin": 0.01, "ci_lower_above_baseline": True}}})
+    assert gate(_result(0.85, 0.82, 0.80), cfg)["promoted"] is True
+    small = gate(_result(0.805, 0.79, 0.80), cfg)
+    assert small["promoted"] is False and "less than the required" in small["promotion_reason"]
+    wide = gate(_result(0.83, 0.79, 0.80), cfg)
+    assert wide["promoted"] is False and "lower bound" in wide["promotion_reason"]
+    lenient = parse_config({"data": {"path": "x"}, "eval": {"gate": {"min_margin": 0.0, "ci_lower_above_baseline": False}}})
+    assert gate(_result(0.805, 0.70, 0.80), lenient)["promoted"] is True
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    from conftest import make_rows
+    import pandas as pd
+
+    from tuneforge.pipeline import run
+
+    d = tmp_path_factory.mktemp("run")
+    pd.DataFrame(make_rows(120)).to_csv(d / "data.csv", index=False)
+    cfg = parse_config({
+        "data": {"path": str(d / "data.csv"), "val_fraction": 0.2, "test_fraction": 0.3},
+        "model": {"name": str(tiny_model_dir), "max_length": 32},
+        "train": {"method": "full", "epochs": 4, "batch_size": 8, "learning_rate": 5e-3, "eval_every": 3},
+        "eval": {"bootstrap_samples": 100, "slices": ["topic"], "slice_min_rows": 3},
+        "output": {"dir": str(d / "out")},
+    })
+    metrics = run(cfg)
+    return d / "out", metrics
+
+
+def test_run_records_slices_significance_calibration_and_gate(finished_run):
+    out, metrics = finished_run
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["slices"]["topic"]["groups"]) == {"a", "b"}
+    assert sum(g["n"] for g in saved["slices"]["topic"]["groups"].values()) == saved["test"]["model"]["n"]
+    assert saved["significance"]["against"] == saved["best_baseline"]
+    assert 0 <= saved["significance"]["mcnemar"]["p_value"] <= 1
+    assert 0 <= saved["calibration"]["ece"] <= 1
+    assert isinstance(saved["promoted"], bool) and saved["promotion_reason"]
+
+
+def test_model_card_metadata_parses(finished_run):
+    out, metrics = finished_run
+    text = (out / "model" / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["pipeline_tag"] == "text-classification" and meta["library_name"] == "transformers"
+    assert meta["base_model"] and meta["tuneforge"]["promoted"] == metrics["promoted"]
+    values = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert values["accuracy"] == pytest.approx(metrics["test"]["model"]["accuracy"], abs=1e-4)
+    assert "## How to load" in text and "## Limitations" in text and "slice" in text.lower()
+
+
+def test_report_is_self_contained_and_rebuilt_from_stored_results(finished_run):
+    from tuneforge.cli import main
+
+    out, _ = finished_run
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 5 and "http://" not in page and "https://" not in page
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").read_text().count("<img") == page.count("<img")
+
+
+def test_missing_slice_column_is_a_clear_error(tmp_path, base_config, write_csv, capsys):
+    from conftest import make_rows
+
+    from tuneforge.errors import DataError
+    from tuneforge.pipeline import run
+
+    cfg = parse_config(base_config(write_csv(make_rows(40)), eval={"slices": ["region"]}))
+    with pytest.raises(DataError, match="slice column 'region' not found") as err:
+        run(cfg)
+    assert "eval.slices" in err.value.fix
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason="Debian chromium not installed (.ci/run installs it)")
+def test_report_renders_in_a_real_browser(finished_run):
+    from playwright.sync_api import sync_playwright
+
+    out, _ = finished_run
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto((out / "report.html").resolve().as_uri())
+        sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.getBoundingClientRect().height])")
+        page.screenshot(path=str(out / "report.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert len(sizes) >= 5 and all(done and width > 100 and height > 50 for done, width, height in sizes)
