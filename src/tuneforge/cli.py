@@ -53,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p = sub.add_parser("report", help="rebuild report.html (and the model card) from a finished run's stored results")
     p.add_argument("output", help="output directory of a finished run")
+    p = sub.add_parser("serve", help="serve a finished run over HTTP (batching, API key, metrics, drift monitor)")
+    p.add_argument("output", help="output directory of a finished, promoted run")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-env", default="TUNEFORGE_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--no-auth", action="store_true", help="serve without an API key (local testing only)")
+    p.add_argument("--force", action="store_true", help="serve a run the evaluation gate did not promote")
+    p.add_argument("--max-batch-size", type=int, default=64, help="texts per forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--max-texts", type=int, default=64, help="texts per request")
+    p.add_argument("--max-chars", type=int, default=10_000, help="characters per text")
+    p.add_argument("--monitor-url", help="request log: sqlite:///PATH or postgresql://... (default: OUTPUT/monitor.sqlite)")
+    p.add_argument("--log-text", action="store_true", help="also store raw texts in the request log")
+    p = sub.add_parser("monitor", help="print the drift report of a served run's request log")
+    p.add_argument("output", help="output directory of the served run")
+    p.add_argument("--monitor-url", help="request log URL (default: OUTPUT/monitor.sqlite)")
+    p.add_argument("--window", type=int, default=1000, help="most recent predictions compared")
     p = sub.add_parser("models", help="list the pre-trained models found, with size and estimated training cost")
     p.add_argument("--path", action="append", default=[], help="also describe this local model directory (repeatable)")
     return parser
@@ -192,6 +209,44 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    import uvicorn
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.serving.app import ServeSettings, classification_predictor, create_app, require_promoted
+    from tuneforge.serving.monitor import load_reference
+
+    out = Path(args.output)
+    require_promoted(out, args.force)
+    key = os.environ.get(args.api_key_env) or None
+    if key is None and not args.no_auth:
+        raise ConfigError(f"no API key: environment variable {args.api_key_env} is empty",
+                          fix=f"export {args.api_key_env}=SECRET (clients send 'Authorization: Bearer SECRET'), or pass --no-auth")
+    settings = ServeSettings(run_dir=out, api_key=None if args.no_auth else key, max_batch_size=args.max_batch_size,
+                             max_wait_ms=args.max_wait_ms, max_texts=args.max_texts, max_chars=args.max_chars,
+                             monitor_url=args.monitor_url, log_text=args.log_text)
+    app = create_app(settings, classification_predictor(out), reference=load_reference(out))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    import json
+
+    from tuneforge.errors import OutputError
+    from tuneforge.serving.monitor import DEFAULT_THRESHOLDS, RequestLog, drift_report, load_reference
+
+    out = Path(args.output)
+    url = args.monitor_url or f"sqlite:///{out / 'monitor.sqlite'}"
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise OutputError(f"no request log at {url}", fix="serve the run first (tuneforge serve OUTPUT), or pass --monitor-url")
+    report = drift_report(load_reference(out), RequestLog(url).recent(args.window), DEFAULT_THRESHOLDS)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_models(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -218,6 +273,7 @@ def cmd_models(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "audit": cmd_audit, "predict": cmd_predict, "report": cmd_report,
+               "serve": cmd_serve, "monitor": cmd_monitor,
                "models": cmd_models}[args.command]
     try:
         return handler(args)

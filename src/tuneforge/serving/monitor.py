@@ -19,6 +19,7 @@ import numpy as np
 LENGTH_EDGES = [0, 20, 40, 60, 80, 100, 150, 200, 300, 500, 1000, 10**9]  # characters
 CONFIDENCE_EDGES = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0 + 1e-9]
 PROFILE_FILE = "reference_profile.json"
+DEFAULT_THRESHOLDS = {"length": 0.25, "label": 0.25, "confidence": 0.25}  # PSI > 0.25: a significant shift
 
 
 def _shares(counts) -> list[float]:

@@ -1,0 +1,211 @@
+"""The HTTP service: FastAPI, model loaded once in `lifespan`, micro-batched predictions, bearer-key
+auth, request limits, Prometheus metrics, request log and drift monitor.
+
+    tuneforge serve runs/sentiment --api-key-env TUNEFORGE_API_KEY
+
+Any task plugs in through a `predict(texts) -> [{"label": ..., "probabilities": {...}}]` callable
+and its label names; nothing here is specific to classification.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict
+
+from tuneforge.serving.batcher import MicroBatcher
+from tuneforge.serving.monitor import DEFAULT_THRESHOLDS, RequestLog, drift_report
+
+log = logging.getLogger("tuneforge.serve")
+
+
+@dataclass
+class ServeSettings:
+    run_dir: Path
+    api_key: str | None = None                # None only with no_auth
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    max_texts: int = 64                       # per request
+    max_chars: int = 10_000                   # per text
+    max_body_bytes: int = 1_000_000
+    request_timeout_s: float = 30.0
+    monitor_url: str | None = None            # default: sqlite file in the run directory
+    retention_days: float = 30.0
+    log_text: bool = False
+    drift_window: int = 1000
+    drift_min_rows: int = 50
+    drift_thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str]
+
+
+class _Metrics:
+    def __init__(self, labels: list[str]):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("tuneforge_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.latency = Histogram("tuneforge_request_latency_seconds", "Request latency", ["endpoint"], registry=r,
+                                 buckets=(.002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.batch = Histogram("tuneforge_batch_size", "Texts per forward pass", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.labels = Counter("tuneforge_predicted_label", "Predicted labels", ["label"], registry=r)
+        self.confidence = Histogram("tuneforge_prediction_confidence", "Confidence of the predicted label", registry=r,
+                                    buckets=(.5, .6, .7, .8, .9, .95, .99, 1.0))
+        self.drift = Gauge("tuneforge_drift_psi", "Population stability index vs the training reference", ["signal"], registry=r)
+        self.drift_alarm = Gauge("tuneforge_drift_alarm", "1 when a signal's PSI exceeds its threshold", ["signal"], registry=r)
+        for lab in labels:
+            self.labels.labels(lab)
+
+
+def _top(result: dict) -> tuple[str, float]:
+    label = result["label"]
+    probs = result["probabilities"]
+    if isinstance(label, list):  # multi-label: the set, and the least certain decision in it
+        return ",".join(label), min((probs[lab] for lab in label), default=1 - max(probs.values(), default=0.0))
+    return label, probs[label]
+
+
+def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Callable, list[str]]],
+               reference: dict | None = None) -> FastAPI:
+    """`load_predictor()` returns (predict(texts) -> results, label names); it runs once, at start-up."""
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        predict, labels = load_predictor()
+        metrics = _Metrics(labels)
+        url = settings.monitor_url or f"sqlite:///{settings.run_dir / 'monitor.sqlite'}"
+        request_log = RequestLog(url, settings.retention_days, settings.log_text)
+        batcher = MicroBatcher(predict, settings.max_batch_size, settings.max_wait_ms,
+                               on_batch=lambda n, _s: metrics.batch.observe(n))
+        batcher.start()
+        state.update(metrics=metrics, log=request_log, batcher=batcher, ready=True)
+        yield
+        state["ready"] = False
+        await batcher.stop()
+
+    app = FastAPI(title="tuneforge", lifespan=lifespan)
+
+    def authorise(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), settings.api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.middleware("http")
+    async def measure_and_limit(request: Request, call_next):
+        t0 = time.perf_counter()
+        endpoint = request.url.path
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            response = JSONResponse({"detail": f"request body over the limit of {settings.max_body_bytes} bytes"}, 413)
+        else:
+            response = await call_next(request)
+        if "metrics" in state and endpoint in {r.path for r in app.routes}:
+            state["metrics"].requests.labels(endpoint, str(response.status_code)).inc()
+            state["metrics"].latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"detail": f"invalid request: {problems}. Expected JSON {{\"texts\": [\"...\"]}}"}, 422)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "alive"}
+
+    @app.get("/ready")
+    async def ready():
+        if not state.get("ready"):
+            return JSONResponse({"status": "loading"}, 503)
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        _update_drift_gauges()
+        return Response(generate_latest(state["metrics"].registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/predict", dependencies=[Depends(authorise)])
+    async def predict(body: PredictRequest):
+        import asyncio
+
+        if not body.texts:
+            raise HTTPException(422, "texts is empty: send at least one text")
+        if len(body.texts) > settings.max_texts:
+            raise HTTPException(422, f"{len(body.texts)} texts is over the limit of {settings.max_texts} per request")
+        too_long = [i for i, t in enumerate(body.texts) if len(t) > settings.max_chars]
+        if too_long:
+            raise HTTPException(422, f"text {too_long[0]} is over the limit of {settings.max_chars} characters")
+        t0 = time.perf_counter()
+        try:
+            results = await asyncio.wait_for(state["batcher"].submit(body.texts), settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"prediction took longer than {settings.request_timeout_s} s") from None
+        latency_ms = (time.perf_counter() - t0) * 1000
+        m = state["metrics"]
+        tops = [_top(r) for r in results]
+        for label, conf in tops:
+            m.labels.labels(label).inc()
+            m.confidence.observe(conf)
+        state["log"].write(body.texts, [t[0] for t in tops], [t[1] for t in tops], latency_ms)
+        return {"predictions": results}
+
+    def _report() -> dict:
+        rows = state["log"].recent(settings.drift_window)
+        report = drift_report(reference, rows, settings.drift_thresholds, settings.drift_min_rows)
+        for name, sig in report["signals"].items():
+            if sig["drift"]:
+                log.warning("drift on %s: PSI %.3f > %.3f", name, sig["psi"], sig["threshold"])
+        return report
+
+    def _update_drift_gauges() -> None:
+        for name, sig in _report()["signals"].items():
+            state["metrics"].drift.labels(name).set(sig["psi"])
+            state["metrics"].drift_alarm.labels(name).set(1 if sig["drift"] else 0)
+
+    @app.get("/v1/monitor", dependencies=[Depends(authorise)])
+    async def monitor():
+        return _report()
+
+    return app
+
+
+def classification_predictor(run_dir: Path) -> Callable[[], tuple[Callable, list[str]]]:
+    def load():
+        from tuneforge.models.predictor import Predictor
+
+        predictor = Predictor.load(run_dir / "model")
+        return predictor.predict, list(predictor.space.labels)
+
+    return load
+
+
+def require_promoted(run_dir: Path, force: bool) -> None:
+    """Serving refuses a run the evaluation gate did not promote, unless forced."""
+    from tuneforge.errors import OutputError
+
+    metrics_path = run_dir / "metrics.json"
+    if not (run_dir / "model" / "model.safetensors").is_file():
+        raise OutputError(f"{run_dir} holds no finished run (model/model.safetensors missing)",
+                          fix="pass the output directory of a finished `tuneforge run`")
+    promoted = json.loads(metrics_path.read_text()).get("promoted") if metrics_path.is_file() else None
+    if promoted is not True and not force:
+        reason = json.loads(metrics_path.read_text()).get("promotion_reason", "no gate result") if metrics_path.is_file() else "no metrics.json"
+        raise OutputError(f"the run in {run_dir} was not promoted by the evaluation gate ({reason})",
+                          fix="improve the model, or pass --force to serve it anyway")
