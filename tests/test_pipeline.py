@@ -156,3 +156,15 @@ def test_run_json_records_provenance(base_config, write_csv):
     assert info["data"]["splits"]["test"] == json.loads(open(cfg.output.dir + "/data_report.json").read())["test_sha256"]
     assert info["durations_s"]["train"] > 0 and info["hardware"]["cpu_count"] >= 1
     assert yaml.safe_load(open(cfg.output.dir + "/config.yaml"))["train"]["seed"] == 42
+
+
+def test_early_stopping_and_gradient_accumulation(base_config, write_csv):
+    # learning rate ~0: the validation metric never improves, so patience 1 stops at the second evaluation
+    cfg, metrics = _run(base_config, write_csv, train={"method": "full", "learning_rate": 1e-12, "eval_every": 1,
+                                                        "early_stopping_patience": 1, "epochs": 5})
+    history = metrics["validation"]["history"]
+    assert metrics["validation"]["stopped_early"] and len(history) == 2 and history[-1]["step"] == 2
+    # 48 training rows at batch 8 = 6 micro-batches per epoch; accumulating 3 of them makes 2 steps per epoch
+    cfg, metrics = _run(base_config, write_csv, train={"method": "full", "grad_accum": 3, "epochs": 2, "eval_every": 100},
+                        output={"overwrite": True})
+    assert metrics["validation"]["history"][-1]["step"] == 4

@@ -94,10 +94,12 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     console.print(f"[bold]model[/] {cfg.model.name} ({info['architecture']}, {info['parameters'] / 1e6:.1f}M parameters) "
                   f"from {model_dir}; method {method}; lr {cfg.train.learning_rate:g}; precision {precision} ({why})")
 
-    if not resume:
+    main_process = accelerator.is_main_process  # under torchrun, one process writes the output
+    if not resume and main_process:
         artifacts.reset_output_dir(out)
         artifacts.write_text(out / "config.yaml", dump_config(cfg))  # the resolved config; --resume checks against it
         artifacts.write_json(out / "audit.json", audit_report)
+    accelerator.wait_for_everyone()
     pad_id = pad_id_of(tokenizer)
     model.to(accelerator.device)
 
@@ -131,6 +133,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     console.print(f"[bold]trained[/] {result.steps} steps, {result.samples_per_second:.1f} samples/s; best validation "
                   f"{cfg.eval.metric} {result.best_metric:.4f} at step {result.best_step}"
                   + (" (stopped early)" if result.stopped_early else ""))
+    if not main_process:
+        return {}
 
     # --- export, then evaluate the exported model exactly as a user will load it ---
     with _stage(durations, "export"):

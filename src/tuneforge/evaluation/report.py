@@ -105,8 +105,17 @@ def plot_slice(column: str, s: dict) -> str:
 
 def _table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td{_num(c)}>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _num(cell) -> str:
+    """Numbers align right, words left."""
+    try:
+        float(str(cell).split(" - ")[0])
+        return ' class="n"'
+    except ValueError:
+        return ""
 
 
 def _f(x) -> str:
@@ -170,8 +179,8 @@ def build_report(out: Path) -> Path:
                      f"({html.escape(run['precision'])}).</p>")
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>tuneforge report</title>
 <style>body{{font:15px/1.45 system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#111}}
-table{{border-collapse:collapse;margin:.5em 0 1em}}td,th{{border-bottom:1px solid #e5e7eb;padding:.25em .8em;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}figure{{margin:.5em 0}}figcaption{{color:#6b7280;font-size:13px}}
+table{{border-collapse:collapse;margin:.5em 0 1em}}td,th{{border-bottom:1px solid #e5e7eb;padding:.25em .8em;text-align:left}}
+td.n{{text-align:right;font-variant-numeric:tabular-nums}}img{{max-width:100%}}figure{{margin:.5em 0}}figcaption{{color:#6b7280;font-size:13px}}
 .row{{display:flex;gap:1em;flex-wrap:wrap}}.verdict{{font-weight:600;padding:.5em .8em;border-radius:6px}}
 .ok{{background:#dcfce7}}.no{{background:#fee2e2}}.warn{{color:#b91c1c}}</style></head><body>
 {''.join(parts)}</body></html>"""
