@@ -168,3 +168,30 @@ def test_early_stopping_and_gradient_accumulation(base_config, write_csv):
     cfg, metrics = _run(base_config, write_csv, train={"method": "full", "grad_accum": 3, "epochs": 2, "eval_every": 100},
                         output={"overwrite": True})
     assert metrics["validation"]["history"][-1]["step"] == 4
+
+
+def test_same_code_runs_under_torchrun_with_two_processes(base_config, write_csv, tmp_path):
+    """Two CPU processes (gloo): each trains on its share of the batches, rank 0 alone writes the run."""
+    import os
+    import subprocess
+    import sys
+
+    cfg_path = tmp_path / "ddp.yaml"
+    raw = base_config(write_csv(make_rows(80)), train={"method": "full", "epochs": 2})
+    raw["output"]["dir"] = str(tmp_path / "ddp")
+    cfg_path.write_text(yaml.safe_dump(raw))
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                           "--master_port", str(port), "-m", "tuneforge", "run", str(cfg_path)],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    # 48 training rows at batch 8 = 6 batches; two processes take 3 each, so 3 steps per epoch
+    assert info["steps"] == 6
+    assert proc.stdout.count("test split: model vs baselines") == 1
+    assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()

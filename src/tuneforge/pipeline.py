@@ -57,7 +57,10 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     from tuneforge.training.loop import TrainData, plan_steps, train
     from tuneforge.training.precision import resolve_precision
 
-    console = console or Console()
+    import os
+
+    # under torchrun / accelerate launch every process runs this; only rank 0 talks and writes
+    console = console or Console(quiet=int(os.environ.get("RANK", "0")) != 0)
     out = Path(cfg.output.dir)
     durations: dict[str, float] = {}
     t_start = time.perf_counter()
