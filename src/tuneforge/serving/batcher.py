@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +26,9 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        # one dedicated thread runs every forward pass: with a pool, each new thread gets its own malloc
+        # arena and the server's memory creeps up under load
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneforge-model")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -36,6 +40,7 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        self._executor.shutdown(wait=False)
 
     async def submit(self, texts: list[str]) -> list[dict]:
         future = asyncio.get_running_loop().create_future()
@@ -70,7 +75,7 @@ class MicroBatcher:
             jobs = await self._collect()
             texts = [t for job in jobs for t in job.texts]
             try:
-                results = await loop.run_in_executor(None, self.predict, texts)
+                results = await loop.run_in_executor(self._executor, self.predict, texts)
             except Exception as err:  # answer every waiting request, keep serving
                 for job in jobs:
                     if not job.future.done():
