@@ -65,6 +65,11 @@ def test_quick_start_then_predict_then_refuse_to_clobber(capsys, tmp_path, write
     out = capsys.readouterr().out
     assert "lovely moving" in out and "boring flat" in out
 
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("fine\ncaf\xe9 good\n".encode("latin-1"))
+    err = _bad(capsys, ["predict", str(tmp_path / "out"), "--input", str(latin)])
+    assert "latin.txt" in err and "row 1" in err
+
     err = _bad(capsys, _quick(tmp_path, data, tiny_model_dir))
     assert "already holds a finished run" in err and "--overwrite" in err
     err = _bad(capsys, _quick(tmp_path, data, tiny_model_dir, "--resume"))

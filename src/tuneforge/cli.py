@@ -150,7 +150,12 @@ def _read_texts(args, out: Path) -> list[str]:
         if path.suffix == ".txt":
             if not path.is_file():
                 raise DataError("file does not exist", path=path, fix="check the --input path")
-            texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            try:
+                texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except UnicodeDecodeError as err:
+                line = path.read_bytes().count(b"\n", 0, err.start)
+                raise DataError(f"text is not valid utf-8 (line {line + 1})", path=path, row=line,
+                                fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
         else:
             import yaml
 
