@@ -3,8 +3,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from tuneforge.cli import main
 
 from conftest import make_rows

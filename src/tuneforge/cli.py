@@ -118,18 +118,13 @@ def cmd_audit(args) -> int:
     from rich.console import Console
 
     from tuneforge import artifacts
-    from tuneforge.data.prepare import prepare_data
     from tuneforge.errors import AuditBlocked
-    from tuneforge.models.load import load_tokenizer
-    from tuneforge.models.resolve import resolve_model
-    from tuneforge.pipeline import audit_data, check_audit
+    from tuneforge.pipeline import audit_only, check_audit
 
     cfg = _config_from_args(args)
     console = Console()
-    data = prepare_data(cfg.data, cfg.task, cfg.eval.slices)
-    tokenizer = load_tokenizer(resolve_model(cfg.model.name))
     out = Path(cfg.output.dir)
-    report = audit_data(cfg, data, tokenizer, console)
+    report = audit_only(cfg, console)
     out.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(out / "audit.json", report)
     console.print(f"[bold]audit[/] written to {out / 'audit.json'}")

@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,8 +58,6 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     from tuneforge.training import cost
     from tuneforge.training.loop import TrainData, plan_steps, train
     from tuneforge.training.precision import resolve_precision
-
-    import os
 
     # under torchrun / accelerate launch every process runs this; only rank 0 talks and writes
     console = console or Console(quiet=int(os.environ.get("RANK", "0")) != 0)
@@ -168,8 +168,6 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         "precision": precision, "hardware": artifacts.hardware(), "versions": artifacts.library_versions(),
         "durations_s": durations, "resumed": resume, "steps": result.steps,
     })
-    import shutil
-
     from tuneforge.evaluation.card import build_card
     from tuneforge.evaluation.report import build_report
 
@@ -179,6 +177,15 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     shutil.rmtree(out / artifacts.CHECKPOINT, ignore_errors=True)
     _print_summary(console, metrics, est, durations, out)
     return metrics
+
+
+def audit_only(cfg: RunConfig, console: Console) -> dict:
+    """`tuneforge audit`: the data stage and the audit, no model weights loaded."""
+    from tuneforge.models.load import load_tokenizer
+    from tuneforge.models.resolve import resolve_model
+
+    data = prepare_data(cfg.data, cfg.task, cfg.eval.slices)
+    return audit_data(cfg, data, load_tokenizer(resolve_model(cfg.model.name)), console)
 
 
 def audit_data(cfg: RunConfig, data, tokenizer, console: Console) -> dict:

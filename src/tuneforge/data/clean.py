@@ -47,8 +47,8 @@ def _is_null(value) -> bool:
 
 
 def _require_columns(df: pd.DataFrame, cfg: DataConfig, path: Path, extra: list[str]) -> None:
-    wanted = [("text", cfg.text_column, f"set data.text_column (or --text-column) to one of them"),
-              ("label", cfg.label_column, f"set data.label_column (or --label-column) to one of them")]
+    wanted = [("text", cfg.text_column, "set data.text_column (or --text-column) to one of them"),
+              ("label", cfg.label_column, "set data.label_column (or --label-column) to one of them")]
     wanted += [("slice", col, "fix eval.slices: it names data columns whose groups get their own metrics") for col in extra]
     for role, col, fix in wanted:
         if col not in df.columns:

@@ -81,7 +81,7 @@ def _decode(data: bytes, path: Path, encoding: str, header_lines: int) -> str:
         raise DataError(
             f"text is not valid {encoding} (byte 0x{data[err.start]:02x} at line {line + 1})",
             path=path, row=max(line - header_lines, 0),
-            fix=f"re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or set data.encoding to its real encoding",
+            fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or set data.encoding to its real encoding",
         ) from None
     except LookupError:
         raise DataError(f"unknown encoding '{encoding}'", path=path, fix="set data.encoding to e.g. utf-8 or latin-1") from None

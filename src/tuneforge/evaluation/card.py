@@ -2,7 +2,6 @@
 and tables a reader needs before using the model. Built from the run's stored JSON."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
@@ -19,9 +18,9 @@ def _model_index(m: dict, name: str, data_hash: str) -> list[dict]:
 
 
 def build_card(out: Path) -> Path:
-    m = json.loads((out / "metrics.json").read_text())
-    data = json.loads((out / "data_report.json").read_text())
-    run = json.loads((out / "run.json").read_text())
+    from tuneforge.evaluation.report import load_run
+
+    m, data, run, _ = load_run(out)
     key = m["main_metric"]
     test = m["test"]
     name = out.resolve().name

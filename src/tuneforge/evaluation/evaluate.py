@@ -39,9 +39,9 @@ def evaluate_all(space: LabelSpace, cfg: RunConfig, splits: Splits, y: dict[str,
                  "baselines": {name: _scored(space, cfg, y_test, pred) for name, pred in predictions.items()}},
     }
     key = cfg.eval.metric
-    best_baseline = max((m[key] for m in result["test"]["baselines"].values()), default=-np.inf)
-    result["beats_baselines"] = bool(result["test"]["model"][key] > best_baseline)
-    best = max(result["test"]["baselines"], key=lambda n: result["test"]["baselines"][n][key], default=None)
+    scored = result["test"]["baselines"]
+    best = max(scored, key=lambda n: scored[n][key], default=None)
+    result["beats_baselines"] = bool(result["test"]["model"][key] > (scored[best][key] if best else -np.inf))
     result["best_baseline"] = best
     if best is not None:
         result["significance"] = {

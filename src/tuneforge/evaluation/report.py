@@ -129,10 +129,15 @@ def _load(out: Path, name: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def load_run(out: Path) -> tuple[dict, dict, dict, dict | None]:
+    """(metrics, data report, run info, audit or None) of a finished run."""
+    audit = _load(out, "audit.json") if (out / "audit.json").is_file() else None
+    return _load(out, "metrics.json"), _load(out, "data_report.json"), _load(out, "run.json"), audit
+
+
 def build_report(out: Path) -> Path:
     """Write OUT/report.html from OUT/metrics.json, data_report.json, run.json and audit.json."""
-    m, data, run = _load(out, "metrics.json"), _load(out, "data_report.json"), _load(out, "run.json")
-    audit = json.loads((out / "audit.json").read_text()) if (out / "audit.json").is_file() else None
+    m, data, run, audit = load_run(out)
     key = m["main_metric"]
     test = m["test"]
     parts = [f"<h1>tuneforge run: {html.escape(run['model']['reference'])}</h1>",

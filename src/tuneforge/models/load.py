@@ -14,7 +14,7 @@ from tuneforge.tasks.classification import LabelSpace
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers prints a load report for the new head on every load; the run says it once, itself."""
     from transformers.utils import logging as hf_logging
 
@@ -27,11 +27,6 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def quiet_transformers():
-    """Context in which transformers prints neither load reports nor progress bars."""
-    return _quiet_transformers()
 
 
 def load_tokenizer(model_dir: Path):
@@ -49,7 +44,7 @@ def load_classifier(model_dir: Path, space: LabelSpace, seed: int):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             return AutoModelForSequenceClassification.from_pretrained(
                 str(model_dir), num_labels=len(space.labels), problem_type=space.problem_type,
@@ -122,6 +117,6 @@ def export_model(model, tokenizer, out_dir: Path) -> None:
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(str(out_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir))

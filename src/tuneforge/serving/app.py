@@ -120,6 +120,8 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
             raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
+    known_paths: set[str] = set()  # filled on first request, when every route is registered
+
     @app.middleware("http")
     async def measure_and_limit(request: Request, call_next):
         t0 = time.perf_counter()
@@ -129,7 +131,9 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
             response = JSONResponse({"detail": f"request body over the limit of {settings.max_body_bytes} bytes"}, 413)
         else:
             response = await call_next(request)
-        if "metrics" in state and endpoint in {r.path for r in app.routes}:
+        if not known_paths:
+            known_paths.update(r.path for r in app.routes)
+        if "metrics" in state and endpoint in known_paths:
             state["metrics"].requests.labels(endpoint, str(response.status_code)).inc()
             state["metrics"].latency.labels(endpoint).observe(time.perf_counter() - t0)
         return response

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from tuneforge.models.infer import autocast, collate
-from tuneforge.training.loop import make_batches
+from tuneforge.models.infer import autocast
+from tuneforge.training.loop import TrainData, make_batches, training_batch
 
 _INFER_SHARE = 1 / 3  # a forward pass is about a third of forward+backward
 
@@ -23,8 +23,7 @@ def _rss_bytes() -> int:
 
 
 def _fwd_bwd(model, ids, targets, idx, pad_id, device, precision) -> float:
-    batch = collate([ids[i] for i in idx], pad_id, device)
-    batch["labels"] = torch.from_numpy(targets[idx]).to(device)
+    batch = training_batch(TrainData(ids, targets), idx, pad_id, device)
     t0 = time.perf_counter()
     with autocast(device, precision):
         loss = model(**batch).loss

@@ -66,6 +66,12 @@ def make_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gro
     return batches
 
 
+def training_batch(data: TrainData, idx: np.ndarray, pad_id: int, device) -> dict[str, torch.Tensor]:
+    batch = collate([data.ids[i] for i in idx], pad_id, device)
+    batch["labels"] = torch.from_numpy(data.targets[idx]).to(device)
+    return batch
+
+
 def plan_steps(n_rows: int, cfg: TrainConfig, world: int = 1) -> tuple[int, int, int]:
     """(steps per epoch, total steps, evaluate every N steps)."""
     batches = max(1, math.ceil(n_rows / cfg.batch_size) // world)
@@ -165,8 +171,7 @@ def train(model, train_data: TrainData, val_data: TrainData, space: LabelSpace, 
                 t0 = time.perf_counter()
                 group = batches[pos : pos + cfg.grad_accum]
                 for k, idx in enumerate(group):
-                    batch = collate([train_data.ids[i] for i in idx], pad_id, device)
-                    batch["labels"] = torch.from_numpy(train_data.targets[idx]).to(device)
+                    batch = training_batch(train_data, idx, pad_id, device)
                     sync = k == len(group) - 1
                     ctx = accelerator.no_sync(model) if (world > 1 and not sync) else contextlib.nullcontext()
                     with ctx, accelerator.autocast():
