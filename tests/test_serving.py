@@ -136,6 +136,37 @@ def test_micro_batcher_groups_concurrent_requests():
     assert sum(calls) == 20 and len(calls) < 10 and max(calls) > 2
 
 
+def test_micro_batcher_waits_to_fill_only_under_load():
+    calls = []
+
+    def predict(texts):
+        calls.append(len(texts))
+        time.sleep(0.05)  # a forward pass
+        return [{"label": t, "probabilities": {}} for t in texts]
+
+    async def staggered_round(b, n):
+        async def one(i):
+            await asyncio.sleep(0.004 * i)  # clients come back a few ms apart
+            return await b.submit([f"t{i}"])
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    async def scenario():
+        b = MicroBatcher(predict, max_batch_size=64, max_wait_ms=1000)
+        b.start()
+        t0 = time.perf_counter()
+        await b.submit(["alone"])  # idle server: answered at once, not after max_wait
+        idle_s = time.perf_counter() - t0
+        await staggered_round(b, 8)
+        calls.clear()
+        await staggered_round(b, 8)  # under load now: the staggered arrivals fill one batch
+        await b.stop()
+        return idle_s
+
+    idle_s = asyncio.run(scenario())
+    assert idle_s < 0.5
+    assert calls == [8]
+
+
 def test_unpromoted_run_is_refused_unless_forced(served_run, tmp_path):
     from tuneforge.errors import OutputError
 

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-auth", action="store_true", help="serve without an API key (local testing only)")
     p.add_argument("--force", action="store_true", help="serve a run the evaluation gate did not promote")
     p.add_argument("--max-batch-size", type=int, default=64, help="texts per forward pass")
-    p.add_argument("--max-wait-ms", type=float, default=0.0,
-                   help="how long a batch waits to fill; 0 = greedy (requests queued during a forward pass share the next)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="under load, how long a batch waits to fill (an idle server never waits); 0 = greedy")
     p.add_argument("--max-texts", type=int, default=64, help="texts per request")
     p.add_argument("--max-chars", type=int, default=10_000, help="characters per text")
     p.add_argument("--monitor-url", help="request log: sqlite:///PATH or postgresql://... (default: OUTPUT/monitor.sqlite)")

@@ -34,7 +34,7 @@ class ServeSettings:
     run_dir: Path
     api_key: str | None = None                # None only with no_auth
     max_batch_size: int = 64
-    max_wait_ms: float = 0.0                  # 0 = greedy batching (see batcher.py)
+    max_wait_ms: float = 10.0                 # under load only; 0 = greedy (see batcher.py)
     max_texts: int = 64                       # per request
     max_chars: int = 10_000                   # per text
     max_body_bytes: int = 1_000_000
@@ -111,7 +111,7 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
 
     app = FastAPI(title="tuneforge", lifespan=lifespan)
 
-    def authorise(request: Request) -> None:
+    async def authorise(request: Request) -> None:  # async: no thread-pool hop per request
         if settings.api_key is None:
             return
         header = request.headers.get("authorization", "")

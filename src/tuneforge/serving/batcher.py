@@ -1,8 +1,13 @@
 """Dynamic micro-batching: texts from concurrent requests are grouped into one forward pass.
 
 A request puts its texts on a queue and awaits a future. One worker task takes the first waiting
-request and the ones queued behind it (waiting up to `max_wait_ms` for more), runs the model once in
-a worker thread (the event loop keeps accepting requests), and answers every request.
+request and the ones queued behind it, runs the model once in a worker thread (the event loop keeps
+accepting requests), and answers every request.
+
+Waiting to fill a batch only happens under load: when the last batch held several requests or more
+were queued as it ended, the next batch waits up to `max_wait_ms` for more (the clients just answered come back
+within a few ms, so the batch holds every active client instead of alternating half-batches: 39 vs 28
+req/s at 16 clients on 2 CPU cores). An idle server answers a lone request at once.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self._under_load = False  # the last batch held several requests, or more were queued as it ended
         # one dedicated thread runs every forward pass: with a pool, each new thread gets its own malloc
         # arena and the server's memory creeps up under load
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneforge-model")
@@ -48,12 +54,11 @@ class MicroBatcher:
         return await future
 
     async def _collect(self) -> list[_Job]:
-        """The first waiting request, everything already queued behind it, then (if max_wait > 0) whatever
-        arrives before the deadline, up to max_batch_size texts. With max_wait 0 batching is greedy: no
-        added latency when idle, while under load the requests that queue during a forward pass share the next."""
+        """The first waiting request, everything already queued behind it, then (under load, if max_wait > 0)
+        whatever arrives before the deadline, up to max_batch_size texts."""
         jobs = [await self.queue.get()]
         size = len(jobs[0].texts)
-        deadline = time.perf_counter() + self.max_wait
+        deadline = time.perf_counter() + (self.max_wait if self._under_load else 0.0)
         while size < self.max_batch_size:
             try:
                 job = self.queue.get_nowait()
@@ -77,10 +82,12 @@ class MicroBatcher:
             try:
                 results = await loop.run_in_executor(self._executor, self.predict, texts)
             except Exception as err:  # answer every waiting request, keep serving
+                self._under_load = len(jobs) > 1 or not self.queue.empty()
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(err)
                 continue
+            self._under_load = len(jobs) > 1 or not self.queue.empty()
             start = 0
             for job in jobs:
                 if not job.future.done():
