@@ -81,3 +81,77 @@ def base_config(tiny_model_dir, tmp_path):
         return raw
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throw-away PostgreSQL server on a free loopback port, or TUNEFORGE_TEST_POSTGRES_URL if set.
+
+    Skipped where neither PostgreSQL (initdb, pg_ctl) nor psycopg is installed; `.ci/run` installs both.
+    """
+    pytest.importorskip("psycopg")
+    if os.environ.get("TUNEFORGE_TEST_POSTGRES_URL"):
+        yield os.environ["TUNEFORGE_TEST_POSTGRES_URL"]
+        return
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    import glob
+
+    path = os.pathsep.join([os.environ.get("PATH", "")] + sorted(glob.glob("/usr/lib/postgresql/*/bin")))  # Debian's
+    initdb, pg_ctl = shutil.which("initdb", path=path), shutil.which("pg_ctl", path=path)
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL is not installed (initdb / pg_ctl not on PATH)")
+    root = tempfile.mkdtemp(prefix="tuneforge-pg-")
+    run_as = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = f"{root}/data"
+    subprocess.run(run_as + [initdb, "-D", data, "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    subprocess.run(run_as + [pg_ctl, "-D", data, "-l", f"{root}/log", "-w", "-o",
+                             f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(run_as + [pg_ctl, "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the test server, for one test."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres_server.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory, tiny_model_dir):
+    """A finished, promoted run on the tiny model, for the serving and monitoring tests."""
+    import pandas as pd
+
+    from tuneforge.config import parse_config
+    from tuneforge.pipeline import run
+
+    d = tmp_path_factory.mktemp("serve")
+    pd.DataFrame(make_rows(100)).to_csv(d / "data.csv", index=False)
+    cfg = parse_config({"data": {"path": str(d / "data.csv"), "val_fraction": 0.2, "test_fraction": 0.3},
+                        "model": {"name": str(tiny_model_dir), "max_length": 32},
+                        "train": {"method": "full", "epochs": 2, "batch_size": 8, "learning_rate": 5e-3},
+                        "eval": {"bootstrap_samples": 20}, "output": {"dir": str(d / "out")}})
+    run(cfg)
+    return d / "out"

@@ -20,24 +20,6 @@ KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture(scope="module")
-def served_run(tmp_path_factory, tiny_model_dir):
-    import pandas as pd
-
-    from conftest import make_rows
-    from tuneforge.config import parse_config
-    from tuneforge.pipeline import run
-
-    d = tmp_path_factory.mktemp("serve")
-    pd.DataFrame(make_rows(100)).to_csv(d / "data.csv", index=False)
-    cfg = parse_config({"data": {"path": str(d / "data.csv"), "val_fraction": 0.2, "test_fraction": 0.3},
-                        "model": {"name": str(tiny_model_dir), "max_length": 32},
-                        "train": {"method": "full", "epochs": 2, "batch_size": 8, "learning_rate": 5e-3},
-                        "eval": {"bootstrap_samples": 20}, "output": {"dir": str(d / "out")}})
-    run(cfg)
-    return d / "out"
-
-
 def _client(run_dir, tmp_path, **overrides):
     settings = ServeSettings(run_dir=run_dir, api_key=KEY, monitor_url=f"sqlite:///{tmp_path / 'log.sqlite'}",
                              drift_min_rows=20, **overrides)

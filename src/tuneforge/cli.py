@@ -217,7 +217,7 @@ def cmd_serve(args) -> int:
 
     from tuneforge.errors import ConfigError
     from tuneforge.serving.app import ServeSettings, classification_predictor, create_app, require_promoted
-    from tuneforge.serving.monitor import load_reference
+    from tuneforge.serving.monitor import RequestLog, load_reference
 
     out = Path(args.output)
     require_promoted(out, args.force)
@@ -228,6 +228,7 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(run_dir=out, api_key=None if args.no_auth else key, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, max_texts=args.max_texts, max_chars=args.max_chars,
                              monitor_url=args.monitor_url, log_text=args.log_text)
+    RequestLog(settings.monitor_url or f"sqlite:///{out / 'monitor.sqlite'}").close()  # a bad URL fails here, clearly
     app = create_app(settings, classification_predictor(out), reference=load_reference(out))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -108,6 +108,7 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
         yield
         state["ready"] = False
         await batcher.stop()
+        request_log.close()
 
     app = FastAPI(title="tuneforge", lifespan=lifespan)
 

@@ -46,7 +46,7 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=False)
+        self._executor.shutdown(wait=True)  # a forward pass under way finishes before the log closes
 
     async def submit(self, texts: list[str]) -> list[dict]:
         future = asyncio.get_running_loop().create_future()

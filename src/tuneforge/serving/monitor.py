@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -42,15 +43,32 @@ def psi(expected: list[float], actual: list[float], eps: float = 1e-4) -> float:
     return float(sum((a - e) * math.log((a + eps) / (e + eps)) for e, a in zip(expected, actual)))
 
 
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 def _connect(url: str):
+    from tuneforge.errors import TuneforgeError
+
     if url.startswith(("postgresql://", "postgres://")):
         try:
             import psycopg
         except ImportError:
-            from tuneforge.errors import TuneforgeError
-
             raise TuneforgeError("a PostgreSQL monitor URL needs the psycopg package", fix="pip install 'psycopg[binary]'") from None
-        return psycopg.connect(url, autocommit=True), "%s"
+        try:
+            return psycopg.connect(url, autocommit=True, connect_timeout=10), "%s"
+        except psycopg.Error as err:
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise TuneforgeError(f"cannot open the request log at {redact(url)}: {reason}",
+                                 fix="check that the PostgreSQL server runs and the URL's host, port, user, password "
+                                     "and database are right (postgresql://USER:PASSWORD@HOST:PORT/DB)") from None
+    if not url.startswith("sqlite:///"):
+        raise TuneforgeError(f"unknown request-log URL {redact(url)}", fix="use sqlite:///PATH or postgresql://USER@HOST/DB")
     path = url.removeprefix("sqlite:///")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -88,6 +106,10 @@ class RequestLog:
             cur = self.conn.cursor()
             cur.execute(f"SELECT input_chars, label, confidence FROM predictions ORDER BY ts DESC LIMIT {int(limit)}")
             return cur.fetchall()
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
 
 
 def drift_report(reference: dict | None, rows: list[tuple], thresholds: dict[str, float], min_rows: int = 50) -> dict:

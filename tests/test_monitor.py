@@ -1,0 +1,66 @@
+"""The request log on both of its stores (SQLite, PostgreSQL), retention, and the monitor end to end."""
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tuneforge.cli import main
+from tuneforge.errors import TuneforgeError
+from tuneforge.serving.app import ServeSettings, classification_predictor, create_app
+from tuneforge.serving.monitor import RequestLog, load_reference
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def log_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'log.sqlite'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_request_log_returns_newest_first_and_prunes_past_retention(log_url):
+    log = RequestLog(log_url, retention_days=1)
+    log.write(["old one", "old two"], ["neg", "neg"], [0.9, 0.8], 5.0)
+    # age those rows by two days, past the one-day retention
+    log.conn.execute(f"UPDATE predictions SET ts = ts - {2 * 86400}")
+    time.sleep(0.01)
+    log.write(["new"], ["pos"], [0.7], 3.0)
+    assert [r[1] for r in log.recent(10)] == ["pos", "neg", "neg"]  # pruning waits for its interval
+    log._last_prune = 0.0
+    log.write(["newest, longer"], ["neg"], [0.6], 4.0)
+    assert log.recent(10) == [(len("newest, longer"), "neg", 0.6), (3, "pos", 0.7)]
+    log.close()
+
+
+def test_serving_logs_to_postgresql_and_monitor_reads_it(served_run, postgres_url, capsys):
+    from conftest import make_rows
+
+    settings = ServeSettings(run_dir=served_run, api_key=None, monitor_url=postgres_url, drift_min_rows=20)
+    texts = [r["text"] for r in make_rows(60, seed=5)]
+    with TestClient(create_app(settings, classification_predictor(served_run), load_reference(served_run))) as c:
+        for i in range(0, 60, 10):
+            assert c.post("/v1/predict", json={"texts": texts[i:i + 10]}).status_code == 200
+        served = c.get("/v1/monitor").json()
+    assert served["window"] == 60 and served["status"] in ("ok", "drift")
+
+    assert main(["monitor", str(served_run), "--monitor-url", postgres_url]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["window"] == 60 and printed["signals"].keys() == {"length", "label", "confidence"}
+
+
+def test_unreachable_postgresql_is_a_clear_error_without_the_password(served_run, capsys):
+    pytest.importorskip("psycopg")
+    url = "postgresql://monitor:hunter2@127.0.0.1:1/tuneforge"
+    with pytest.raises(TuneforgeError) as err:
+        RequestLog(url)
+    assert "127.0.0.1:1" in err.value.message and "hunter2" not in err.value.message
+
+    # `serve` stops before binding a port, with the message and exit code 2, no traceback
+    assert main(["serve", str(served_run), "--no-auth", "--force", "--monitor-url", url]) == 2
+    stderr = capsys.readouterr().err
+    assert "cannot open the request log" in stderr and "hunter2" not in stderr and "Traceback" not in stderr
+
+
+def test_unknown_log_url_scheme_is_refused(tmp_path):
+    with pytest.raises(TuneforgeError, match="unknown request-log URL"):
+        RequestLog(f"mysql://{tmp_path}/log")
