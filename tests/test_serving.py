@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -209,3 +210,26 @@ def test_real_server_process_answers_concurrent_requests(served_run, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_predictor_in_bf16_agrees_with_fp32(served_run):
+    from conftest import make_rows
+    from tuneforge.models.predictor import Predictor
+
+    texts = [r["text"] for r in make_rows(40, seed=7)]
+    fp32 = Predictor.load(served_run / "model").probabilities(texts)
+    bf16 = Predictor.load(served_run / "model", precision="bf16")
+    assert bf16.precision == "bf16"
+    half = bf16.probabilities(texts)
+    assert not np.array_equal(half, fp32)  # it really ran in bf16
+    np.testing.assert_allclose(half, fp32, atol=0.03)
+
+
+def test_serve_refuses_a_device_the_machine_lacks(served_run, capsys, monkeypatch):
+    from tuneforge.cli import main
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["serve", str(served_run), "--no-auth", "--force", "--device", "cuda"]) == 2
+    assert "not on this machine" in capsys.readouterr().err
+    assert main(["serve", str(served_run), "--no-auth", "--force", "--device", "gpu"]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err

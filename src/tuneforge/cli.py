@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=64, help="texts per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="under load, how long a batch waits to fill (an idle server never waits); 0 = greedy")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on a bf16 GPU or an AMX CPU, fp16 on an older GPU, else fp32")
     p.add_argument("--max-texts", type=int, default=64, help="texts per request")
     p.add_argument("--max-chars", type=int, default=10_000, help="characters per text")
     p.add_argument("--monitor-url", help="request log: sqlite:///PATH or postgresql://... (default: OUTPUT/monitor.sqlite)")
@@ -216,11 +219,13 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from tuneforge.errors import ConfigError
+    from tuneforge.models.predictor import resolve_device
     from tuneforge.serving.app import ServeSettings, classification_predictor, create_app, require_promoted
     from tuneforge.serving.monitor import RequestLog, load_reference
 
     out = Path(args.output)
     require_promoted(out, args.force)
+    resolve_device(args.device)  # a device this machine lacks fails here, before the server starts
     key = os.environ.get(args.api_key_env) or None
     if key is None and not args.no_auth:
         raise ConfigError(f"no API key: environment variable {args.api_key_env} is empty",
@@ -229,7 +234,7 @@ def cmd_serve(args) -> int:
                              max_wait_ms=args.max_wait_ms, max_texts=args.max_texts, max_chars=args.max_chars,
                              monitor_url=args.monitor_url, log_text=args.log_text)
     RequestLog(settings.monitor_url or f"sqlite:///{out / 'monitor.sqlite'}").close()  # a bad URL fails here, clearly
-    app = create_app(settings, classification_predictor(out), reference=load_reference(out))
+    app = create_app(settings, classification_predictor(out, args.device, args.precision), reference=load_reference(out))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -147,7 +147,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         _record_settings(staging, SETTINGS_KEY, {"threshold": cfg.task.threshold, "max_length": cfg.model.max_length})
         artifacts.replace_dir(staging, out / "model")
     with _stage(durations, "evaluate"):
-        predictor = Predictor.load(out / "model")
+        predictor = Predictor.load(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
         test_probs = predictor.probabilities(splits.test.texts, cfg.eval.batch_size)
         metrics = evaluate_all(space, cfg, splits, y, test_probs, probe_features)
         _write_reference_profile(out / "model", space, splits.test.texts, test_probs)

@@ -1,7 +1,8 @@
 """Load an exported model directory and predict labels with probabilities.
 
 Used by `tuneforge predict`, by the final test evaluation (so the reported metrics are exactly what
-the exported model gives) and, later, by serving. Plain transformers, fp32, safetensors only.
+the exported model gives) and by serving. Plain transformers, safetensors only; fp32 on the CPU unless
+asked otherwise (serving picks the device and precision the hardware runs fastest).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tuneforge.errors import ModelNotFoundError
 from tuneforge.models.infer import encode, pad_id_of, predict_logits
@@ -17,15 +19,39 @@ from tuneforge.tasks.classification import LabelSpace
 SETTINGS_KEY = "tuneforge"  # extra block in config.json: threshold, max_length; plain transformers ignores it
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """cpu, cuda, cuda:N or auto as a torch device; a device this machine lacks is a clear error."""
+    from tuneforge.errors import ConfigError
+
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}", fix="use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda" and (not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {device!r} is not on this machine ({torch.cuda.device_count()} CUDA GPUs)",
+                          fix="use --device cpu, or auto to take a GPU when there is one")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported", fix="use cpu, cuda, cuda:N or auto")
+    return resolved
+
+
 @dataclass
 class Predictor:
     model: object
     tokenizer: object
     space: LabelSpace
     max_length: int
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
 
     @classmethod
-    def load(cls, model_dir: Path) -> "Predictor":
+    def load(cls, model_dir: Path, device: str | torch.device = "cpu", precision: str = "fp32") -> "Predictor":
+        """`device`: cpu, cuda[:N] or auto (a GPU when there is one); `precision`: fp32, bf16, fp16 or auto
+        (what the hardware runs fastest: bf16 on a bf16 GPU or an AMX CPU, fp16 on an older GPU, else fp32)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
@@ -41,12 +67,17 @@ class Predictor:
         extra = getattr(cfg, SETTINGS_KEY, None) or {}
         labels = tuple(cfg.id2label[i] for i in range(cfg.num_labels))
         space = LabelSpace(labels, cfg.problem_type == "multi_label_classification", extra.get("threshold", 0.5))
-        model.eval()
-        return cls(model, tokenizer, space, int(extra.get("max_length", 512)))
+        from tuneforge.training.precision import resolve_precision
+
+        device = resolve_device(device)
+        precision, _ = resolve_precision(precision, device)
+        model.to(device).eval()
+        return cls(model, tokenizer, space, int(extra.get("max_length", 512)), device, precision)
 
     def probabilities(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         ids = encode(self.tokenizer, texts, self.max_length)
-        return self.space.probabilities(predict_logits(self.model, ids, pad_id_of(self.tokenizer), batch_size))
+        logits = predict_logits(self.model, ids, pad_id_of(self.tokenizer), batch_size, self.precision, self.device)
+        return self.space.probabilities(logits)
 
     def predict(self, texts: list[str], batch_size: int = 64) -> list[dict]:
         probs = self.probabilities(texts, batch_size)

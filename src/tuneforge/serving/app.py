@@ -196,11 +196,13 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
     return app
 
 
-def classification_predictor(run_dir: Path) -> Callable[[], tuple[Callable, list[str]]]:
+def classification_predictor(run_dir: Path, device: str = "cpu",
+                             precision: str = "fp32") -> Callable[[], tuple[Callable, list[str]]]:
     def load():
         from tuneforge.models.predictor import Predictor
 
-        predictor = Predictor.load(run_dir / "model")
+        predictor = Predictor.load(run_dir / "model", device, precision)
+        log.info("model on %s, %s", predictor.device, predictor.precision)
         return predictor.predict, list(predictor.space.labels)
 
     return load
