@@ -64,3 +64,22 @@ def test_unreachable_postgresql_is_a_clear_error_without_the_password(served_run
 def test_unknown_log_url_scheme_is_refused(tmp_path):
     with pytest.raises(TuneforgeError, match="unknown request-log URL"):
         RequestLog(f"mysql://{tmp_path}/log")
+
+
+def test_multi_label_drift_follows_each_labels_rate():
+    from tuneforge.serving.monitor import NO_LABEL, drift_report, profile
+
+    names = ["billing", "bug", "praise", NO_LABEL]
+    mix = ["billing"] * 30 + ["billing,bug"] * 30 + ["praise"] * 20 + [""] * 20
+    reference = profile([50] * 100, mix, [0.9] * 100, names)
+    assert reference["label"]["shares"] == [60 / 130, 30 / 130, 20 / 130, 20 / 130]
+
+    def rows(labels):
+        return [(50, lab, 0.9) for lab in labels]
+
+    thresholds = {"length": 0.25, "label": 0.25, "confidence": 0.25}
+    same = drift_report(reference, rows(mix[::-1]), thresholds, min_rows=50)
+    assert same["signals"]["label"]["psi"] < 0.01 and not same["signals"]["label"]["drift"]
+    # the same label sets, but "bug" now rides along on almost every prediction
+    shifted = drift_report(reference, rows(["billing,bug"] * 60 + ["bug,praise"] * 30 + [""] * 10), thresholds, min_rows=50)
+    assert shifted["signals"]["label"]["drift"] and shifted["status"] == "drift"

@@ -231,15 +231,17 @@ def _print_audit(console: Console, report: dict) -> None:
 
 def _write_reference_profile(model_dir: Path, space, texts: list[str], probs: np.ndarray) -> None:
     """What serving's drift monitor compares live traffic with: the test split as the model saw it."""
-    from tuneforge.serving.monitor import PROFILE_FILE, profile
+    from tuneforge.serving.monitor import NO_LABEL, PROFILE_FILE, profile
 
     decided = space.decide(probs)
+    names = list(space.labels)
     if space.multi_label:
         labels = [",".join(x) for x in space.names(decided)]
         conf = np.where(probs >= space.threshold, probs, 1 - probs).min(axis=1)
+        names.append(NO_LABEL)
     else:
         labels, conf = space.names(decided), probs.max(axis=1)
-    artifacts.write_json(model_dir / PROFILE_FILE, profile([len(t) for t in texts], labels, conf.tolist(), list(space.labels)))
+    artifacts.write_json(model_dir / PROFILE_FILE, profile([len(t) for t in texts], labels, conf.tolist(), names))
 
 
 def _record_settings(model_dir: Path, key: str, settings: dict) -> None:

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict
 
 from tuneforge.serving.batcher import MicroBatcher
-from tuneforge.serving.monitor import DEFAULT_THRESHOLDS, RequestLog, drift_report
+from tuneforge.serving.monitor import DEFAULT_THRESHOLDS, NO_LABEL, RequestLog, drift_report
 
 log = logging.getLogger("tuneforge.serve")
 
@@ -96,8 +96,10 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
             latency_ms = (time.perf_counter() - t0) * 1000
             tops = [_top(r) for r in results]
             metrics.batch.observe(len(texts))
-            for label, conf in tops:
-                metrics.labels.labels(label).inc()
+            for result, (_, conf) in zip(results, tops):
+                chosen = result["label"] if isinstance(result["label"], list) else [result["label"]]
+                for label in chosen or [NO_LABEL]:  # multi-label: each label counts, not each combination
+                    metrics.labels.labels(label).inc()
                 metrics.confidence.observe(conf)
             request_log.write(texts, [t[0] for t in tops], [t[1] for t in tops], latency_ms)
             return results

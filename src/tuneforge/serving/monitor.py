@@ -34,8 +34,24 @@ def profile(lengths: list[int], labels: list[str], confidences: list[float], lab
         "n": len(lengths),
         "length": {"edges": LENGTH_EDGES, "shares": _shares(np.histogram(lengths, LENGTH_EDGES)[0])},
         "confidence": {"edges": CONFIDENCE_EDGES, "shares": _shares(np.histogram(confidences, CONFIDENCE_EDGES)[0])},
-        "label": {"names": label_names, "shares": _shares([sum(1 for lab in labels if lab == n) for n in label_names])},
+        "label": {"names": label_names, "shares": _shares(_label_counts(labels, label_names))},
     }
+
+
+NO_LABEL = "(none)"  # a multi-label prediction with no label above its threshold
+
+
+def _label_counts(labels: list[str], names: list[str]) -> list[int]:
+    """How often each name was predicted. A multi-label prediction is its labels joined by commas (an
+    empty string: none); each of its labels counts once, so the shares follow each label's rate."""
+    index = {n: i for i, n in enumerate(names)}
+    counts = [0] * len(names)
+    for lab in labels:
+        parts = [lab] if lab in index else (lab.split(",") if lab else [NO_LABEL])
+        for part in parts:
+            if part in index:
+                counts[index[part]] += 1
+    return counts
 
 
 def psi(expected: list[float], actual: list[float], eps: float = 1e-4) -> float:
