@@ -150,6 +150,31 @@ def test_micro_batcher_waits_to_fill_only_under_load():
     assert calls == [8]
 
 
+def test_micro_batcher_skips_requests_that_timed_out_while_queued():
+    calls = []
+
+    def predict(texts):
+        calls.append(list(texts))
+        time.sleep(0.3)
+        return [{"label": t, "probabilities": {}} for t in texts]
+
+    async def scenario():
+        b = MicroBatcher(predict, max_batch_size=64, max_wait_ms=0)
+        b.start()
+        first = asyncio.ensure_future(b.submit(["A"]))
+        await asyncio.sleep(0.05)  # A's forward pass is under way
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(b.submit(["B"]), 0.05)  # gives up while queued behind A
+        later = asyncio.ensure_future(b.submit(["C"]))
+        answers = [await first, await later]
+        await b.stop()
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert [a[0]["label"] for a in answers] == ["A", "C"]
+    assert calls == [["A"], ["C"]]  # no forward pass spent on B
+
+
 def test_unpromoted_run_is_refused_unless_forced(served_run, tmp_path):
     from tuneforge.errors import OutputError
 

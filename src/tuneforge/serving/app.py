@@ -8,6 +8,7 @@ and its label names; nothing here is specific to classification.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Callable
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict
 
@@ -158,13 +160,11 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
 
     @app.get("/metrics")
     async def prometheus():
-        _update_drift_gauges()
+        await run_in_threadpool(_update_drift_gauges)  # a database query: off the event loop
         return Response(generate_latest(state["metrics"].registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/predict", dependencies=[Depends(authorise)])
     async def predict(body: PredictRequest):
-        import asyncio
-
         if not body.texts:
             raise HTTPException(422, "texts is empty: send at least one text")
         if len(body.texts) > settings.max_texts:
@@ -193,7 +193,7 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
 
     @app.get("/v1/monitor", dependencies=[Depends(authorise)])
     async def monitor():
-        return _report()
+        return await run_in_threadpool(_report)
 
     return app
 

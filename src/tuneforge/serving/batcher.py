@@ -77,7 +77,9 @@ class MicroBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = await self._collect()
+            jobs = [job for job in await self._collect() if not job.future.done()]  # skip timed-out requests
+            if not jobs:
+                continue
             texts = [t for job in jobs for t in job.texts]
             try:
                 results = await loop.run_in_executor(self._executor, self.predict, texts)
