@@ -12,17 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuneforge.errors import ModelNotFoundError
+from tuneforge.errors import ConfigError, ModelNotFoundError
 from tuneforge.models.infer import encode, pad_id_of, predict_logits
 from tuneforge.tasks.classification import LabelSpace
+from tuneforge.training.precision import resolve_precision
 
 SETTINGS_KEY = "tuneforge"  # extra block in config.json: threshold, max_length; plain transformers ignores it
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """cpu, cuda, cuda:N or auto as a torch device; a device this machine lacks is a clear error."""
-    from tuneforge.errors import ConfigError
-
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -67,8 +66,6 @@ class Predictor:
         extra = getattr(cfg, SETTINGS_KEY, None) or {}
         labels = tuple(cfg.id2label[i] for i in range(cfg.num_labels))
         space = LabelSpace(labels, cfg.problem_type == "multi_label_classification", extra.get("threshold", 0.5))
-        from tuneforge.training.precision import resolve_precision
-
         device = resolve_device(device)
         precision, _ = resolve_precision(precision, device)
         model.to(device).eval()

@@ -4,10 +4,10 @@ A request puts its texts on a queue and awaits a future. One worker task takes t
 request and the ones queued behind it, runs the model once in a worker thread (the event loop keeps
 accepting requests), and answers every request.
 
-Waiting to fill a batch only happens under load: when the last batch held several requests or more
-were queued as it ended, the next batch waits up to `max_wait_ms` for more (the clients just answered come back
-within a few ms, so the batch holds every active client instead of alternating half-batches: 39 vs 28
-req/s at 16 clients on 2 CPU cores). An idle server answers a lone request at once.
+Waiting to fill a batch only happens under load: when the last batch held several requests, or more
+were queued as it ended, the next batch waits up to `max_wait_ms` for more. The clients just answered
+come back within a few ms, so the batch holds every active client instead of alternating half
+batches (40 vs 28 req/s at 16 clients on 2 CPU cores). An idle server answers a lone request at once.
 """
 from __future__ import annotations
 
