@@ -221,11 +221,11 @@ def cmd_serve(args) -> int:
     from tuneforge.errors import ConfigError
     from tuneforge.models.predictor import resolve_device
     from tuneforge.serving.app import ServeSettings, classification_predictor, create_app, require_promoted
-    from tuneforge.serving.monitor import RequestLog, load_reference
+    from tuneforge.serving.monitor import RequestLog, load_reference, log_url
 
     out = Path(args.output)
     require_promoted(out, args.force)
-    resolve_device(args.device)  # a device this machine lacks fails here, before the server starts
+    device = resolve_device(args.device)  # a device this machine lacks fails here, before the server starts
     key = os.environ.get(args.api_key_env) or None
     if key is None and not args.no_auth:
         raise ConfigError(f"no API key: environment variable {args.api_key_env} is empty",
@@ -233,8 +233,8 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(run_dir=out, api_key=None if args.no_auth else key, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, max_texts=args.max_texts, max_chars=args.max_chars,
                              monitor_url=args.monitor_url, log_text=args.log_text)
-    RequestLog(settings.monitor_url or f"sqlite:///{out / 'monitor.sqlite'}").close()  # a bad URL fails here, clearly
-    app = create_app(settings, classification_predictor(out, args.device, args.precision), reference=load_reference(out))
+    RequestLog(log_url(out, settings.monitor_url)).close()  # a bad URL fails here, before the server starts
+    app = create_app(settings, classification_predictor(out, device, args.precision), reference=load_reference(out))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -243,10 +243,10 @@ def cmd_monitor(args) -> int:
     import json
 
     from tuneforge.errors import OutputError
-    from tuneforge.serving.monitor import DEFAULT_THRESHOLDS, RequestLog, drift_report, load_reference
+    from tuneforge.serving.monitor import DEFAULT_THRESHOLDS, RequestLog, drift_report, load_reference, log_url
 
     out = Path(args.output)
-    url = args.monitor_url or f"sqlite:///{out / 'monitor.sqlite'}"
+    url = log_url(out, args.monitor_url)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise OutputError(f"no request log at {url}", fix="serve the run first (tuneforge serve OUTPUT), or pass --monitor-url")
     report = drift_report(load_reference(out), RequestLog(url).recent(args.window), DEFAULT_THRESHOLDS)

@@ -46,13 +46,12 @@ def _check_resume_config(out: Path, cfg: RunConfig) -> None:
 
 def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None) -> dict:
     """Run the whole job; returns the content of metrics.json. Raises TuneforgeError on bad input."""
-    import torch
     from accelerate import Accelerator
 
     from tuneforge.evaluation import evaluate_all
     from tuneforge.models.infer import encode, mean_pooled, pad_id_of
     from tuneforge.models.load import apply_method, export_model, load_classifier, load_tokenizer
-    from tuneforge.models.predictor import SETTINGS_KEY, Predictor
+    from tuneforge.models.predictor import SETTINGS_KEY, Predictor, resolve_device
     from tuneforge.models.resolve import describe, resolve_model
     from tuneforge.tasks.classification import LabelSpace
     from tuneforge.training import cost
@@ -84,7 +83,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         ids = {name: encode(tokenizer, ex.texts, cfg.model.max_length) for name, ex in splits.items()}
         y = {name: space.encode(ex.labels) for name, ex in splits.items()}
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     precision, why = resolve_precision(cfg.train.precision, device)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu")
     with _stage(durations, "load_model"):
@@ -150,7 +149,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         predictor = Predictor.load(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
         test_probs = predictor.probabilities(splits.test.texts, cfg.eval.batch_size)
         metrics = evaluate_all(space, cfg, splits, y, test_probs, probe_features)
-        _write_reference_profile(out / "model", space, splits.test.texts, test_probs)
+        _write_reference_profile(out / "model", predictor, splits.test.texts, test_probs)
     metrics["validation"] = {"metric": cfg.eval.metric, "best": result.best_metric, "best_step": result.best_step,
                              "history": result.history, "stopped_early": result.stopped_early}
     durations["total"] = round(time.perf_counter() - t_start, 2)
@@ -229,19 +228,12 @@ def _print_audit(console: Console, report: dict) -> None:
     console.print(table)
 
 
-def _write_reference_profile(model_dir: Path, space, texts: list[str], probs: np.ndarray) -> None:
+def _write_reference_profile(model_dir: Path, predictor, texts: list[str], probs: np.ndarray) -> None:
     """What serving's drift monitor compares live traffic with: the test split as the model saw it."""
-    from tuneforge.serving.monitor import NO_LABEL, PROFILE_FILE, profile
+    from tuneforge.serving.monitor import NO_LABEL, PROFILE_FILE, profile_of
 
-    decided = space.decide(probs)
-    names = list(space.labels)
-    if space.multi_label:
-        labels = [",".join(x) for x in space.names(decided)]
-        conf = np.where(probs >= space.threshold, probs, 1 - probs).min(axis=1)
-        names.append(NO_LABEL)
-    else:
-        labels, conf = space.names(decided), probs.max(axis=1)
-    artifacts.write_json(model_dir / PROFILE_FILE, profile([len(t) for t in texts], labels, conf.tolist(), names))
+    names = list(predictor.space.labels) + ([NO_LABEL] if predictor.space.multi_label else [])
+    artifacts.write_json(model_dir / PROFILE_FILE, profile_of(texts, predictor.results(probs), names))
 
 
 def _record_settings(model_dir: Path, key: str, settings: dict) -> None:

@@ -77,7 +77,10 @@ class Predictor:
         return self.space.probabilities(logits)
 
     def predict(self, texts: list[str], batch_size: int = 64) -> list[dict]:
-        probs = self.probabilities(texts, batch_size)
+        return self.results(self.probabilities(texts, batch_size))
+
+    def results(self, probs: np.ndarray) -> list[dict]:
+        """Each row's label (multi-label: the list of labels) and the probabilities of all labels."""
         names = self.space.names(self.space.decide(probs))
         return [{"label": name, "probabilities": dict(zip(self.space.labels, map(float, p)))}
                 for name, p in zip(names, probs)]

@@ -16,17 +16,20 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
 
 from tuneforge.serving.batcher import MicroBatcher
-from tuneforge.serving.monitor import DEFAULT_THRESHOLDS, NO_LABEL, RequestLog, drift_report
+from tuneforge.serving.monitor import DEFAULT_THRESHOLDS, NO_LABEL, RequestLog, decision, drift_report, log_url, logged_label
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("tuneforge.serve")
 
@@ -71,14 +74,6 @@ class _Metrics:
             self.labels.labels(lab)
 
 
-def _top(result: dict) -> tuple[str, float]:
-    label = result["label"]
-    probs = result["probabilities"]
-    if isinstance(label, list):  # multi-label: the set, and the least certain decision in it
-        return ",".join(label), min((probs[lab] for lab in label), default=1 - max(probs.values(), default=0.0))
-    return label, probs[label]
-
-
 def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Callable, list[str]]],
                reference: dict | None = None) -> FastAPI:
     """`load_predictor()` returns (predict(texts) -> results, label names); it runs once, at start-up."""
@@ -88,22 +83,20 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
     async def lifespan(app: FastAPI):
         predict, labels = load_predictor()
         metrics = _Metrics(labels)
-        url = settings.monitor_url or f"sqlite:///{settings.run_dir / 'monitor.sqlite'}"
-        request_log = RequestLog(url, settings.retention_days, settings.log_text)
+        request_log = RequestLog(log_url(settings.run_dir, settings.monitor_url), settings.retention_days, settings.log_text)
 
         def predict_observed(texts: list[str]) -> list[dict]:
             """Runs in the batch worker thread: model, metrics and request log, off the event loop."""
             t0 = time.perf_counter()
             results = predict(texts)
             latency_ms = (time.perf_counter() - t0) * 1000
-            tops = [_top(r) for r in results]
+            decisions = [decision(r) for r in results]
             metrics.batch.observe(len(texts))
-            for result, (_, conf) in zip(results, tops):
-                chosen = result["label"] if isinstance(result["label"], list) else [result["label"]]
+            for chosen, conf in decisions:
                 for label in chosen or [NO_LABEL]:  # multi-label: each label counts, not each combination
                     metrics.labels.labels(label).inc()
                 metrics.confidence.observe(conf)
-            request_log.write(texts, [t[0] for t in tops], [t[1] for t in tops], latency_ms)
+            request_log.write(texts, [logged_label(c) for c, _ in decisions], [conf for _, conf in decisions], latency_ms)
             return results
 
         batcher = MicroBatcher(predict_observed, settings.max_batch_size, settings.max_wait_ms)
@@ -198,7 +191,7 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
     return app
 
 
-def classification_predictor(run_dir: Path, device: str = "cpu",
+def classification_predictor(run_dir: Path, device: str | torch.device = "cpu",
                              precision: str = "fp32") -> Callable[[], tuple[Callable, list[str]]]:
     def load():
         from tuneforge.models.predictor import Predictor

@@ -41,6 +41,28 @@ def profile(lengths: list[int], labels: list[str], confidences: list[float], lab
 NO_LABEL = "(none)"  # a multi-label prediction with no label above its threshold
 
 
+def decision(result: dict) -> tuple[list[str], float]:
+    """The labels a prediction chose and its confidence: the probability of the predicted label
+    (multi-label: the least certain chosen label, or 1 - the highest if none was chosen). The server's
+    log and the training-time reference profile both use this, so drift compares like with like."""
+    label, probs = result["label"], result["probabilities"]
+    if isinstance(label, list):
+        return label, min((probs[lab] for lab in label), default=1 - max(probs.values(), default=0.0))
+    return [label], probs[label]
+
+
+def logged_label(labels: list[str]) -> str:
+    """How the request log stores a prediction's labels (multi-label: joined by commas; none: empty)."""
+    return ",".join(labels)
+
+
+def profile_of(texts: list[str], results: list[dict], label_names: list[str]) -> dict:
+    """The reference profile of predictions `results` on `texts`."""
+    decisions = [decision(r) for r in results]
+    return profile([len(t) for t in texts], [logged_label(labs) for labs, _ in decisions],
+                   [conf for _, conf in decisions], label_names)
+
+
 def _label_counts(labels: list[str], names: list[str]) -> list[int]:
     """How often each name was predicted. A multi-label prediction is its labels joined by commas (an
     empty string: none); each of its labels counts once, so the shares follow each label's rate."""
@@ -142,6 +164,11 @@ def drift_report(reference: dict | None, rows: list[tuple], thresholds: dict[str
         signals[name] = {"psi": round(value, 4), "threshold": thresholds[name], "drift": value > thresholds[name],
                          "reference": reference[name]["shares"], "recent": now[name]["shares"]}
     return {"status": "drift" if any(s["drift"] for s in signals.values()) else "ok", "window": len(rows), "signals": signals}
+
+
+def log_url(run_dir: Path, url: str | None = None) -> str:
+    """The request log's URL: `url`, or the SQLite file in the run directory."""
+    return url or f"sqlite:///{run_dir / 'monitor.sqlite'}"
 
 
 def load_reference(run_dir: Path) -> dict | None:
