@@ -83,3 +83,9 @@ def test_multi_label_drift_follows_each_labels_rate():
     # the same label sets, but "bug" now rides along on almost every prediction
     shifted = drift_report(reference, rows(["billing,bug"] * 60 + ["bug,praise"] * 30 + [""] * 10), thresholds, min_rows=50)
     assert shifted["signals"]["label"]["drift"] and shifted["status"] == "drift"
+
+
+def test_sqlite_log_in_an_unusable_place_is_a_clear_error(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(TuneforgeError, match="cannot open the request log at .*a-file/log.sqlite"):
+        RequestLog(f"sqlite:///{tmp_path / 'a-file' / 'log.sqlite'}")

@@ -101,16 +101,20 @@ def _connect(url: str):
         try:
             return psycopg.connect(url, autocommit=True, connect_timeout=10), "%s"
         except psycopg.Error as err:
-            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            reason = " ".join(str(err).split()) or type(err).__name__  # psycopg's message spans lines
             raise TuneforgeError(f"cannot open the request log at {redact(url)}: {reason}",
                                  fix="check that the PostgreSQL server runs and the URL's host, port, user, password "
                                      "and database are right (postgresql://USER:PASSWORD@HOST:PORT/DB)") from None
     if not url.startswith("sqlite:///"):
         raise TuneforgeError(f"unknown request-log URL {redact(url)}", fix="use sqlite:///PATH or postgresql://USER@HOST/DB")
     path = url.removeprefix("sqlite:///")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+    except (OSError, sqlite3.Error) as err:
+        raise TuneforgeError(f"cannot open the request log at {path}: {err}",
+                             fix="pass --monitor-url sqlite:///PATH with a writable directory, or a postgresql:// URL") from None
     conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes, one fsync per checkpoint
     return conn, "?"
 
