@@ -84,8 +84,8 @@ def _start(cmd: list[str], port: int) -> subprocess.Popen:
 
 async def _post(reader, writer, host: str, path: str, body: bytes) -> int:
     """One HTTP/1.1 keep-alive POST on an open connection; returns the status. Hand-rolled on asyncio
-    streams: the load generator shares this machine's 2 cores with the server, and httpx spent ~1 ms
-    of CPU per request that the server's model then lacked."""
+    streams: the load generator shares this machine's 2 cores with the server, and the httpx client
+    used 2.05 s of CPU for 300 requests at 16 clients (~7 ms each) that the server's model then lacked."""
     writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                  % (path.encode(), host.encode(), len(body), body))
     head = await reader.readuntil(b"\r\n\r\n")
