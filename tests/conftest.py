@@ -148,7 +148,7 @@ def served_run(tmp_path_factory, tiny_model_dir):
     from tuneforge.pipeline import run
 
     d = tmp_path_factory.mktemp("serve")
-    pd.DataFrame(make_rows(100)).to_csv(d / "data.csv", index=False)
+    pd.DataFrame(make_rows(200)).to_csv(d / "data.csv", index=False)  # 60 test rows: a reference profile drift can rest on
     cfg = parse_config({"data": {"path": str(d / "data.csv"), "val_fraction": 0.2, "test_fraction": 0.3},
                         "model": {"name": str(tiny_model_dir), "max_length": 32},
                         "train": {"method": "full", "epochs": 2, "batch_size": 8, "learning_rate": 5e-3},

@@ -1,7 +1,11 @@
 """The command line as a user meets it: exit codes, messages without tracebacks, nothing half-written."""
+import importlib.metadata
 import json
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from tuneforge.cli import main
 
@@ -83,6 +87,63 @@ def test_models_lists_a_local_directory_with_its_size(capsys, tiny_model_dir):
     assert main(["models", "--path", str(tiny_model_dir)]) == 0
     out = capsys.readouterr().out
     assert "BertModel" in out and "est. train" in out
+
+
+def _long_model_dir(tiny_model_dir, tmp_path):
+    """The tiny model under a path far wider than an 80-column table."""
+    path = tmp_path / ("a-rather-long-directory-name-" * 3 + "end") / "tiny-bert-with-a-long-name"
+    shutil.copytree(tiny_model_dir, path)
+    return path
+
+
+def test_models_piped_prints_whole_references_and_paths(capsys, tiny_model_dir, tmp_path):
+    from tuneforge.models.resolve import installed_models
+
+    model = _long_model_dir(tiny_model_dir, tmp_path)
+    assert main(["models", "--path", str(model)]) == 0  # capsys's stdout is not a terminal, like `| cat`
+    out = capsys.readouterr().out
+    assert "\u2026" not in out  # no "..." truncation
+    line = [l for l in out.splitlines() if l.startswith(str(model))]  # the reference, whole, first on its line
+    assert len(line) == 1 and line[0].endswith(str(model.resolve())) and "BertModel" in line[0]
+    for m in installed_models():
+        assert any(l.startswith(m["name"] + " ") and l.endswith(m["path"]) for l in out.splitlines()), m
+
+
+def test_models_in_a_terminal_still_draws_a_table(capsys, monkeypatch, tiny_model_dir):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["models", "--path", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "\u250f" in out and "BertModel" in out  # rich's box corner
+
+
+def test_models_json(capsys, tiny_model_dir, tmp_path):
+    from tuneforge.models.resolve import describe
+
+    model = _long_model_dir(tiny_model_dir, tmp_path)
+    assert main(["models", "--path", str(model), "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert isinstance(entries, list)
+    mine = [e for e in entries if e["reference"] == str(model)]
+    assert len(mine) == 1
+    e = mine[0]
+    assert e["path"] == str(model.resolve())
+    assert e["architecture"] == "BertModel" and e["layers"] == 2
+    assert e["parameters"] == describe(model)["parameters"]
+    assert e["est_train_seconds_per_1k_examples"] > 0 and e["machine_gflops"] > 0
+    assert e["precision"] in ("fp32", "bf16")
+
+
+def test_version_prints_tuneforge_torch_and_transformers(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code in (0, None)
+    v = importlib.metadata.version
+    assert capsys.readouterr().out == f"tuneforge {v('tuneforge')} (torch {v('torch')}, transformers {v('transformers')})\n"
+    code = ("import sys; from tuneforge.cli import main\n"
+            "try: main(['--version'])\nexcept SystemExit as e: assert e.code in (0, None), e.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.endswith("ok\n"), result.stderr
 
 
 def test_help_does_not_import_torch():

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from scipy.stats import binomtest
 
 from tuneforge.config import parse_config
 from tuneforge.evaluation.evaluate import gate
@@ -23,6 +24,16 @@ def test_mcnemar_known_answer():
     assert (r["only_model_right"], r["only_baseline_right"]) == (10, 0)
     assert r["p_value"] == pytest.approx(2 * 0.5**10)
     assert mcnemar(SPACE, y, model, model)["p_value"] == 1.0
+    # both kinds of disagreement: 12 rows only the model gets right, 4 only the baseline; scipy's exact two-sided
+    # binomial p-value for 12 of 16 (hand check: 2 * sum(C(16, k), k = 12..16) / 2**16 = 2 * 2517 / 65536)
+    y = np.zeros(40, dtype=int)
+    model, base = np.zeros(40, dtype=int), np.zeros(40, dtype=int)
+    base[:12] = 1  # rows 0-11: only the model right
+    model[12:16] = 1  # rows 12-15: only the baseline right
+    model[16:20] = base[16:20] = 1  # rows 16-19: both wrong; rows 20-39: both right
+    mixed = mcnemar(SPACE, y, model, base)
+    assert (mixed["only_model_right"], mixed["only_baseline_right"]) == (12, 4)
+    assert mixed["p_value"] == pytest.approx(binomtest(12, 16, 0.5).pvalue) == pytest.approx(2 * 2517 / 65536)
 
 
 def test_paired_bootstrap_known_answers():
@@ -41,6 +52,16 @@ def test_calibration_known_answers():
     over = calibration(SPACE, np.array([0, 1] * 5), np.tile([1.0, 0.0], (10, 1)))
     assert over["ece"] == pytest.approx(0.5)
     assert sum(over["confidence_histogram"]["counts"]) == 10
+    # three bins, by hand: 4 rows at 0.93 confidence, 3 right (gap 0.18); 4 at 0.67, 2 right (gap 0.17);
+    # 2 at 0.57 for class b, both right (gap 0.43): ECE = 0.4 * 0.18 + 0.4 * 0.17 + 0.2 * 0.43 = 0.226
+    probs = np.array([[0.93, 0.07]] * 4 + [[0.67, 0.33]] * 4 + [[0.43, 0.57]] * 2)
+    y = np.array([0, 0, 0, 1] + [0, 0, 1, 1] + [1, 1])
+    mixed = calibration(SPACE, y, probs)
+    assert mixed["ece"] == pytest.approx(0.226)
+    filled = {(round(b["low"], 1), b["n"], b["accuracy"]) for b in mixed["bins"] if b["n"]}
+    assert filled == {(0.9, 4, 0.75), (0.6, 4, 0.5), (0.5, 2, 1.0)}
+    counts = mixed["confidence_histogram"]["counts"]  # 20 bins of 0.05
+    assert (counts[18], counts[13], counts[11], sum(counts)) == (4, 4, 2, 10)
 
 
 def test_slices_on_a_hand_built_table():
@@ -95,10 +116,30 @@ def test_run_records_slices_significance_calibration_and_gate(finished_run):
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["slices"]["topic"]["groups"]) == {"a", "b"}
     assert sum(g["n"] for g in saved["slices"]["topic"]["groups"].values()) == saved["test"]["model"]["n"]
-    assert saved["significance"]["against"] == saved["best_baseline"]
-    assert 0 <= saved["significance"]["mcnemar"]["p_value"] <= 1
-    assert 0 <= saved["calibration"]["ece"] <= 1
-    assert isinstance(saved["promoted"], bool) and saved["promotion_reason"]
+    model, baselines, n = saved["test"]["model"], saved["test"]["baselines"], saved["test"]["model"]["n"]
+    best = saved["best_baseline"]
+    assert best == max(baselines, key=lambda b: baselines[b]["macro_f1"])
+    assert saved["significance"]["against"] == best
+
+    # McNemar: the discordant counts explain the accuracy gap on the test split, and the p-value is scipy's exact test
+    mc = saved["significance"]["mcnemar"]
+    only_model, only_base = mc["only_model_right"], mc["only_baseline_right"]
+    assert (only_model - only_base) / n == pytest.approx(model["accuracy"] - baselines[best]["accuracy"])
+    expected_p = 1.0 if only_model + only_base == 0 else binomtest(only_model, only_model + only_base, 0.5).pvalue
+    assert mc["p_value"] == pytest.approx(expected_p)
+
+    # calibration: the bins hold every test row, their accuracy is the model's test accuracy, ECE is their weighted gap
+    cal = saved["calibration"]
+    filled = [b for b in cal["bins"] if b["n"]]
+    assert sum(b["n"] for b in filled) == n == sum(cal["confidence_histogram"]["counts"])
+    assert sum(b["n"] * b["accuracy"] for b in filled) / n == pytest.approx(model["accuracy"])
+    assert all(b["low"] <= b["confidence"] <= b["high"] for b in filled)
+    assert cal["ece"] == pytest.approx(sum(b["n"] / n * abs(b["confidence"] - b["accuracy"]) for b in filled))
+
+    # the gate (defaults: beat the best baseline's macro-F1 by 0.01, the CI's lower bound above it), from the saved numbers
+    base = baselines[best]["macro_f1"]
+    assert saved["promoted"] is (model["macro_f1"] - base >= 0.01 and model["ci"]["low"] > base)
+    assert saved["promotion_reason"] == gate(saved, parse_config(yaml.safe_load((out / "config.yaml").read_text())))["promotion_reason"]
 
 
 def test_model_card_metadata_parses(finished_run):

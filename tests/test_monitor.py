@@ -32,20 +32,43 @@ def test_request_log_returns_newest_first_and_prunes_past_retention(log_url):
     log.close()
 
 
+def _reference_texts(run_dir) -> list[str]:
+    """The test split the run's reference profile was built from (the run's own data stage, checked by its hash)."""
+    import yaml
+
+    from tuneforge.config import parse_config
+    from tuneforge.data.prepare import prepare_data
+    from tuneforge.data.split import content_hash
+
+    cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    test = prepare_data(cfg.data, cfg.task).splits.test
+    assert content_hash(test) == json.loads((run_dir / "run.json").read_text())["data"]["splits"]["test"]
+    return test.texts
+
+
 def test_serving_logs_to_postgresql_and_monitor_reads_it(served_run, postgres_url, capsys):
-    from conftest import make_rows
-
     settings = ServeSettings(run_dir=served_run, api_key=None, monitor_url=postgres_url, drift_min_rows=20)
-    texts = [r["text"] for r in make_rows(60, seed=5)]
+    reference_texts = _reference_texts(served_run)
+    n = len(reference_texts)
+    assert n == load_reference(served_run)["n"] and 2 * n >= settings.drift_min_rows
+    texts = reference_texts * 2  # the reference traffic itself, twice: the same distribution, no drift
+    long_texts = [" ".join([t] * 12) for t in reference_texts]  # inputs twelve times as long: drift on length
     with TestClient(create_app(settings, classification_predictor(served_run), load_reference(served_run))) as c:
-        for i in range(0, 60, 10):
+        for i in range(0, len(texts), 10):
             assert c.post("/v1/predict", json={"texts": texts[i:i + 10]}).status_code == 200
-        served = c.get("/v1/monitor").json()
-    assert served["window"] == 60 and served["status"] in ("ok", "drift")
+        unshifted = c.get("/v1/monitor").json()
+        for i in range(0, len(long_texts), 10):
+            assert c.post("/v1/predict", json={"texts": long_texts[i:i + 10]}).status_code == 200
+        shifted = c.get("/v1/monitor").json()
+    assert unshifted["window"] == 2 * n and unshifted["status"] == "ok", unshifted
+    assert all(s["psi"] < 0.01 for s in unshifted["signals"].values()), unshifted
+    assert shifted["window"] == 3 * n and shifted["status"] == "drift" and shifted["signals"]["length"]["drift"], shifted
 
+    # the CLI reads the same rows back from PostgreSQL and reaches the same verdict
     assert main(["monitor", str(served_run), "--monitor-url", postgres_url]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["window"] == 60 and printed["signals"].keys() == {"length", "label", "confidence"}
+    assert printed["window"] == 3 * n and printed["status"] == "drift"
+    assert {k: v["psi"] for k, v in printed["signals"].items()} == {k: v["psi"] for k, v in shifted["signals"].items()}
 
 
 def test_unreachable_postgresql_is_a_clear_error_without_the_password(served_run, capsys):

@@ -1,11 +1,15 @@
 """End-to-end runs of the real pipeline on a tiny random model and a few dozen rows."""
 import json
+import os
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from tuneforge.config import parse_config
 from tuneforge.models.predictor import Predictor
@@ -20,32 +24,76 @@ def _run(base_config, write_csv, n=80, **sections):
     return cfg, run(cfg)
 
 
+def _held_out_rows(n: int, seed: int = 1, offset: int = 200) -> list[dict]:
+    """Rows for a separate test file: new word draws, and index suffixes (200+) the training rows never use, so no
+    test row copies or nearly copies a training row (the audit would block the run)."""
+    rows = make_rows(n, seed=seed)
+    for i, r in enumerate(rows):
+        r["text"] = r["text"].rsplit(" ", 1)[0] + f" {offset + i}"
+    return rows
+
+
+def _metrics_from_confusion(matrix: list[list[int]], labels: list[str]) -> tuple[float, float]:
+    """Accuracy and macro-F1 by scikit-learn, from the (true, predicted) pairs a confusion matrix stands for."""
+    pairs = [(labels[t], labels[p]) for t, row in enumerate(matrix) for p, count in enumerate(row) for _ in range(count)]
+    y_true, y_pred = zip(*pairs)
+    return accuracy_score(y_true, y_pred), f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+
+
 @pytest.mark.parametrize("method", ["full", "frozen", "lora"])
 def test_each_method_produces_a_loadable_model_that_predicts_like_tuneforge(base_config, write_csv, method):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     extra = {"frozen_layers": 1} if method == "frozen" else {}
-    cfg, metrics = _run(base_config, write_csv, train={"method": method, **extra})
-    out = cfg.output.dir
-    from pathlib import Path
-
-    out = Path(out)
+    # training data 45 pos / 25 neg; a separate test file 6 pos / 14 neg, so the majority baseline (the training
+    # split's majority class) scores differently from the test split's own majority class
+    train_rows = [r for i, r in enumerate(make_rows(90)) if r["label"] == "pos" or i < 50]
+    held = _held_out_rows(40)
+    test_rows = [r for r in held if r["label"] == "neg"][:14] + [r for r in held if r["label"] == "pos"][:6]
+    raw = base_config(write_csv(train_rows), train={"method": method, **extra})
+    raw["data"]["test_path"] = str(write_csv(test_rows, "test.csv"))
+    cfg = parse_config(raw)
+    metrics = run(cfg)
+    out = Path(cfg.output.dir)
     for name in ("metrics.json", "config.yaml", "data_report.json", "run.json", "model/model.safetensors",
                  "model/config.json", "model/tokenizer.json"):
         assert (out / name).is_file(), name
     assert not list((out / "model").glob("*.bin")) and not (out / "checkpoint").exists()
 
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("accuracy", "macro_f1"):
-        assert 0 <= saved["test"]["model"][key] <= 1
-        for b in ("majority", "tfidf_logreg", "frozen_probe"):
-            assert 0 <= saved["test"]["baselines"][b][key] <= 1
-    ci = saved["test"]["model"]["ci"]
-    assert ci["low"] <= saved["test"]["model"]["macro_f1"] <= ci["high"]
-
-    # plain transformers, no tuneforge code: same predictions as `tuneforge predict`
+    labels = ["neg", "pos"]
+    texts_test, y_test = [r["text"] for r in test_rows], [r["label"] for r in test_rows]
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")
     tok = AutoTokenizer.from_pretrained(out / "model")
+
+    # the model's test metrics, recomputed by scikit-learn from plain-transformers predictions on the test file
+    with torch.no_grad():
+        test_logits = model(**tok(texts_test, padding=True, return_tensors="pt")).logits
+    y_model = [model.config.id2label[i] for i in test_logits.argmax(-1).tolist()]
+    scored = saved["test"]["model"]
+    assert scored["n"] == len(test_rows)
+    assert scored["accuracy"] == pytest.approx(accuracy_score(y_test, y_model), abs=1e-12)
+    assert scored["macro_f1"] == pytest.approx(f1_score(y_test, y_model, labels=labels, average="macro"), abs=1e-12)
+    assert scored["confusion_matrix"]["matrix"] == confusion_matrix(y_test, y_model, labels=labels).tolist()
+    ci = scored["ci"]
+    assert ci["low"] <= scored["macro_f1"] <= ci["high"]
+
+    # majority: the training split's most frequent class (pos), scored on the test file
+    assert metrics["labels"] == labels
+    assert Counter(r["label"] for r in train_rows).most_common(1)[0][0] == "pos"
+    y_majority = ["pos"] * len(test_rows)
+    majority = saved["test"]["baselines"]["majority"]
+    assert majority["accuracy"] == pytest.approx(6 / 20)  # the share of pos in the test split
+    assert majority["macro_f1"] == pytest.approx(f1_score(y_test, y_majority, labels=labels, average="macro", zero_division=0))
+    # the learned baselines: scored on the test file's 14 neg / 6 pos rows, metrics consistent with their confusion matrix
+    for b in ("tfidf_logreg", "frozen_probe"):
+        m = saved["test"]["baselines"][b]
+        matrix = m["confusion_matrix"]["matrix"]
+        assert [sum(row) for row in matrix] == [14, 6], b
+        acc, f1 = _metrics_from_confusion(matrix, labels)
+        assert m["accuracy"] == pytest.approx(acc, abs=1e-12) and m["macro_f1"] == pytest.approx(f1, abs=1e-12), b
+
+    # plain transformers, no tuneforge code: same predictions as `tuneforge predict`
     texts = ["good great film", "awful dull plot", "the story was very flat", "lovely moving scenes"]
     with torch.no_grad():
         logits = model(**tok(texts, padding=True, return_tensors="pt")).logits
@@ -86,8 +134,20 @@ def test_multi_label_end_to_end(base_config, tmp_path):
     cfg = parse_config(base_config(path, task={"multi_label": True}))
     metrics = run(cfg)
     assert metrics["labels"] == ["long", "neg", "pos"]
-    preds = Predictor.load(tmp_path / "out" / "model").predict(["good great film"])
-    assert isinstance(preds[0]["label"], list) and set(preds[0]["probabilities"]) == {"long", "neg", "pos"}
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = ["good great film", "awful dull plot", "the story was very flat and the plot quite dull 7"]
+    preds = Predictor.load(tmp_path / "out" / "model").predict(texts)
+    # independent sigmoid of the plain-transformers logits; the label set is every label at or above 0.5
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "model")
+    with torch.no_grad():
+        sig = torch.sigmoid(model(**tok(texts, padding=True, return_tensors="pt")).logits).numpy()
+    names = [model.config.id2label[i] for i in range(3)]
+    assert names == ["long", "neg", "pos"]
+    for pred, row in zip(preds, sig):
+        assert pred["label"] == [n for n, p in zip(names, row) if p >= 0.5]
+        np.testing.assert_allclose([pred["probabilities"][n] for n in names], row, rtol=1e-4, atol=1e-6)
 
 
 def test_resume_after_interruption_finishes_like_an_uninterrupted_run(base_config, write_csv, tmp_path, monkeypatch):
@@ -133,28 +193,52 @@ def test_resume_refuses_a_changed_config(base_config, write_csv, tmp_path, monke
         run(parse_config(raw), resume=True)
 
 
-def test_test_split_is_not_used_for_model_choice(base_config, write_csv, monkeypatch):
-    """Early stopping and best-weight choice read validation only: poisoning test labels changes nothing before evaluation."""
-    seen = []
-    real = loop.evaluate
+def test_test_split_is_not_used_for_model_choice(base_config, write_csv, tmp_path):
+    """Early stopping and best-weight choice read validation only: two runs on the same training file and seed, one
+    with the test file's labels all flipped, choose the same model; only the test metrics move."""
+    train_path = write_csv(make_rows(110))
+    test_rows = _held_out_rows(40)
+    flip = {"pos": "neg", "neg": "pos"}
+    poisoned_rows = [{**r, "label": flip[r["label"]]} for r in test_rows]
+    runs = {}
+    for name, rows in (("true", test_rows), ("poisoned", poisoned_rows)):
+        raw = base_config(train_path, train={"method": "full", "epochs": 6, "eval_every": 3})
+        raw["data"]["test_path"] = str(write_csv(rows, f"test_{name}.csv"))
+        raw["output"]["dir"] = str(tmp_path / name)
+        runs[name] = run(parse_config(raw))
+    true, poisoned = runs["true"], runs["poisoned"]
 
-    def spy(model, data, *args, **kwargs):
-        seen.append(len(data.ids))
-        return real(model, data, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "evaluate", spy)
-    cfg, metrics = _run(base_config, write_csv, n=110, data={"val_fraction": 0.1, "test_fraction": 0.3})
-    report = json.loads(open(cfg.output.dir + "/data_report.json").read())
-    assert seen and set(seen) == {report["splits"]["val"]["rows"]}
+    # the poison reached the test split, and only the test split
+    reports = {name: json.loads((tmp_path / name / "data_report.json").read_text()) for name in runs}
+    for split in ("train", "val"):
+        assert reports["true"]["splits"][split]["sha256"] == reports["poisoned"]["splits"][split]["sha256"]
+    assert reports["true"]["splits"]["test"]["sha256"] != reports["poisoned"]["splits"]["test"]["sha256"]
+    # model choice: every validation row, the best step and the exported weights are identical
+    assert true["validation"]["history"] == poisoned["validation"]["history"]
+    # a choice was made: the kept weights are an earlier step's, not simply the last step's
+    assert true["validation"]["best_step"] < true["validation"]["history"][-1]["step"]
+    for key in ("best", "best_step", "stopped_early"):
+        assert true["validation"][key] == poisoned["validation"][key], key
+    a = load_file(str(tmp_path / "true" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "poisoned" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # ... while the test metrics moved: the same predictions scored against flipped binary labels, every right
+    # answer becomes wrong and back
+    assert true["test"]["model"]["accuracy"] != pytest.approx(0.5)
+    assert poisoned["test"]["model"]["accuracy"] == pytest.approx(1 - true["test"]["model"]["accuracy"])
 
 
 def test_run_json_records_provenance(base_config, write_csv):
-    cfg, _ = _run(base_config, write_csv)
+    cfg, metrics = _run(base_config, write_csv)
     info = json.loads(open(cfg.output.dir + "/run.json").read())
     assert info["seed"] == {"split": 42, "train": 42}
     assert {"torch", "transformers", "python"} <= set(info["versions"])
     assert info["data"]["splits"]["test"] == json.loads(open(cfg.output.dir + "/data_report.json").read())["test_sha256"]
-    assert info["durations_s"]["train"] > 0 and info["hardware"]["cpu_count"] >= 1
+    durations = info["durations_s"]
+    assert 0 < durations["train"] <= durations["total"] == metrics["cost"]["actual"]["seconds_total"]
+    assert info["hardware"]["cpu_count"] == os.cpu_count() and info["hardware"]["torch_threads"] == torch.get_num_threads()
     assert yaml.safe_load(open(cfg.output.dir + "/config.yaml"))["train"]["seed"] == 42
 
 

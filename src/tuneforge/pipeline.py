@@ -48,14 +48,14 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     """Run the whole job; returns the content of metrics.json. Raises TuneforgeError on bad input."""
     from accelerate import Accelerator
 
-    from tuneforge.evaluation import evaluate_all
+    from tuneforge.evaluation import baseline_predictions, evaluate_all
     from tuneforge.models.infer import encode, mean_pooled, pad_id_of
     from tuneforge.models.load import apply_method, export_model, load_classifier, load_tokenizer
     from tuneforge.models.predictor import SETTINGS_KEY, Predictor, resolve_device
     from tuneforge.models.resolve import describe, resolve_model
     from tuneforge.tasks.classification import LabelSpace
     from tuneforge.training import cost
-    from tuneforge.training.loop import TrainData, plan_steps, train
+    from tuneforge.training.loop import TrainData, epochs_for, plan_steps, train
     from tuneforge.training.precision import resolve_precision
 
     # under torchrun / accelerate launch every process runs this; only rank 0 talks and writes
@@ -69,16 +69,17 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     if resume:
         _check_resume_config(out, cfg)
     with _stage(durations, "data"):
-        data = prepare_data(cfg.data, cfg.task, cfg.eval.slices)
+        data = prepare_data(cfg.data, cfg.task, cfg.eval.slices, cfg.audit.near_duplicate_threshold)
     splits = data.splits
     model_dir = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(model_dir)
     space = LabelSpace(tuple(data.labels), cfg.task.multi_label, cfg.task.threshold)
-    audit_report = audit_data(cfg, data, tokenizer, console)
+    with _stage(durations, "audit"):
+        audit_report = audit_data(cfg, data, tokenizer, console)
     check_audit(audit_report)
     console.print(f"[bold]data[/] {len(splits.train)} train / {len(splits.val)} validation / {len(splits.test)} test rows, "
-                  f"{len(space.labels)} labels; removed {sum(data.report['removed_counts'].values())} rows "
-                  f"{data.report['removed_counts'] or ''}")
+                  f"{len(space.labels)} labels; {_groups_phrase(data.report)}; removed "
+                  f"{sum(data.report['removed_counts'].values())} rows {data.report['removed_counts'] or ''}")
     with _stage(durations, "tokenize"):
         ids = {name: encode(tokenizer, ex.texts, cfg.model.max_length) for name, ex in splits.items()}
         y = {name: space.encode(ex.labels) for name, ex in splits.items()}
@@ -105,7 +106,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     pad_id = pad_id_of(tokenizer)
     model.to(accelerator.device)
 
-    # --- baselines, on the pre-trained encoder before any weight changes ---
+    # --- baselines: the frozen probe on the pre-trained encoder before any weight changes ---
     with _stage(durations, "baselines"):
         probe_features = None
         if "frozen_probe" in cfg.eval.baselines:
@@ -115,16 +116,24 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
             probe_features = {k: mean_pooled(model.base_model, v, pad_id, cfg.eval.batch_size, precision)
                               for k, v in probe_ids.items()}
             probe_features["train_rows"] = probe_rows
+        baselines = baseline_predictions(space, cfg, splits, y, probe_features)
 
     model = apply_method(model, cfg.train)
     per_epoch, total, eval_every = plan_steps(len(ids["train"]), cfg.train, accelerator.num_processes)
+    epochs = epochs_for(len(ids["train"]), cfg.train, accelerator.num_processes)
     with _stage(durations, "estimate"):
         est = cost.estimate(model, ids["train"], y["train"], batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                             group_by_length=cfg.train.group_by_length, total_steps=total, grad_accum=cfg.train.grad_accum,
                             eval_rows_tokens=sum(map(len, ids["val"])), n_evals=max(1, total // eval_every),
-                            infer_tokens=sum(map(len, ids["test"])) * 3, pad_id=pad_id, precision=precision)
-    console.print(f"[bold]estimate[/] training {_fmt_s(est['seconds_train'])} + evaluation {_fmt_s(est['seconds_eval_and_baselines'])} "
-                  f"({total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}, {est['trainable_parameters'] / 1e6:.1f}M trainable); "
+                            infer_tokens=sum(map(len, ids["test"])), pad_id=pad_id, precision=precision,
+                            seconds_so_far=time.perf_counter() - t_start)
+    epochs_why = "train.epochs" if cfg.train.epochs is not None else \
+        f"by data size: ~{cfg.train.target_steps} steps, at most {cfg.train.max_auto_epochs:g} epochs"
+    console.print(f"[bold]plan[/] {epochs:g} epochs ({epochs_why}) = {total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}, "
+                  f"validation every {eval_every} steps, early stopping after {cfg.train.early_stopping_patience} without gain")
+    console.print(f"[bold]estimate[/] whole run {_fmt_s(est['seconds_total'])}: spent so far {_fmt_s(est['seconds_so_far'])} "
+                  f"(data, audit, baselines) + training {_fmt_s(est['seconds_train'])} + evaluation {_fmt_s(est['seconds_eval'])} "
+                  f"+ export and report {_fmt_s(est['seconds_export_and_report'])} ({est['trainable_parameters'] / 1e6:.1f}M trainable); "
                   f"peak memory ~{est['peak_memory_bytes'] / 2**30:.1f} GiB on {est['device']}")
 
     # --- train ---
@@ -148,7 +157,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     with _stage(durations, "evaluate"):
         predictor = Predictor.load(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
         test_probs = predictor.probabilities(splits.test.texts, cfg.eval.batch_size)
-        metrics = evaluate_all(space, cfg, splits, y, test_probs, probe_features)
+        metrics = evaluate_all(space, cfg, splits, y, test_probs, baselines)
         _write_reference_profile(out / "model", predictor, splits.test.texts, test_probs)
     metrics["validation"] = {"metric": cfg.eval.metric, "best": result.best_metric, "best_step": result.best_step,
                              "history": result.history, "stopped_early": result.stopped_early}
@@ -158,15 +167,17 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
                                                      "peak_memory_bytes": cost.peak_memory_bytes(accelerator.device)}}
 
     # --- artifacts; run.json last: its presence marks a finished run ---
-    artifacts.write_json(out / "metrics.json", metrics)
-    artifacts.write_json(out / "data_report.json", data.report)
-    artifacts.write_json(out / artifacts.FINISHED_MARKER, {
+    run_info = {
         "data": {"files": data.report["files"], "splits": {k: v["sha256"] for k, v in data.report["splits"].items()}},
         "model": {"reference": cfg.model.name, "path": str(model_dir), **info},
         "seed": {"split": cfg.data.seed, "train": cfg.train.seed},
-        "precision": precision, "hardware": artifacts.hardware(), "versions": artifacts.library_versions(),
+        "precision": precision, "resolved": {"train.epochs": epochs, "total_steps": total, "eval_every": eval_every},
+        "hardware": artifacts.hardware(), "versions": artifacts.library_versions(),
         "durations_s": durations, "resumed": resume, "steps": result.steps,
-    })
+    }
+    artifacts.write_json(out / "metrics.json", metrics)
+    artifacts.write_json(out / "data_report.json", data.report)
+    artifacts.write_json(out / artifacts.FINISHED_MARKER, run_info)
     from tuneforge.evaluation.card import build_card
     from tuneforge.evaluation.report import build_report
 
@@ -174,6 +185,10 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         build_card(out)
         build_report(out)
     shutil.rmtree(out / artifacts.CHECKPOINT, ignore_errors=True)
+    durations["total"] = round(time.perf_counter() - t_start, 2)  # the whole run, report included
+    metrics["cost"]["actual"]["seconds_total"] = durations["total"]
+    artifacts.write_json(out / "metrics.json", metrics)
+    artifacts.write_json(out / artifacts.FINISHED_MARKER, run_info)
     _print_summary(console, metrics, est, durations, out)
     return metrics
 
@@ -183,7 +198,7 @@ def audit_only(cfg: RunConfig, console: Console) -> dict:
     from tuneforge.models.load import load_tokenizer
     from tuneforge.models.resolve import resolve_model
 
-    data = prepare_data(cfg.data, cfg.task, cfg.eval.slices)
+    data = prepare_data(cfg.data, cfg.task, cfg.eval.slices, cfg.audit.near_duplicate_threshold)
     return audit_data(cfg, data, load_tokenizer(resolve_model(cfg.model.name)), console)
 
 
@@ -192,7 +207,7 @@ def audit_data(cfg: RunConfig, data, tokenizer, console: Console) -> dict:
     from tuneforge.data.audit import audit
 
     report = audit(data.splits, data.report["removed"], cfg.task.multi_label, tokenizer, cfg.model.max_length,
-                   cfg.audit, seed=cfg.data.seed)
+                   cfg.audit, seed=cfg.data.seed, duplicates_graph=data.duplicates)
     _print_audit(console, report)
     return report
 
@@ -234,6 +249,15 @@ def _write_reference_profile(model_dir: Path, predictor, texts: list[str], probs
 
     names = list(predictor.space.labels) + ([NO_LABEL] if predictor.space.multi_label else [])
     artifacts.write_json(model_dir / PROFILE_FILE, profile_of(texts, predictor.results(probs), names))
+
+
+def _groups_phrase(report: dict) -> str:
+    g = report["duplicate_groups"]
+    if not g["kept_together"]:
+        return "no near-duplicate groups"
+    where = "in one split each" if report["test_source"] == "carved" else "between train and validation"
+    return (f"{g['kept_together']} near-duplicate groups ({g['rows_in_groups']} rows, largest {g['largest']}) "
+            f"kept whole {where}")
 
 
 def _record_settings(model_dir: Path, key: str, settings: dict) -> None:
@@ -278,7 +302,9 @@ def _print_summary(console: Console, metrics: dict, est: dict, durations: dict, 
         if s["warning"]:
             console.print(f"[yellow]slice warning[/]: {metrics['main_metric']} differs by {s['largest_gap']:.3f} across {col} "
                           f"({s['between']['best']} vs {s['between']['worst']})")
-    console.print(f"[bold]cost[/] estimated {_fmt_s(est['seconds_total'])}, actual {_fmt_s(durations['total'])} "
-                  f"(train {_fmt_s(durations['train'])}); peak memory {metrics['cost']['actual']['peak_memory_bytes'] / 2**30:.1f} GiB")
+    rest_est, rest = est["seconds_total"] - est["seconds_train"], durations["total"] - durations["train"]
+    console.print(f"[bold]cost[/] whole run estimated {_fmt_s(est['seconds_total'])} (training {_fmt_s(est['seconds_train'])} + "
+                  f"the rest {_fmt_s(rest_est)}), actual {_fmt_s(durations['total'])} (training {_fmt_s(durations['train'])} + the rest "
+                  f"{_fmt_s(rest)}); peak memory {metrics['cost']['actual']['peak_memory_bytes'] / 2**30:.1f} GiB")
     console.print(f"[bold]report[/] {out / 'report.html'}; model card {out / 'model' / 'README.md'}")
     console.print(f"[bold]output[/] {out}  (load: AutoModelForSequenceClassification.from_pretrained('{out / 'model'}'))")

@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 
 from tuneforge.config import AuditConfig
-from tuneforge.data.neardup import exact_groups, near_pairs, normalise
+from tuneforge.data.neardup import DuplicateGraph, duplicate_graph
 from tuneforge.data.split import Splits
 
 SEVERITIES = ("info", "warning", "blocking")
@@ -50,18 +50,33 @@ def class_balance(splits: Splits, multi_label: bool, cfg: AuditConfig) -> dict:
             "problems": problems}
 
 
-def duplicates_and_leakage(splits: Splits, cfg: AuditConfig) -> tuple[dict, dict]:
+def duplicates_and_leakage(splits: Splits, cfg: AuditConfig, graph: DuplicateGraph | None = None) -> tuple[dict, dict]:
+    """Duplicate groups within a split, and leakage (the same or near-same text in two splits).
+
+    `graph` is the run's duplicate graph (computed once, when the data was split); without it, or at
+    another threshold, the links are computed here."""
     where = _index(splits)
-    texts = [normalise(t) for _, ex in splits.items() for t in ex.texts]
+    if graph is None or graph.threshold != cfg.near_duplicate_threshold:
+        texts = [t for _, ex in splits.items() for t in ex.texts]
+        graph = duplicate_graph(texts, [(ex.source, r) for _, ex in splits.items() for r in ex.rows],
+                                cfg.near_duplicate_threshold)
+    node_of = graph.node_of()
+    by_name = dict(splits.items())
+    position = {node_of[(by_name[name].source, by_name[name].rows[k])]: i for i, (name, k) in enumerate(where)}
     dup_exact, dup_near, leaks = [], [], []
-    for group in exact_groups(texts):
+    for nodes in graph.exact:
+        group = [position[n] for n in nodes if n in position]
+        if len(group) < 2:
+            continue
         refs = [_ref(splits, *where[i]) for i in group]
         if len({r["split"] for r in refs}) > 1:
             leaks.append({"kind": "exact", "similarity": 1.0, "rows": refs})
         else:
             dup_exact.append({"split": refs[0]["split"], "rows": refs})
-    for i, j, sim in near_pairs(texts, cfg.near_duplicate_threshold, seed=0):
-        refs = [_ref(splits, *where[i]), _ref(splits, *where[j])]
+    for a, b, sim in graph.near:
+        if a not in position or b not in position:
+            continue
+        refs = [_ref(splits, *where[position[a]]), _ref(splits, *where[position[b]])]
         entry = {"kind": "near", "similarity": round(sim, 4), "rows": refs}
         (leaks if refs[0]["split"] != refs[1]["split"] else dup_near).append(entry)
     n_dup = sum(len(g["rows"]) - 1 for g in dup_exact) + len(dup_near)
@@ -146,8 +161,8 @@ def outliers(splits: Splits) -> dict:
 
 
 def audit(splits: Splits, removed: list[dict], multi_label: bool, tokenizer, max_length: int,
-          cfg: AuditConfig, seed: int = 0) -> dict:
-    duplicates, leakage = duplicates_and_leakage(splits, cfg)
+          cfg: AuditConfig, seed: int = 0, duplicates_graph: DuplicateGraph | None = None) -> dict:
+    duplicates, leakage = duplicates_and_leakage(splits, cfg, duplicates_graph)
     report = {
         "leakage": leakage,
         "duplicates": duplicates,

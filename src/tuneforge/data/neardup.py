@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.feature_extraction.text import HashingVectorizer
@@ -87,3 +88,38 @@ def near_pairs(normalised: list[str], threshold: float, seed: int = 0) -> list[t
     jac = inter / np.maximum(size[i] + size[j] - inter, 1)
     keep = (jac >= threshold) & (np.array([normalised[a] != normalised[b] for a, b in zip(i, j)]))
     return [(int(a), int(b), float(s)) for a, b, s in zip(i[keep], j[keep], jac[keep])]
+
+
+@dataclass
+class DuplicateGraph:
+    """Exact (after normalisation) and near-duplicate links between rows, computed once per run and shared
+    by the split (which keeps each connected group in one split) and the audit (which reports the links).
+    Node i is the row `keys[i]` = (file, data row)."""
+
+    keys: list[tuple[str, int]]
+    exact: list[list[int]]
+    near: list[tuple[int, int, float]]
+    threshold: float
+
+    def node_of(self) -> dict[tuple[str, int], int]:
+        return {key: i for i, key in enumerate(self.keys)}
+
+    def components(self, nodes: list[int]) -> np.ndarray:
+        """A group id for each of `nodes`: rows linked (directly or through others among `nodes`) share one."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        local = {node: k for k, node in enumerate(nodes)}
+        edges = [(a, b) for a, b, _ in self.near] + [(g[0], other) for g in self.exact for other in g[1:]]
+        edges = [(local[a], local[b]) for a, b in edges if a in local and b in local]
+        n = len(nodes)
+        rows = np.array([a for a, _ in edges], dtype=np.int64)
+        cols = np.array([b for _, b in edges], dtype=np.int64)
+        graph = coo_matrix((np.ones(len(edges)), (rows, cols)), shape=(n, n))
+        return connected_components(graph, directed=False)[1]
+
+
+def duplicate_graph(texts: list[str], keys: list[tuple[str, int]], threshold: float, seed: int = 0) -> DuplicateGraph:
+    normalised = [normalise(t) for t in texts]
+    return DuplicateGraph(keys=list(keys), exact=exact_groups(normalised),
+                          near=near_pairs(normalised, threshold, seed=seed), threshold=threshold)

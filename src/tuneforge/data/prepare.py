@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from tuneforge.config import DataConfig, TaskConfig
 from tuneforge.data.clean import check_usable, clean
 from tuneforge.data.load import detect_format, file_sha256, read_table, resolve_path
+from tuneforge.data.neardup import DuplicateGraph, duplicate_graph
 from tuneforge.data.split import Splits, content_hash, split
 
 
@@ -15,6 +16,7 @@ class PreparedData:
     splits: Splits
     labels: list[str]
     report: dict
+    duplicates: DuplicateGraph  # shared with the audit: MinHash runs once per run
 
 
 def _class_counts(labels: list, multi_label: bool) -> dict[str, int]:
@@ -32,8 +34,11 @@ def _load_clean(ref: str, cfg: DataConfig, task: TaskConfig, extra_columns: list
     return result, info
 
 
-def prepare_data(cfg: DataConfig, task: TaskConfig, extra_columns: list[str] = ()) -> PreparedData:
-    """`extra_columns` (e.g. eval.slices) travel with the rows without being model inputs."""
+def prepare_data(cfg: DataConfig, task: TaskConfig, extra_columns: list[str] = (),
+                 near_duplicate_threshold: float = 0.8) -> PreparedData:
+    """`extra_columns` (e.g. eval.slices) travel with the rows without being model inputs. Rows of the data
+    file that are duplicates or near duplicates (Jaccard >= `near_duplicate_threshold`, as the audit counts
+    them) stay together in one split; a test file given by the user is taken as it is."""
     main, main_info = _load_clean(cfg.path, cfg, task, list(extra_columns))
     files, removed = [main_info], list(main.removed)
     test = None
@@ -42,7 +47,11 @@ def prepare_data(cfg: DataConfig, task: TaskConfig, extra_columns: list[str] = (
         files.append(test_info)
         removed += test_result.removed
         test = test_result.examples
-    splits = split(main.examples, cfg.val_fraction, cfg.test_fraction, cfg.seed, test=test)
+    parts = [main.examples] + ([test] if test is not None else [])
+    graph = duplicate_graph([t for ex in parts for t in ex.texts],
+                            [(ex.source, r) for ex in parts for r in ex.rows], near_duplicate_threshold)
+    groups = graph.components(list(range(len(main.examples))))
+    splits = split(main.examples, cfg.val_fraction, cfg.test_fraction, cfg.seed, test=test, groups=groups)
 
     train_classes = _class_counts(splits.train.labels, task.multi_label)
     labels = sorted(train_classes)
@@ -54,6 +63,8 @@ def prepare_data(cfg: DataConfig, task: TaskConfig, extra_columns: list[str] = (
         "removed": removed,
         "stratified": splits.stratified,
         "test_source": "file" if test is not None else "carved",
+        # near-duplicate groups of the data file, each kept whole in one split (leak-free by construction)
+        "duplicate_groups": {**splits.groups, "threshold": near_duplicate_threshold},
         "splits": {name: {"rows": len(ex), "class_counts": _class_counts(ex.labels, task.multi_label),
                           "sha256": content_hash(ex)} for name, ex in splits.items()},
     }
@@ -61,4 +72,4 @@ def prepare_data(cfg: DataConfig, task: TaskConfig, extra_columns: list[str] = (
     unseen = sorted(set(_class_counts(splits.test.labels, task.multi_label)) - set(labels))
     if unseen:
         report["warnings"] = [f"test labels never seen in training: {unseen}; those rows can never be predicted right"]
-    return PreparedData(splits=splits, labels=labels, report=report)
+    return PreparedData(splits=splits, labels=labels, report=report, duplicates=graph)

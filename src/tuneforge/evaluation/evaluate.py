@@ -16,22 +16,30 @@ def _scored(space: LabelSpace, cfg: RunConfig, y_test: np.ndarray, pred: np.ndar
     return m
 
 
-def evaluate_all(space: LabelSpace, cfg: RunConfig, splits: Splits, y: dict[str, np.ndarray],
-                 test_probs: np.ndarray, probe_features: dict | None) -> dict:
-    y_test = y["test"]
-    model_pred = space.decide(test_probs)
+def baseline_predictions(space: LabelSpace, cfg: RunConfig, splits: Splits, y: dict[str, np.ndarray],
+                         probe_features: dict | None) -> dict[str, np.ndarray]:
+    """Each configured baseline's test predictions; they do not depend on the fine-tuned model, so the run
+    computes them before training (their cost is then measured, not guessed, when the run is estimated)."""
     predictions = {}
     for name in cfg.eval.baselines:
         if name == "majority":
-            predictions[name] = bl.majority(space, y["train"], len(y_test))
+            predictions[name] = bl.majority(space, y["train"], len(y["test"]))
         elif name == "tfidf_logreg":
             texts = {k: ex.texts for k, ex in splits.items()}
             predictions[name] = bl.tfidf_logreg(space, cfg.eval.metric, texts, y, cfg.train.seed)
         elif name == "frozen_probe" and probe_features is not None:
             rows = probe_features["train_rows"]
             feats = {k: probe_features[k] for k in ("train", "val", "test")}
-            ys = {"train": y["train"][rows], "val": y["val"], "test": y_test}
+            ys = {"train": y["train"][rows], "val": y["val"], "test": y["test"]}
             predictions[name] = bl.frozen_probe(space, cfg.eval.metric, feats, ys, cfg.train.seed)
+    return predictions
+
+
+def evaluate_all(space: LabelSpace, cfg: RunConfig, splits: Splits, y: dict[str, np.ndarray],
+                 test_probs: np.ndarray, predictions: dict[str, np.ndarray]) -> dict:
+    """The model's test metrics beside the baselines' (`predictions`, from `baseline_predictions`)."""
+    y_test = y["test"]
+    model_pred = space.decide(test_probs)
     result = {
         "main_metric": cfg.eval.metric,
         "labels": list(space.labels),

@@ -179,9 +179,12 @@ def build_report(out: Path) -> Path:
                      [[k, v["severity"], summarise(k, v)] for k, v in audit.items() if k != "summary"]))
     cost = m.get("cost", {})
     if cost:
-        parts.append(f"<h2>Cost</h2><p>estimated {cost['estimated']['seconds_total']:.0f} s, actual {cost['actual']['seconds_total']:.0f} s; "
+        est = cost["estimated"]
+        parts.append(f"<h2>Cost</h2><p>whole run estimated {est['seconds_total']:.0f} s (training {est['seconds_train']:.0f} s), "
+                     f"actual {cost['actual']['seconds_total']:.0f} s (training {run['durations_s'].get('train', 0):.0f} s); "
                      f"training {cost['actual']['train_samples_per_second']:.1f} samples/s on {html.escape(run['hardware']['cpu'])} "
-                     f"({html.escape(run['precision'])}).</p>")
+                     f"({html.escape(run['precision'])}).</p>"
+                     + _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in run["durations_s"].items() if k != "total"]))
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>tuneforge report</title>
 <style>body{{font:15px/1.45 system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#111}}
 table{{border-collapse:collapse;margin:.5em 0 1em}}td,th{{border-bottom:1px solid #e5e7eb;padding:.25em .8em;text-align:left}}

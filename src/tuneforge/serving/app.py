@@ -22,7 +22,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from tuneforge.serving.batcher import MicroBatcher
@@ -55,6 +55,32 @@ class ServeSettings:
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     texts: list[str]
+
+
+def parse_predict_request(raw: bytes) -> PredictRequest:
+    """The body read as JSON whatever its Content-Type says (`curl -d` sends application/x-www-form-urlencoded).
+
+    Errors are the ones FastAPI gives a JSON body, so clients see the same 422 "invalid request: ..." messages.
+    """
+    if not raw:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", err.pos), "msg": "JSON decode error",
+                                       "input": {}, "ctx": {"error": err.msg}}]) from None
+    except UnicodeDecodeError:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error (not UTF-8)",
+                                       "input": {}}]) from None
+    try:
+        # from_attributes: a non-object body reads "Input should be a valid dictionary or object ...", as in FastAPI
+        return PredictRequest.model_validate(data, from_attributes=True)
+    except ValidationError as err:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]) from None
+
+
+_PREDICT_OPENAPI = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": PredictRequest.model_json_schema()}}}}
 
 
 class _Metrics:
@@ -156,8 +182,10 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
         await run_in_threadpool(_update_drift_gauges)  # a database query: off the event loop
         return Response(generate_latest(state["metrics"].registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/predict", dependencies=[Depends(authorise)])
-    async def predict(body: PredictRequest):
+    @app.post("/v1/predict", dependencies=[Depends(authorise)], openapi_extra=_PREDICT_OPENAPI,
+              responses={422: {"description": "invalid request, or a limit exceeded (named in `detail`)"}})
+    async def predict(request: Request):
+        body = parse_predict_request(await request.body())  # JSON whatever the Content-Type (curl -d)
         if not body.texts:
             raise HTTPException(422, "texts is empty: send at least one text")
         if len(body.texts) > settings.max_texts:

@@ -16,6 +16,8 @@ from tuneforge.models.infer import autocast
 from tuneforge.training.loop import TrainData, make_batches, training_batch
 
 _INFER_SHARE = 1 / 3  # a forward pass is about a third of forward+backward
+_TAIL_SECONDS = 4.0  # report (matplotlib plots) and model card, measured here: 3-5 s
+_DISK_BYTES_PER_SECOND = 100e6  # export writes fp32 weights, the final evaluation reads them back
 
 
 def _rss_bytes() -> int:
@@ -33,10 +35,27 @@ def _fwd_bwd(model, ids, targets, idx, pad_id, device, precision) -> float:
     return time.perf_counter() - t0
 
 
+@torch.no_grad()
+def _forward_seconds(model, ids, targets, idx, pad_id, device) -> float:
+    """One fp32 inference pass on a batch (the final evaluation scores the fp32 export)."""
+    batch = training_batch(TrainData(ids, targets), idx, pad_id, device)
+    batch.pop("labels")
+    model.eval()
+    t0 = time.perf_counter()
+    model(**batch)
+    seconds = time.perf_counter() - t0
+    model.train()
+    return seconds
+
+
 def estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: int, seed: int, group_by_length: bool,
              total_steps: int, grad_accum: int, eval_rows_tokens: int, n_evals: int, infer_tokens: int,
-             pad_id: int, precision: str) -> dict:
-    """Estimated seconds and peak memory of the run; `model` is left with zero gradients."""
+             pad_id: int, precision: str, seconds_so_far: float = 0.0) -> dict:
+    """Estimated seconds and peak memory of the whole run; `model` is left with zero gradients.
+
+    Parts: what the run has spent already (data, audit, baselines: measured), training (warm-up steps
+    times the planned padded tokens), evaluation (validation passes at the training precision, the final
+    test pass at fp32, as the exported model is scored) and the tail (export, reload, report)."""
     device = next(model.parameters()).device
     lengths = np.array([len(x) for x in ids])
     batches = make_batches(lengths.tolist(), batch_size, seed, 0, group_by_length)
@@ -52,6 +71,8 @@ def estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: in
     per_token = min(_fwd_bwd(model, ids, targets, typical, pad_id, device, precision) for _ in range(2))
     per_token /= len(typical) * lengths[typical].max()
     model.zero_grad(set_to_none=True)
+    per_token_fp32_infer = min(_forward_seconds(model, ids, targets, typical, pad_id, device) for _ in range(2)) \
+        / (len(typical) * lengths[typical].max())
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer_bytes = 2 * 4 * trainable  # AdamW keeps two fp32 moments per trainable weight
@@ -60,9 +81,11 @@ def estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: in
     else:
         peak = _rss_bytes() + optimizer_bytes
     train_s = per_token * steps_tokens * 1.05  # + optimizer steps
-    eval_s = per_token * _INFER_SHARE * (eval_rows_tokens * n_evals + infer_tokens)
-    return {"seconds_train": float(train_s), "seconds_eval_and_baselines": float(eval_s),
-            "seconds_total": float(train_s + eval_s), "peak_memory_bytes": int(peak),
+    eval_s = per_token * _INFER_SHARE * eval_rows_tokens * n_evals + per_token_fp32_infer * infer_tokens
+    tail_s = _TAIL_SECONDS + 4 * sum(p.numel() for p in model.parameters()) / _DISK_BYTES_PER_SECOND
+    return {"seconds_so_far": float(seconds_so_far), "seconds_train": float(train_s), "seconds_eval": float(eval_s),
+            "seconds_export_and_report": float(tail_s),
+            "seconds_total": float(seconds_so_far + train_s + eval_s + tail_s), "peak_memory_bytes": int(peak),
             "device": device.type, "precision": precision, "seconds_per_1k_tokens": float(per_token * 1000),
             "trainable_parameters": int(trainable)}
 

@@ -72,11 +72,19 @@ def training_batch(data: TrainData, idx: np.ndarray, pad_id: int, device) -> dic
     return batch
 
 
+def epochs_for(n_rows: int, cfg: TrainConfig, world: int = 1) -> float:
+    """train.epochs, or (when null) the passes that give about `target_steps` steps on data of this size."""
+    if cfg.epochs is not None:
+        return cfg.epochs
+    per_epoch = math.ceil(max(1, math.ceil(n_rows / cfg.batch_size) // world) / cfg.grad_accum)
+    return float(min(cfg.max_auto_epochs, max(1, math.ceil(cfg.target_steps / per_epoch))))
+
+
 def plan_steps(n_rows: int, cfg: TrainConfig, world: int = 1) -> tuple[int, int, int]:
     """(steps per epoch, total steps, evaluate every N steps)."""
     batches = max(1, math.ceil(n_rows / cfg.batch_size) // world)
     per_epoch = math.ceil(batches / cfg.grad_accum)
-    total = max(1, math.ceil(cfg.epochs * per_epoch))
+    total = max(1, math.ceil(epochs_for(n_rows, cfg, world) * per_epoch))
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     every = cfg.eval_every or max(1, math.ceil(per_epoch / 4))  # the 4th lands on the epoch's end
