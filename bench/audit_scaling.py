@@ -30,6 +30,7 @@ def main() -> None:
     from tuneforge.data.audit import audit
     from tuneforge.data.load import read_table, resolve_path
     from tuneforge.data.prepare import prepare_data
+    from tuneforge.models.infer import token_lengths
     from tuneforge.models.load import load_tokenizer
     from tuneforge.models.resolve import resolve_model
 
@@ -51,7 +52,9 @@ def main() -> None:
             t0 = time.perf_counter()
             data = prepare_data(DataConfig(path=str(path)), TaskConfig())
             t1 = time.perf_counter()
-            report = audit(data.splits, data.report["removed"], False, tokenizer, 128, AuditConfig())
+            lengths = {name: token_lengths(tokenizer, ex.texts) for name, ex in data.splits.items()}
+            report = audit(data.splits, data.report["removed"], False, lengths, 128, AuditConfig(),
+                           duplicates_graph=data.duplicates)
             t2 = time.perf_counter()
         results.append({"rows": n, "prepare_s": round(t1 - t0, 2), "audit_s": round(t2 - t1, 2),
                         "label_issues": len(report["label_issues"]["rows"]),

@@ -48,7 +48,7 @@ def run_one(name: str, path: Path, out: Path, extra: list[str]) -> dict:
         "model": {key: m["test"]["model"][key], "ci": [m["test"]["model"]["ci"]["low"], m["test"]["model"]["ci"]["high"]]},
         "baselines": {b: v[key] for b, v in m["test"]["baselines"].items()},
         "promoted": m["promoted"], "promotion_reason": m["promotion_reason"],
-        "epochs": run["resolved"]["train.epochs"], "planned_steps": run["resolved"]["total_steps"],
+        "epochs": run["resolved"]["train.epochs"], "max_length": run["resolved"]["model.max_length"], "planned_steps": run["resolved"]["total_steps"],
         "steps": run["steps"], "best_step": m["validation"]["best_step"], "stopped_early": m["validation"]["stopped_early"],
         "seconds": {"estimated": round(m["cost"]["estimated"]["seconds_total"], 1), "actual": m["cost"]["actual"]["seconds_total"],
                     "estimated_train": round(m["cost"]["estimated"]["seconds_train"], 1), "train": run["durations_s"]["train"]},

@@ -111,7 +111,10 @@ def test_truncation_class_balance_and_outliers(tmp_path, tiny_model_dir):
     rows.append({"text": "$$$ ### 123 456 !!!", "label": "pos"})
     pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
     data = prepare_data(DataConfig(path=str(tmp_path / "d.csv")), TaskConfig())
-    report = audit(data.splits, [], False, load_tokenizer(tiny_model_dir), 32, AuditConfig())
+    from tuneforge.models.infer import token_lengths
+
+    tok = load_tokenizer(tiny_model_dir)
+    report = audit(data.splits, [], False, {n: token_lengths(tok, ex.texts) for n, ex in data.splits.items()}, 32, AuditConfig())
     trunc = report["truncation"]["splits"]
     assert sum(s["truncated"] for s in trunc.values()) == 5
     assert all(s["max_tokens"] <= 43 for s in trunc.values())

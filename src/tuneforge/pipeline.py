@@ -55,7 +55,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     from tuneforge.models.resolve import describe, resolve_model
     from tuneforge.tasks.classification import LabelSpace
     from tuneforge.training import cost
-    from tuneforge.training.loop import TrainData, epochs_for, plan_steps, train
+    from tuneforge.training.loop import TrainData, epochs_for, patience_for, plan_steps, train
     from tuneforge.training.precision import resolve_precision
 
     # under torchrun / accelerate launch every process runs this; only rank 0 talks and writes
@@ -75,13 +75,13 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     tokenizer = load_tokenizer(model_dir)
     space = LabelSpace(tuple(data.labels), cfg.task.multi_label, cfg.task.threshold)
     with _stage(durations, "audit"):
-        audit_report = audit_data(cfg, data, tokenizer, console)
+        audit_report, max_length, max_length_why = audit_data(cfg, data, tokenizer, model_dir, console)
     check_audit(audit_report)
     console.print(f"[bold]data[/] {len(splits.train)} train / {len(splits.val)} validation / {len(splits.test)} test rows, "
                   f"{len(space.labels)} labels; {_groups_phrase(data.report)}; removed "
                   f"{sum(data.report['removed_counts'].values())} rows {data.report['removed_counts'] or ''}")
     with _stage(durations, "tokenize"):
-        ids = {name: encode(tokenizer, ex.texts, cfg.model.max_length) for name, ex in splits.items()}
+        ids = {name: encode(tokenizer, ex.texts, max_length) for name, ex in splits.items()}
         y = {name: space.encode(ex.labels) for name, ex in splits.items()}
 
     device = resolve_device("auto")
@@ -121,6 +121,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     model = apply_method(model, cfg.train)
     per_epoch, total, eval_every = plan_steps(len(ids["train"]), cfg.train, accelerator.num_processes)
     epochs = epochs_for(len(ids["train"]), cfg.train, accelerator.num_processes)
+    patience = patience_for(cfg.train, per_epoch, eval_every)
     with _stage(durations, "estimate"):
         est = cost.estimate(model, ids["train"], y["train"], batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                             group_by_length=cfg.train.group_by_length, total_steps=total, grad_accum=cfg.train.grad_accum,
@@ -130,7 +131,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     epochs_why = "train.epochs" if cfg.train.epochs is not None else \
         f"by data size: ~{cfg.train.target_steps} steps, at most {cfg.train.max_auto_epochs:g} epochs"
     console.print(f"[bold]plan[/] {epochs:g} epochs ({epochs_why}) = {total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}, "
-                  f"validation every {eval_every} steps, early stopping after {cfg.train.early_stopping_patience} without gain")
+                  f"validation every {eval_every} steps, early stopping after {patience or 'no'} evaluations without gain; "
+                  f"max_length {max_length} ({max_length_why})")
     console.print(f"[bold]estimate[/] whole run {_fmt_s(est['seconds_total'])}: spent so far {_fmt_s(est['seconds_so_far'])} "
                   f"(data, audit, baselines) + training {_fmt_s(est['seconds_train'])} + evaluation {_fmt_s(est['seconds_eval'])} "
                   f"+ export and report {_fmt_s(est['seconds_export_and_report'])} ({est['trainable_parameters'] / 1e6:.1f}M trainable); "
@@ -152,7 +154,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         staging = out / "model.tmp"
         raw = accelerator.unwrap_model(model)
         export_model(raw, tokenizer, staging)
-        _record_settings(staging, SETTINGS_KEY, {"threshold": cfg.task.threshold, "max_length": cfg.model.max_length})
+        _record_settings(staging, SETTINGS_KEY, {"threshold": cfg.task.threshold, "max_length": max_length})
         artifacts.replace_dir(staging, out / "model")
     with _stage(durations, "evaluate"):
         predictor = Predictor.load(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
@@ -171,7 +173,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         "data": {"files": data.report["files"], "splits": {k: v["sha256"] for k, v in data.report["splits"].items()}},
         "model": {"reference": cfg.model.name, "path": str(model_dir), **info},
         "seed": {"split": cfg.data.seed, "train": cfg.train.seed},
-        "precision": precision, "resolved": {"train.epochs": epochs, "total_steps": total, "eval_every": eval_every},
+        "precision": precision, "resolved": {"train.epochs": epochs, "model.max_length": max_length, "total_steps": total,
+                                          "eval_every": eval_every, "train.early_stopping_patience": patience},
         "hardware": artifacts.hardware(), "versions": artifacts.library_versions(),
         "durations_s": durations, "resumed": resume, "steps": result.steps,
     }
@@ -199,17 +202,22 @@ def audit_only(cfg: RunConfig, console: Console) -> dict:
     from tuneforge.models.resolve import resolve_model
 
     data = prepare_data(cfg.data, cfg.task, cfg.eval.slices, cfg.audit.near_duplicate_threshold)
-    return audit_data(cfg, data, load_tokenizer(resolve_model(cfg.model.name)), console)
+    model_dir = resolve_model(cfg.model.name)
+    return audit_data(cfg, data, load_tokenizer(model_dir), model_dir, console)[0]
 
 
-def audit_data(cfg: RunConfig, data, tokenizer, console: Console) -> dict:
-    """Run the audit and print its summary."""
+def audit_data(cfg: RunConfig, data, tokenizer, model_dir: Path, console: Console) -> tuple[dict, int, str]:
+    """Run the audit and print its summary; (report, max_length, why): the token lengths it measures also
+    settle model.max_length when the config leaves it to the data."""
     from tuneforge.data.audit import audit
+    from tuneforge.models.infer import resolve_max_length, token_lengths
 
-    report = audit(data.splits, data.report["removed"], cfg.task.multi_label, tokenizer, cfg.model.max_length,
+    lengths = {name: token_lengths(tokenizer, ex.texts) for name, ex in data.splits.items()}
+    max_length, why = resolve_max_length(cfg.model.max_length, lengths["train"], tokenizer, model_dir)
+    report = audit(data.splits, data.report["removed"], cfg.task.multi_label, lengths, max_length,
                    cfg.audit, seed=cfg.data.seed, duplicates_graph=data.duplicates)
     _print_audit(console, report)
-    return report
+    return report, max_length, why
 
 
 def check_audit(report: dict) -> None:

@@ -89,11 +89,11 @@ def duplicates_and_leakage(splits: Splits, cfg: AuditConfig, graph: DuplicateGra
     return duplicates, leakage
 
 
-def truncation(splits: Splits, tokenizer, max_length: int) -> dict:
+def truncation(splits: Splits, token_lengths: dict[str, np.ndarray], max_length: int) -> dict:
+    """`token_lengths`: each split's tokens per row before truncation."""
     out, sev = {}, "info"
     for name, ex in splits.items():
-        lengths = np.array([len(x) for x in tokenizer(ex.texts, truncation=False, verbose=False)["input_ids"]]) \
-            if len(ex) else np.zeros(0, dtype=int)
+        lengths = np.asarray(token_lengths[name], dtype=np.int64)
         over = lengths > max_length
         lost = (lengths[over] - max_length) if over.any() else np.zeros(0)
         out[name] = {"rows": int(len(lengths)), "truncated": int(over.sum()),
@@ -160,14 +160,15 @@ def outliers(splits: Splits) -> dict:
     return {"severity": "warning" if rows else "info", "rows": rows, "median_chars": median}
 
 
-def audit(splits: Splits, removed: list[dict], multi_label: bool, tokenizer, max_length: int,
-          cfg: AuditConfig, seed: int = 0, duplicates_graph: DuplicateGraph | None = None) -> dict:
+def audit(splits: Splits, removed: list[dict], multi_label: bool, token_lengths: dict[str, np.ndarray] | None,
+          max_length: int, cfg: AuditConfig, seed: int = 0, duplicates_graph: DuplicateGraph | None = None) -> dict:
+    """`token_lengths`: tokens per row of each split before truncation (None: the truncation check is skipped)."""
     duplicates, leakage = duplicates_and_leakage(splits, cfg, duplicates_graph)
     report = {
         "leakage": leakage,
         "duplicates": duplicates,
         "label_issues": label_issues(splits, multi_label, cfg, seed),
-        "truncation": truncation(splits, tokenizer, max_length) if tokenizer is not None else
+        "truncation": truncation(splits, token_lengths, max_length) if token_lengths is not None else
         {"severity": "info", "skipped": "no tokenizer"},
         "class_balance": class_balance(splits, multi_label, cfg),
         "outliers": outliers(splits),

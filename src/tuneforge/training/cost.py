@@ -16,7 +16,7 @@ from tuneforge.models.infer import autocast
 from tuneforge.training.loop import TrainData, make_batches, training_batch
 
 _INFER_SHARE = 1 / 3  # a forward pass is about a third of forward+backward
-_TAIL_SECONDS = 4.0  # report (matplotlib plots) and model card, measured here: 3-5 s
+_TAIL_SECONDS = 1.5  # reload, report (matplotlib plots) and model card, measured here: 0.4-1 s
 _DISK_BYTES_PER_SECOND = 100e6  # export writes fp32 weights, the final evaluation reads them back
 
 
@@ -48,9 +48,22 @@ def _forward_seconds(model, ids, targets, idx, pad_id, device) -> float:
     return seconds
 
 
-def estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: int, seed: int, group_by_length: bool,
-             total_steps: int, grad_accum: int, eval_rows_tokens: int, n_evals: int, infer_tokens: int,
-             pad_id: int, precision: str, seconds_so_far: float = 0.0) -> dict:
+def estimate(model, *args, **kwargs) -> dict:
+    """`_estimate`, leaving the random state as it found it: the warm-up's dropout draws must not change
+    the training that follows (the same seed trains the same model whether or not it was estimated)."""
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        return _estimate(model, *args, **kwargs)
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: int, seed: int, group_by_length: bool,
+              total_steps: int, grad_accum: int, eval_rows_tokens: int, n_evals: int, infer_tokens: int,
+              pad_id: int, precision: str, seconds_so_far: float = 0.0) -> dict:
     """Estimated seconds and peak memory of the whole run; `model` is left with zero gradients.
 
     Parts: what the run has spent already (data, audit, baselines: measured), training (warm-up steps
@@ -59,20 +72,30 @@ def estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: in
     device = next(model.parameters()).device
     lengths = np.array([len(x) for x in ids])
     batches = make_batches(lengths.tolist(), batch_size, seed, 0, group_by_length)
-    padded = np.array([len(b) * lengths[b].max() for b in batches])
-    steps_tokens = padded.mean() * grad_accum * total_steps  # padded tokens the planned steps will see
-    largest = batches[int(padded.argmax())]
-    typical = batches[int(np.argsort(padded)[len(padded) // 2])]
+    widths = np.array([lengths[b].max() for b in batches])
+    padded = np.array([len(b) for b in batches]) * widths
+    largest = int(padded.argmax())
+    typical = int(np.argsort(padded)[len(padded) // 2])
+    by_width = np.argsort(widths, kind="stable")
+    probes = sorted({typical, int(by_width[int(0.9 * (len(by_width) - 1))]), int(by_width[-1])}, key=lambda k: widths[k])
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    _fwd_bwd(model, ids, targets, largest, pad_id, device, precision)  # also warms up kernels
-    per_token = min(_fwd_bwd(model, ids, targets, typical, pad_id, device, precision) for _ in range(2))
-    per_token /= len(typical) * lengths[typical].max()
+
+    def per_token_of(k: int, repeats: int) -> float:
+        return min(_fwd_bwd(model, ids, targets, batches[k], pad_id, device, precision) for _ in range(repeats)) / padded[k]
+
+    per_token_of(largest, 1)  # warms up the kernels, and sets the peak memory
+    # a token costs more in a wider batch (attention; measured on MiniLM here, bf16: 145 us at width 32, 437 at
+    # 256, 780 at 448), so the cost is measured at the median, 90th-percentile and widest batch and interpolated
+    measured = [(float(widths[k]), per_token_of(k, 2)) for k in probes]
     model.zero_grad(set_to_none=True)
-    per_token_fp32_infer = min(_forward_seconds(model, ids, targets, typical, pad_id, device) for _ in range(2)) \
-        / (len(typical) * lengths[typical].max())
+    per_token = dict(zip(probes, (c for _, c in measured)))[typical]
+    per_token_at = np.interp(widths, [w for w, _ in measured], [c for _, c in measured])
+    steps_seconds = float((padded * per_token_at).mean()) * grad_accum * total_steps
+    per_token_fp32_infer = min(_forward_seconds(model, ids, targets, batches[typical], pad_id, device)
+                               for _ in range(2)) / padded[typical]
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer_bytes = 2 * 4 * trainable  # AdamW keeps two fp32 moments per trainable weight
@@ -80,7 +103,7 @@ def estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: in
         peak = torch.cuda.max_memory_allocated() + optimizer_bytes
     else:
         peak = _rss_bytes() + optimizer_bytes
-    train_s = per_token * steps_tokens * 1.05  # + optimizer steps
+    train_s = steps_seconds * 1.05  # + optimizer steps
     eval_s = per_token * _INFER_SHARE * eval_rows_tokens * n_evals + per_token_fp32_infer * infer_tokens
     tail_s = _TAIL_SECONDS + 4 * sum(p.numel() for p in model.parameters()) / _DISK_BYTES_PER_SECOND
     return {"seconds_so_far": float(seconds_so_far), "seconds_train": float(train_s), "seconds_eval": float(eval_s),

@@ -80,6 +80,13 @@ def epochs_for(n_rows: int, cfg: TrainConfig, world: int = 1) -> float:
     return float(min(cfg.max_auto_epochs, max(1, math.ceil(cfg.target_steps / per_epoch))))
 
 
+def patience_for(cfg: TrainConfig, per_epoch: int, eval_every: int) -> int:
+    """train.early_stopping_patience, or (when null) the evaluations in two epochs, at least 3."""
+    if cfg.early_stopping_patience is not None:
+        return cfg.early_stopping_patience
+    return max(3, math.ceil(2 * per_epoch / eval_every))
+
+
 def plan_steps(n_rows: int, cfg: TrainConfig, world: int = 1) -> tuple[int, int, int]:
     """(steps per epoch, total steps, evaluate every N steps)."""
     batches = max(1, math.ceil(n_rows / cfg.batch_size) // world)
@@ -131,7 +138,7 @@ def train(model, train_data: TrainData, val_data: TrainData, space: LabelSpace, 
     """Train `model` in place; on return it holds the best weights by the validation metric."""
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch, total, eval_every = plan_steps(len(train_data.ids), cfg, world)
-    ckpt_every = cfg.checkpoint_every or eval_every
+    patience = patience_for(cfg, per_epoch, eval_every)
     optimizer, scheduler = build_optimizer(model, cfg, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
@@ -146,7 +153,23 @@ def train(model, train_data: TrainData, val_data: TrainData, space: LabelSpace, 
         load_trainable_state(raw, state)
     lengths = [len(x) for x in train_data.ids]
 
+    last_checkpoint = time.monotonic()
+
+    def checkpoint_due(evaluated: bool) -> bool:
+        if cfg.checkpoint_every:
+            return c["step"] % cfg.checkpoint_every == 0
+        if not evaluated:
+            return False
+        due = time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_minutes
+        if world > 1:  # every process must take the same decision (saving waits for all): rank 0's clock decides
+            from accelerate.utils import broadcast
+
+            due = bool(broadcast(torch.tensor([int(due)], device=device), from_process=0).item())
+        return due
+
     def checkpoint() -> None:
+        nonlocal last_checkpoint
+        last_checkpoint = time.monotonic()
         if accelerator.is_main_process:
             save_checkpoint(checkpoint_dir, trainable=trainable_state(raw), best=best, optimizer=optimizer,
                             scheduler=scheduler, counters=c)
@@ -167,7 +190,7 @@ def train(model, train_data: TrainData, val_data: TrainData, space: LabelSpace, 
             c["bad_evals"] += 1
         if progress:
             progress(c["step"], total, row)
-        return bool(cfg.early_stopping_patience) and c["bad_evals"] >= cfg.early_stopping_patience
+        return bool(patience) and c["bad_evals"] >= patience
 
     stopped_early = False
     try:
@@ -195,10 +218,11 @@ def train(model, train_data: TrainData, val_data: TrainData, space: LabelSpace, 
                 c["batch_pos"] = pos + cfg.grad_accum
                 if progress:
                     progress(c["step"], total, None)
-                if c["step"] % eval_every == 0 or c["step"] == total:
+                evaluated = c["step"] % eval_every == 0 or c["step"] == total
+                if evaluated:
                     stopped_early = run_eval()
                     set_train_mode(raw)
-                if c["step"] % ckpt_every == 0 or c["step"] == total or stopped_early:
+                if checkpoint_due(evaluated) or c["step"] == total or stopped_early:
                     checkpoint()
                 if c["step"] >= total or stopped_early:
                     break
