@@ -59,7 +59,12 @@ def test_quick_start_then_predict_then_refuse_to_clobber(capsys, tmp_path, write
     assert main(["predict", str(tmp_path / "out"), "--text", "good great film", "--text", "awful", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [l["text"] for l in lines] == ["good great film", "awful"]
-    assert all(abs(sum(l["probabilities"].values()) - 1) < 1e-5 and l["label"] in ("pos", "neg") for l in lines)
+    assert all(abs(sum(l["probabilities"].values()) - 1) < 1e-5 for l in lines)
+    assert all(l["label"] == max(l["probabilities"], key=l["probabilities"].get) for l in lines)
+    from tuneforge.models.predictor import Predictor
+
+    direct = Predictor.load(tmp_path / "out" / "model").predict(["good great film", "awful"])
+    assert [l["label"] for l in lines] == [r["label"] for r in direct]
 
     texts = tmp_path / "texts.txt"
     texts.write_text("lovely moving\n\nboring flat\n")

@@ -1,8 +1,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tuneforge.config import RunConfig, load_config, parse_config
+from tuneforge.config import dump_config, load_config, parse_config
 from tuneforge.errors import ConfigError
 
 EXAMPLES = sorted(Path(__file__).resolve().parents[1].joinpath("examples").glob("*.yaml"))
@@ -11,7 +12,7 @@ EXAMPLES = sorted(Path(__file__).resolve().parents[1].joinpath("examples").glob(
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_every_shipped_example_validates_and_names_its_command(path):
     cfg = load_config(path)
-    assert isinstance(cfg, RunConfig)
+    assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg  # the saved config.yaml reads back the same
     assert path.read_text().splitlines()[0].startswith("# tuneforge ")
 
 
