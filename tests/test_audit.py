@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from tuneforge.cli import main
-from tuneforge.config import AuditConfig, DataConfig, TaskConfig
+from tuneforge.config import AuditConfig, DataConfig, ClassificationTaskConfig
 from tuneforge.data.audit import audit
 from tuneforge.data.neardup import near_pairs, normalise
 from tuneforge.data.prepare import prepare_data
@@ -49,7 +49,7 @@ def injected(tmp_path):
 
 def _audit(tmp_path, tokenizer=None, dedupe="exact", **audit_cfg):
     cfg = DataConfig(path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"), dedupe=dedupe)
-    data = prepare_data(cfg, TaskConfig())
+    data = prepare_data(cfg, ClassificationTaskConfig())
     return audit(data.splits, data.report["removed"], False, tokenizer, 32, AuditConfig(**audit_cfg))
 
 
@@ -111,7 +111,7 @@ def test_truncation_class_balance_and_outliers(tmp_path, tiny_model_dir):
     rows = [{"text": " ".join(["good"] * (40 if i < 5 else 4)) + f" {i}", "label": "pos" if i % 10 else "neg"} for i in range(100)]
     rows.append({"text": "$$$ ### 123 456 !!!", "label": "pos"})
     pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
-    data = prepare_data(DataConfig(path=str(tmp_path / "d.csv")), TaskConfig())
+    data = prepare_data(DataConfig(path=str(tmp_path / "d.csv")), ClassificationTaskConfig())
     from tuneforge.models.infer import token_lengths
 
     tok = load_tokenizer(tiny_model_dir)

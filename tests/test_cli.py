@@ -61,7 +61,7 @@ def test_quick_start_then_predict_then_refuse_to_clobber(capsys, tmp_path, write
     assert [l["text"] for l in lines] == ["good great film", "awful"]
     assert all(abs(sum(l["probabilities"].values()) - 1) < 1e-5 for l in lines)
     assert all(l["label"] == max(l["probabilities"], key=l["probabilities"].get) for l in lines)
-    from tuneforge.models.predictor import Predictor
+    from tuneforge.tasks.classification.predictor import Predictor
 
     direct = Predictor.load(tmp_path / "out" / "model").predict(["good great film", "awful"])
     assert [l["label"] for l in lines] == [r["label"] for r in direct]

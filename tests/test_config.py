@@ -60,3 +60,26 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_each_task_owns_its_section_and_a_key_of_another_task_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key 'task.multi_label'.*Valid keys here: type, scheme, strict, stride"):
+        parse_config({"data": {"path": "x.csv"}, "task": {"type": "token-classification", "multi_label": True}})
+    with pytest.raises(ConfigError, match=r"'vision' .*'text-classification', 'token-classification'"):
+        parse_config({"data": {"path": "x.csv"}, "task": {"type": "vision"}})
+    assert parse_config({"data": {"path": "x.csv"}, "task": {"multi_label": True}}).task.type == "text-classification"
+    assert parse_config({"data": {"path": "x.csv"}, "task": "token-classification"}).task.strict is False
+
+
+def test_the_task_registry_resolves_names_and_fails_loudly_on_a_bad_entry(monkeypatch):
+    from tuneforge import tasks
+
+    assert tasks.get_task("text-classification").model_class == "AutoModelForSequenceClassification"
+    with pytest.raises(ConfigError, match="must be one of: text-classification"):
+        tasks.get_task("vision")
+    monkeypatch.setitem(tasks.TASKS, "broken", "tuneforge.tasks.classification:TASK")  # registered under another name
+    with pytest.raises(RuntimeError, match="'broken' -> tuneforge.tasks.classification:TASK is broken"):
+        tasks.get_task("broken")
+    monkeypatch.setitem(tasks.TASKS, "missing", "tuneforge.errors:ConfigError")  # lacks the interface
+    with pytest.raises(RuntimeError, match="missing \\['name'"):
+        tasks.get_task("missing")

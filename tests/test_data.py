@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from tuneforge.config import DataConfig, TaskConfig
+from tuneforge.config import DataConfig, ClassificationTaskConfig
 from tuneforge.data.load import read_table
 from tuneforge.data.prepare import prepare_data
 from tuneforge.data.split import content_hash
@@ -13,7 +13,7 @@ from conftest import make_rows
 
 
 def _prepare(path, multi_label=False, **data):
-    return prepare_data(DataConfig(path=str(path), **data), TaskConfig(multi_label=multi_label))
+    return prepare_data(DataConfig(path=str(path), **data), ClassificationTaskConfig(multi_label=multi_label))
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet", "csv.gz"])

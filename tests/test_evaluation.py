@@ -8,9 +8,9 @@ import yaml
 from scipy.stats import binomtest
 
 from tuneforge.config import parse_config
-from tuneforge.evaluation.evaluate import gate
-from tuneforge.evaluation.stats import calibration, mcnemar, paired_bootstrap, slice_metrics
-from tuneforge.tasks.classification import LabelSpace
+from tuneforge.tasks.classification.evaluate import gate
+from tuneforge.tasks.classification.stats import calibration, mcnemar, paired_bootstrap, slice_metrics
+from tuneforge.tasks.classification.labels import LabelSpace
 
 SPACE = LabelSpace(("a", "b"), False)
 

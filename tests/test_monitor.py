@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from tuneforge.cli import main
 from tuneforge.errors import TuneforgeError
-from tuneforge.serving.app import ServeSettings, classification_predictor, create_app
+from tuneforge.serving.app import ServeSettings, run_predictor, create_app
 from tuneforge.serving.monitor import RequestLog, load_reference
 
 
@@ -53,7 +53,7 @@ def test_serving_logs_to_postgresql_and_monitor_reads_it(served_run, postgres_ur
     assert n == load_reference(served_run)["n"] and 2 * n >= settings.drift_min_rows
     texts = reference_texts * 2  # the reference traffic itself, twice: the same distribution, no drift
     long_texts = [" ".join([t] * 12) for t in reference_texts]  # inputs twelve times as long: drift on length
-    with TestClient(create_app(settings, classification_predictor(served_run), load_reference(served_run))) as c:
+    with TestClient(create_app(settings, run_predictor(served_run), load_reference(served_run))) as c:
         for i in range(0, len(texts), 10):
             assert c.post("/v1/predict", json={"texts": texts[i:i + 10]}).status_code == 200
         unshifted = c.get("/v1/monitor").json()
@@ -90,7 +90,8 @@ def test_unknown_log_url_scheme_is_refused(tmp_path):
 
 
 def test_multi_label_drift_follows_each_labels_rate():
-    from tuneforge.serving.monitor import NO_LABEL, drift_report, profile
+    from tuneforge.drift import NO_LABEL, profile
+    from tuneforge.serving.monitor import drift_report
 
     names = ["billing", "bug", "praise", NO_LABEL]
     mix = ["billing"] * 30 + ["billing,bug"] * 30 + ["praise"] * 20 + [""] * 20

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from tuneforge.config import parse_config
-from tuneforge.models.predictor import Predictor
+from tuneforge.tasks.classification.predictor import Predictor
 from tuneforge.pipeline import run
 from tuneforge.training import loop
 

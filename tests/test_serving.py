@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tuneforge.serving.app import ServeSettings, classification_predictor, create_app, require_promoted
+from tuneforge.serving.app import ServeSettings, run_predictor, create_app, require_promoted
 from tuneforge.serving.batcher import MicroBatcher
 from tuneforge.serving.monitor import load_reference
 
@@ -25,7 +25,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def _client(run_dir, tmp_path, **overrides):
     settings = ServeSettings(run_dir=run_dir, api_key=KEY, monitor_url=f"sqlite:///{tmp_path / 'log.sqlite'}",
                              drift_min_rows=20, **overrides)
-    return TestClient(create_app(settings, classification_predictor(run_dir), reference=load_reference(run_dir)))
+    return TestClient(create_app(settings, run_predictor(run_dir), reference=load_reference(run_dir)))
 
 
 def test_endpoints_auth_and_predictions(served_run, tmp_path):
@@ -39,7 +39,7 @@ def test_endpoints_auth_and_predictions(served_run, tmp_path):
         assert r.status_code == 200
         preds = r.json()["predictions"]
     # the served answers are the run's model's, row for row (the predictor loaded directly, no server)
-    from tuneforge.models.predictor import Predictor
+    from tuneforge.tasks.classification.predictor import Predictor
 
     expected = Predictor.load(served_run / "model").predict(texts)
     assert [p["label"] for p in preds] == [e["label"] for e in expected]
@@ -328,7 +328,7 @@ def test_real_server_process_answers_concurrent_requests(served_run, tmp_path):
             pytest.fail("server did not become ready: " + proc.stdout.read1().decode())
 
         from conftest import make_rows
-        from tuneforge.models.predictor import Predictor
+        from tuneforge.tasks.classification.predictor import Predictor
 
         texts = [r["text"] for r in make_rows(128, seed=11)]
 
@@ -356,7 +356,7 @@ def test_real_server_process_answers_concurrent_requests(served_run, tmp_path):
 
 def test_predictor_in_bf16_agrees_with_fp32(served_run):
     from conftest import make_rows
-    from tuneforge.models.predictor import Predictor
+    from tuneforge.tasks.classification.predictor import Predictor
 
     texts = [r["text"] for r in make_rows(40, seed=7)]
     fp32 = Predictor.load(served_run / "model").probabilities(texts)

@@ -5,7 +5,7 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from tuneforge.config import AuditConfig, DataConfig, TaskConfig
+from tuneforge.config import AuditConfig, DataConfig, ClassificationTaskConfig
 from tuneforge.data.audit import audit
 from tuneforge.data.prepare import prepare_data
 
@@ -38,7 +38,7 @@ def _split_of_rows(data) -> dict[int, str]:
 
 
 def _prepare(path, seed=42, **data):
-    return prepare_data(DataConfig(path=str(path), seed=seed, dedupe="exact", **data), TaskConfig())
+    return prepare_data(DataConfig(path=str(path), seed=seed, dedupe="exact", **data), ClassificationTaskConfig())
 
 
 def test_no_family_straddles_two_splits_and_labels_stay_stratified(tmp_path):
@@ -120,6 +120,6 @@ def test_a_user_supplied_test_file_that_leaks_stays_blocking(tmp_path):
 def test_tiny_data_still_holds_rows_out(tmp_path, multi_label):
     rows = [{"text": f"w{i} w{i + 1} w{i + 2}", "label": ["a", "b"][i % 2]} for i in range(0, 60, 3)]
     pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
-    data = prepare_data(DataConfig(path=str(tmp_path / "t.csv")), TaskConfig(multi_label=multi_label))
+    data = prepare_data(DataConfig(path=str(tmp_path / "t.csv")), ClassificationTaskConfig(multi_label=multi_label))
     assert all(len(ex) > 0 for _, ex in data.splits.items())
     assert sum(len(ex) for _, ex in data.splits.items()) == len(rows)

@@ -12,6 +12,7 @@ from tuneforge.errors import OutputError
 
 CHECKPOINT = "checkpoint"
 FINISHED_MARKER = "run.json"
+SETTINGS_KEY = "tuneforge"  # extra block in model/config.json: the task's settings (max_length, ...); transformers ignores it
 
 
 def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:

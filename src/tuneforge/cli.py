@@ -210,7 +210,7 @@ def cmd_predict(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tuneforge.models.predictor import Predictor
+    from tuneforge.tasks.classification.predictor import Predictor
 
     out = Path(args.output)
     model_dir = out / "model" if (out / "model").is_dir() else out
@@ -250,8 +250,8 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from tuneforge.errors import ConfigError
-    from tuneforge.models.predictor import resolve_device
-    from tuneforge.serving.app import ServeSettings, classification_predictor, create_app, require_promoted
+    from tuneforge.models.device import resolve_device
+    from tuneforge.serving.app import ServeSettings, run_predictor, create_app, require_promoted
     from tuneforge.serving.monitor import RequestLog, load_reference, log_url
 
     out = Path(args.output)
@@ -265,7 +265,7 @@ def cmd_serve(args) -> int:
                              max_wait_ms=args.max_wait_ms, max_texts=args.max_texts, max_chars=args.max_chars,
                              monitor_url=args.monitor_url, log_text=args.log_text)
     RequestLog(log_url(out, settings.monitor_url)).close()  # a bad URL fails here, before the server starts
-    app = create_app(settings, classification_predictor(out, device, args.precision), reference=load_reference(out))
+    app = create_app(settings, run_predictor(out, device, args.precision), reference=load_reference(out))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -274,7 +274,8 @@ def cmd_monitor(args) -> int:
     import json
 
     from tuneforge.errors import OutputError
-    from tuneforge.serving.monitor import DEFAULT_THRESHOLDS, RequestLog, drift_report, load_reference, log_url
+    from tuneforge.drift import DEFAULT_THRESHOLDS
+    from tuneforge.serving.monitor import RequestLog, drift_report, load_reference, log_url
 
     out = Path(args.output)
     url = log_url(out, args.monitor_url)
@@ -290,7 +291,7 @@ def cmd_models(args) -> int:
 
     from tuneforge.models.resolve import describe, installed_models, resolve_model
     from tuneforge.training.cost import matmul_flops, seconds_per_1k_examples
-    from tuneforge.training.precision import cpu_has_fast_bf16
+    from tuneforge.models.device import cpu_has_fast_bf16
 
     found = installed_models() + [{"name": p, "path": str(resolve_model(p))} for p in args.path]
     precision = "bf16" if cpu_has_fast_bf16() else "fp32"

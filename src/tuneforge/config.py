@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -43,10 +43,24 @@ class DataConfig(_Section):
     seed: int = Field(42, description="Seed of the split (kept apart from the training seed so the test split stays frozen).")
 
 
-class TaskConfig(_Section):
+class ClassificationTaskConfig(_Section):
+    """task.type: text-classification: one label (or several) per text."""
     type: Literal["text-classification"] = "text-classification"
     multi_label: bool = Field(False, description="Each row may carry several labels (sigmoid head).")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Multi-label: probability above which a label is predicted.")
+
+
+class TokenClassificationTaskConfig(_Section):
+    """task.type: token-classification: one tag per word (entities, clauses, parties)."""
+    type: Literal["token-classification"]
+    scheme: Literal["auto", "bio", "iob1", "io", "bioes"] = Field(
+        "auto", description="Tag scheme of the files (read and normalised to BIO); auto detects it.")
+    strict: bool = Field(False, description="An invalid transition (I-X after O) is an error instead of being repaired and reported.")
+    stride: int = Field(32, ge=0, description="Sub-words two windows share when a sentence is longer than max_length.")
+
+
+TASK_CONFIGS = {c.model_fields["type"].annotation.__args__[0]: c for c in (ClassificationTaskConfig, TokenClassificationTaskConfig)}
+TaskConfig = Annotated[Union[ClassificationTaskConfig, TokenClassificationTaskConfig], Field(discriminator="type")]
 
 
 class ModelConfig(_Section):
@@ -148,7 +162,7 @@ class OutputConfig(_Section):
 
 
 class RunConfig(_Section):
-    task: TaskConfig = Field(default_factory=TaskConfig)
+    task: TaskConfig = Field(default_factory=ClassificationTaskConfig)
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -159,9 +173,11 @@ class RunConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _task_shorthand(cls, values: Any) -> Any:
-        # `task: text-classification` is accepted for `task: {type: text-classification}`.
+        # `task: text-classification` is accepted for `task: {type: text-classification}`; no type = that one
         if isinstance(values, dict) and isinstance(values.get("task"), str):
             values = {**values, "task": {"type": values["task"]}}
+        if isinstance(values, dict) and isinstance(values.get("task"), dict) and "type" not in values["task"]:
+            values = {**values, "task": {"type": "text-classification", **values["task"]}}
         return values
 
     @model_validator(mode="after")
@@ -186,7 +202,12 @@ def _section_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
+        if part in TASK_CONFIGS:  # the discriminated task section: pydantic names the tag in the location
+            model = TASK_CONFIGS[part]
+            continue
         field = model.model_fields.get(part)
+        if model is RunConfig and part == "task":
+            continue  # a union: the next part of the location names the task's section
         if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
             return []
         model = field.annotation
@@ -197,7 +218,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = ".".join(str(p) for p in loc if p not in TASK_CONFIGS) or "(top level)"
         if e["type"] == "extra_forbidden":
             valid = _section_fields(RunConfig, loc)
             near = difflib.get_close_matches(str(loc[-1]), valid, n=1)

@@ -10,7 +10,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -18,7 +17,7 @@ from rich.table import Table
 from tuneforge import artifacts
 from tuneforge.config import RunConfig, dump_config, parse_config
 from tuneforge.errors import OutputError
-from tuneforge.data.prepare import prepare_data
+from tuneforge.drift import PROFILE_FILE
 
 
 @contextmanager
@@ -48,15 +47,13 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     """Run the whole job; returns the content of metrics.json. Raises TuneforgeError on bad input."""
     from accelerate import Accelerator
 
-    from tuneforge.evaluation import baseline_predictions, evaluate_all
-    from tuneforge.models.infer import encode, mean_pooled, pad_id_of
-    from tuneforge.models.load import apply_method, export_model, load_classifier, load_tokenizer
-    from tuneforge.models.predictor import SETTINGS_KEY, Predictor, resolve_device
+    from tuneforge.models.device import resolve_device, resolve_precision
+    from tuneforge.models.infer import pad_id_of
+    from tuneforge.models.load import apply_method, export_model, load_tokenizer
     from tuneforge.models.resolve import describe, resolve_model
-    from tuneforge.tasks.classification import LabelSpace
+    from tuneforge.tasks import get_task
     from tuneforge.training import cost
     from tuneforge.training.loop import TrainData, epochs_for, patience_for, plan_steps, train
-    from tuneforge.training.precision import resolve_precision
 
     # under torchrun / accelerate launch every process runs this; only rank 0 talks and writes
     console = console or Console(quiet=int(os.environ.get("RANK", "0")) != 0)
@@ -68,27 +65,28 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     artifacts.check_output_dir(out, resume=resume, overwrite=cfg.output.overwrite)
     if resume:
         _check_resume_config(out, cfg)
+    task = get_task(cfg.task.type)
     with _stage(durations, "data"):
-        data = prepare_data(cfg.data, cfg.task, cfg.eval.slices, cfg.audit.near_duplicate_threshold)
+        data = task.prepare(cfg)
     splits = data.splits
     model_dir = resolve_model(cfg.model.name)
     tokenizer = load_tokenizer(model_dir)
-    space = LabelSpace(tuple(data.labels), cfg.task.multi_label, cfg.task.threshold)
+    space = task.label_space(cfg, data)
     with _stage(durations, "audit"):
         audit_report, max_length, max_length_why = audit_data(cfg, data, tokenizer, model_dir, console)
     check_audit(audit_report)
     console.print(f"[bold]data[/] {len(splits.train)} train / {len(splits.val)} validation / {len(splits.test)} test rows, "
-                  f"{len(space.labels)} labels; {_groups_phrase(data.report)}; removed "
+                  f"{task.describe_space(space)}; {_groups_phrase(data.report)}; removed "
                   f"{sum(data.report['removed_counts'].values())} rows {data.report['removed_counts'] or ''}")
     with _stage(durations, "tokenize"):
-        ids = {name: encode(tokenizer, ex.texts, max_length) for name, ex in splits.items()}
-        y = {name: space.encode(ex.labels) for name, ex in splits.items()}
+        ids = task.encode(tokenizer, splits, max_length)
+        y = task.targets(space, splits)
 
     device = resolve_device("auto")
     precision, why = resolve_precision(cfg.train.precision, device)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu")
     with _stage(durations, "load_model"):
-        model = load_classifier(model_dir, space, cfg.train.seed)
+        model = task.load_model(model_dir, space, cfg.train.seed)
     info = describe(model_dir)
     method = cfg.train.method
     if method == "frozen" and info["layers"]:
@@ -106,19 +104,11 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     pad_id = pad_id_of(tokenizer)
     model.to(accelerator.device)
 
-    # --- baselines: the frozen probe on the pre-trained encoder before any weight changes ---
+    # --- baselines, before any weight changes (a probe may use the pre-trained encoder) ---
     with _stage(durations, "baselines"):
-        probe_features = None
-        if "frozen_probe" in cfg.eval.baselines:
-            n = len(ids["train"]) if not cfg.eval.probe_train_rows else min(cfg.eval.probe_train_rows, len(ids["train"]))
-            probe_rows = np.random.default_rng(cfg.train.seed).permutation(len(ids["train"]))[:n]
-            probe_ids = {"train": [ids["train"][i] for i in probe_rows], "val": ids["val"], "test": ids["test"]}
-            probe_features = {k: mean_pooled(model.base_model, v, pad_id, cfg.eval.batch_size, precision)
-                              for k, v in probe_ids.items()}
-            probe_features["train_rows"] = probe_rows
-        baselines = baseline_predictions(space, cfg, splits, y, probe_features)
+        baselines = task.baselines(cfg, space, splits, ids, y, model, pad_id, precision)
 
-    model = apply_method(model, cfg.train)
+    model = apply_method(model, cfg.train, task.peft_task_type)
     per_epoch, total, eval_every = plan_steps(len(ids["train"]), cfg.train, accelerator.num_processes)
     epochs = epochs_for(len(ids["train"]), cfg.train, accelerator.num_processes)
     patience = patience_for(cfg.train, per_epoch, eval_every)
@@ -140,7 +130,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
 
     # --- train ---
     with _stage(durations, "train"), _progress(console) as progress:
-        result = train(model, TrainData(ids["train"], y["train"]), TrainData(ids["val"], y["val"]), space, cfg.train, cfg.eval,
+        validate = task.validator(cfg, space, ids["val"], y["val"], pad_id, precision)
+        result = train(model, TrainData(ids["train"], y["train"]), validate, cfg.train, cfg.eval,
                        accelerator=accelerator, precision=precision, pad_id=pad_id,
                        checkpoint_dir=out / artifacts.CHECKPOINT, resume=resume, progress=progress)
     console.print(f"[bold]trained[/] {result.steps} steps, {result.samples_per_second:.1f} samples/s; best validation "
@@ -154,13 +145,12 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         staging = out / "model.tmp"
         raw = accelerator.unwrap_model(model)
         export_model(raw, tokenizer, staging)
-        _record_settings(staging, SETTINGS_KEY, {"threshold": cfg.task.threshold, "max_length": max_length})
+        _record_settings(staging, task.settings(cfg, max_length))
         artifacts.replace_dir(staging, out / "model")
     with _stage(durations, "evaluate"):
-        predictor = Predictor.load(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
-        test_probs = predictor.probabilities(splits.test.texts, cfg.eval.batch_size)
-        metrics = evaluate_all(space, cfg, splits, y, test_probs, baselines)
-        _write_reference_profile(out / "model", predictor, splits.test.texts, test_probs)
+        predictor = task.load_predictor(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
+        metrics, test_outputs = task.evaluate(cfg, space, splits, y, predictor, baselines)
+        artifacts.write_json(out / "model" / PROFILE_FILE, task.reference_profile(predictor, splits.test.texts, test_outputs))
     metrics["validation"] = {"metric": cfg.eval.metric, "best": result.best_metric, "best_step": result.best_step,
                              "history": result.history, "stopped_early": result.stopped_early}
     durations["total"] = round(time.perf_counter() - t_start, 2)
@@ -171,6 +161,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     # --- artifacts; run.json last: its presence marks a finished run ---
     run_info = {
         "data": {"files": data.report["files"], "splits": {k: v["sha256"] for k, v in data.report["splits"].items()}},
+        "task": {"type": task.name, "model_class": task.model_class},
         "model": {"reference": cfg.model.name, "path": str(model_dir), **info},
         "seed": {"split": cfg.data.seed, "train": cfg.train.seed},
         "precision": precision, "resolved": {"train.epochs": epochs, "model.max_length": max_length, "total_steps": total,
@@ -192,7 +183,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     metrics["cost"]["actual"]["seconds_total"] = durations["total"]
     artifacts.write_json(out / "metrics.json", metrics)
     artifacts.write_json(out / artifacts.FINISHED_MARKER, run_info)
-    _print_summary(console, metrics, est, durations, out)
+    _print_summary(console, task, metrics, est, durations, out)
     return metrics
 
 
@@ -201,7 +192,9 @@ def audit_only(cfg: RunConfig, console: Console) -> dict:
     from tuneforge.models.load import load_tokenizer
     from tuneforge.models.resolve import resolve_model
 
-    data = prepare_data(cfg.data, cfg.task, cfg.eval.slices, cfg.audit.near_duplicate_threshold)
+    from tuneforge.tasks import get_task
+
+    data = get_task(cfg.task.type).prepare(cfg)
     model_dir = resolve_model(cfg.model.name)
     return audit_data(cfg, data, load_tokenizer(model_dir), model_dir, console)[0]
 
@@ -251,14 +244,6 @@ def _print_audit(console: Console, report: dict) -> None:
     console.print(table)
 
 
-def _write_reference_profile(model_dir: Path, predictor, texts: list[str], probs: np.ndarray) -> None:
-    """What serving's drift monitor compares live traffic with: the test split as the model saw it."""
-    from tuneforge.serving.monitor import NO_LABEL, PROFILE_FILE, profile_of
-
-    names = list(predictor.space.labels) + ([NO_LABEL] if predictor.space.multi_label else [])
-    artifacts.write_json(model_dir / PROFILE_FILE, profile_of(texts, predictor.results(probs), names))
-
-
 def _groups_phrase(report: dict) -> str:
     g = report["duplicate_groups"]
     if not g["kept_together"]:
@@ -268,12 +253,13 @@ def _groups_phrase(report: dict) -> str:
             f"kept whole {where}")
 
 
-def _record_settings(model_dir: Path, key: str, settings: dict) -> None:
+def _record_settings(model_dir: Path, settings: dict) -> None:
+    """The task's settings for predict and serve, kept under `tuneforge` in config.json (transformers ignores it)."""
     import json
 
     path = model_dir / "config.json"
     cfg = json.loads(path.read_text())
-    cfg[key] = settings
+    cfg[artifacts.SETTINGS_KEY] = settings
     artifacts.write_text(path, json.dumps(cfg, indent=2))
 
 
@@ -294,14 +280,13 @@ def _progress(console: Console):
         yield update
 
 
-def _print_summary(console: Console, metrics: dict, est: dict, durations: dict, out: Path) -> None:
+def _print_summary(console: Console, task, metrics: dict, est: dict, durations: dict, out: Path) -> None:
     table = Table(title="test split: model vs baselines")
-    for col in ("", "accuracy", "macro-F1", f"95% CI ({metrics['main_metric']})"):
+    header, rows = task.summary_rows(metrics)
+    for col in ["", *header]:
         table.add_column(col, justify="right" if col else "left")
-    rows = [("fine-tuned model", metrics["test"]["model"])] + list(metrics["test"]["baselines"].items())
-    for name, m in rows:
-        ci = m.get("ci")
-        table.add_row(name, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     verdict = "beats every baseline" if metrics["beats_baselines"] else "does NOT beat every baseline"
     console.print(f"The fine-tuned model {verdict} on test {metrics['main_metric']}.")
@@ -315,4 +300,4 @@ def _print_summary(console: Console, metrics: dict, est: dict, durations: dict, 
                   f"the rest {_fmt_s(rest_est)}), actual {_fmt_s(durations['total'])} (training {_fmt_s(durations['train'])} + the rest "
                   f"{_fmt_s(rest)}); peak memory {metrics['cost']['actual']['peak_memory_bytes'] / 2**30:.1f} GiB")
     console.print(f"[bold]report[/] {out / 'report.html'}; model card {out / 'model' / 'README.md'}")
-    console.print(f"[bold]output[/] {out}  (load: AutoModelForSequenceClassification.from_pretrained('{out / 'model'}'))")
+    console.print(f"[bold]output[/] {out}  (load: {task.model_class}.from_pretrained('{out / 'model'}'))")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tuneforge.config import DataConfig, TaskConfig
+from tuneforge.config import DataConfig, ClassificationTaskConfig
 from tuneforge.errors import DataError
 
 _NULL_WORDS = {"nan", "none", "null", "<na>"}
@@ -73,7 +73,7 @@ def _text_of(value, i: int, cfg: DataConfig, path: Path) -> str | None:
                     fix="fill in or remove that row, or set data.drop_invalid: true to drop such rows (they are reported)")
 
 
-def _label_of(value, i: int, cfg: DataConfig, task: TaskConfig, path: Path):
+def _label_of(value, i: int, cfg: DataConfig, task: ClassificationTaskConfig, path: Path):
     """str (single-label), tuple of str (multi-label), or None if missing."""
     if _is_null(value) or (isinstance(value, str) and not value.strip()):
         return None
@@ -90,7 +90,7 @@ def _label_of(value, i: int, cfg: DataConfig, task: TaskConfig, path: Path):
     return str(value).strip()
 
 
-def clean(df: pd.DataFrame, cfg: DataConfig, task: TaskConfig, path: Path, extra_columns: list[str] = ()) -> CleanResult:
+def clean(df: pd.DataFrame, cfg: DataConfig, task: ClassificationTaskConfig, path: Path, extra_columns: list[str] = ()) -> CleanResult:
     _require_columns(df, cfg, path, list(extra_columns))
     extra_values = {c: ["" if _is_null(v) else str(v) for v in df[c].tolist()] for c in extra_columns}
     source = str(path)

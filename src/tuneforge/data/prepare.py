@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from tuneforge.config import DataConfig, TaskConfig
+from tuneforge.config import DataConfig, ClassificationTaskConfig
 from tuneforge.data.clean import check_usable, clean
 from tuneforge.data.load import detect_format, file_sha256, read_table, resolve_path
 from tuneforge.data.neardup import DuplicateGraph, duplicate_graph
@@ -24,7 +24,7 @@ def _class_counts(labels: list, multi_label: bool) -> dict[str, int]:
     return dict(sorted(Counter(flat).items()))
 
 
-def _load_clean(ref: str, cfg: DataConfig, task: TaskConfig, extra_columns: list[str]):
+def _load_clean(ref: str, cfg: DataConfig, task: ClassificationTaskConfig, extra_columns: list[str]):
     path = resolve_path(ref)
     df = read_table(path, cfg.format, cfg.encoding)
     result = clean(df, cfg, task, path, extra_columns)
@@ -34,7 +34,7 @@ def _load_clean(ref: str, cfg: DataConfig, task: TaskConfig, extra_columns: list
     return result, info
 
 
-def prepare_data(cfg: DataConfig, task: TaskConfig, extra_columns: list[str] = (),
+def prepare_data(cfg: DataConfig, task: ClassificationTaskConfig, extra_columns: list[str] = (),
                  near_duplicate_threshold: float = 0.8) -> PreparedData:
     """`extra_columns` (e.g. eval.slices) travel with the rows without being model inputs. Rows of the data
     file that are duplicates or near duplicates (Jaccard >= `near_duplicate_threshold`, as the audit counts

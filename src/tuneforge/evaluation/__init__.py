@@ -1,4 +1,2 @@
-"""Evaluation on the test split: the model beside baselines, with confidence intervals."""
-from tuneforge.evaluation.evaluate import baseline_predictions, evaluate_all
-
-__all__ = ["baseline_predictions", "evaluate_all"]
+"""Generic evaluation outputs: the HTML report and the model card, built from a run's stored JSON.
+Each task computes its own test metrics (tasks/<task>/evaluate.py)."""

@@ -23,6 +23,7 @@ def build_card(out: Path) -> Path:
     m, data, run, _ = load_run(out)
     key = m["main_metric"]
     test = m["test"]
+    model_class = run.get("task", {}).get("model_class", "AutoModelForSequenceClassification")  # runs before the field
     name = out.resolve().name
     meta = {
         "library_name": "transformers",
@@ -80,8 +81,8 @@ Rows removed by cleaning: {removed}. Class counts in training: {', '.join(f'{c} 
 
 ## How to load
 ```python
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-model = AutoModelForSequenceClassification.from_pretrained("PATH/TO/model")
+from transformers import {model_class}, AutoTokenizer
+model = {model_class}.from_pretrained("PATH/TO/model")
 tokenizer = AutoTokenizer.from_pretrained("PATH/TO/model")
 ```
 or `tuneforge predict RUN_DIR --text "..."`.

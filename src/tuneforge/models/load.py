@@ -1,5 +1,5 @@
-"""Load a pre-trained encoder with the task's head; apply the training method (full, frozen layers, LoRA);
-save a plain `transformers` directory (LoRA merged, safetensors only)."""
+"""Apply the training method to a loaded model (full, frozen layers, LoRA) and save a plain `transformers`
+directory (LoRA merged, safetensors only). Each task loads its own model class (tasks/<task>/model.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,6 @@ from torch import nn
 
 from tuneforge.config import TrainConfig
 from tuneforge.errors import ModelNotFoundError
-from tuneforge.tasks.classification import LabelSpace
 
 
 @contextlib.contextmanager
@@ -39,22 +38,6 @@ def load_tokenizer(model_dir: Path):
                                  fix="the model directory needs tokenizer.json or the tokenizer's vocabulary files") from None
 
 
-def load_classifier(model_dir: Path, space: LabelSpace, seed: int):
-    """A sequence-classification model with a fresh head for `space`; the head init depends on `seed` only."""
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)
-    with quiet_transformers():
-        try:
-            return AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir), num_labels=len(space.labels), problem_type=space.problem_type,
-                id2label=dict(enumerate(space.labels)), label2id={lab: i for i, lab in enumerate(space.labels)},
-                local_files_only=True, use_safetensors=True, dtype=torch.float32)
-        except (OSError, ValueError) as err:
-            raise ModelNotFoundError(f"cannot load a classifier from {model_dir} ({err})",
-                                     fix="use a Hugging Face encoder directory with safetensors weights") from None
-
-
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks, found structurally (BERT, RoBERTa, DistilBERT, ... name it differently)."""
     n = getattr(model.config, "num_hidden_layers", None)
@@ -70,8 +53,9 @@ def input_embeddings_module(model: nn.Module) -> nn.Module:
     return getattr(base, "embeddings", None) or model.get_input_embeddings()
 
 
-def apply_method(model, cfg: TrainConfig):
-    """Freeze or wrap the model for the chosen method; returns the model to train."""
+def apply_method(model, cfg: TrainConfig, peft_task_type: str = "SEQ_CLS"):
+    """Freeze or wrap the model for the chosen method; returns the model to train. `peft_task_type` is the
+    task's (SEQ_CLS, TOKEN_CLS, CAUSAL_LM): peft then keeps the task's head trainable and saved."""
     if cfg.method == "frozen":
         layers = encoder_layers(model)
         n_frozen = len(layers) // 2 if cfg.frozen_layers is None else cfg.frozen_layers
@@ -86,9 +70,9 @@ def apply_method(model, cfg: TrainConfig):
     elif cfg.method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
-        lcfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+        lcfg = LoraConfig(task_type=TaskType[peft_task_type], r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                           lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules)
-        model = get_peft_model(model, lcfg)  # SEQ_CLS keeps the classifier head trainable and saved
+        model = get_peft_model(model, lcfg)
     return model
 
 

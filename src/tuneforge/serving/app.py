@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from tuneforge.serving.batcher import MicroBatcher
-from tuneforge.serving.monitor import DEFAULT_THRESHOLDS, NO_LABEL, RequestLog, decision, drift_report, log_url, logged_label
+from tuneforge.drift import DEFAULT_THRESHOLDS, NO_LABEL, decision, logged_label
+from tuneforge.serving.monitor import RequestLog, drift_report, log_url
 
 if TYPE_CHECKING:
     import torch
@@ -219,12 +220,18 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
     return app
 
 
-def classification_predictor(run_dir: Path, device: str | torch.device = "cpu",
-                             precision: str = "fp32") -> Callable[[], tuple[Callable, list[str]]]:
+def run_predictor(run_dir: Path, device: str | torch.device = "cpu",
+                  precision: str = "fp32") -> Callable[[], tuple[Callable, list[str]]]:
+    """Loads, at start-up, the predictor of the run's task (from the run's config.yaml; text classification
+    for runs that predate the task field)."""
     def load():
-        from tuneforge.models.predictor import Predictor
+        import yaml
 
-        predictor = Predictor.load(run_dir / "model", device, precision)
+        from tuneforge.tasks import get_task
+
+        saved = run_dir / "config.yaml"
+        task_type = (yaml.safe_load(saved.read_text()).get("task") or {}).get("type") if saved.is_file() else None
+        predictor = get_task(task_type or "text-classification").load_predictor(run_dir / "model", device, precision)
         log.info("model on %s, %s", predictor.device, predictor.precision)
         return predictor.predict, list(predictor.space.labels)
 

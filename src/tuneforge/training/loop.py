@@ -12,15 +12,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from tuneforge.config import EvalConfig, TrainConfig
 from tuneforge.errors import TuneforgeError
-from tuneforge.models.infer import collate, predict_logits
+from tuneforge.models.infer import collate
 from tuneforge.models.load import load_trainable_state, set_train_mode, trainable_state
-from tuneforge.tasks.classification import LabelSpace, main_metric
 from tuneforge.training.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -31,7 +31,7 @@ class TrainingInterrupted(TuneforgeError):
 @dataclass
 class TrainData:
     ids: list[list[int]]
-    targets: np.ndarray
+    targets: np.ndarray | list  # one target per row (array), or one per token (a list of lists)
 
 
 @dataclass
@@ -67,8 +67,16 @@ def make_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gro
 
 
 def training_batch(data: TrainData, idx: np.ndarray, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Inputs padded to the batch's widest row; targets stacked (one per row) or, when each row has a
+    target per token (a list per row), padded with -100, the label the loss ignores."""
     batch = collate([data.ids[i] for i in idx], pad_id, device)
-    batch["labels"] = torch.from_numpy(data.targets[idx]).to(device)
+    if isinstance(data.targets, np.ndarray):
+        batch["labels"] = torch.from_numpy(data.targets[idx]).to(device)
+    else:
+        labels = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
+        for r, i in enumerate(idx):
+            labels[r, : len(data.targets[i])] = torch.as_tensor(data.targets[i], dtype=torch.long)
+        batch["labels"] = labels.to(device)
     return batch
 
 
@@ -112,20 +120,6 @@ def build_optimizer(model, cfg: TrainConfig, total_steps: int):
     return opt, sched
 
 
-def _val_loss(space: LabelSpace, logits: np.ndarray, targets: np.ndarray) -> float:
-    if space.multi_label:
-        t = torch.from_numpy(targets)
-        return float(torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits), t))
-    valid = targets >= 0
-    return float(torch.nn.functional.cross_entropy(torch.from_numpy(logits[valid]), torch.from_numpy(targets[valid])))
-
-
-def evaluate(model, data: TrainData, space: LabelSpace, metric: str, pad_id: int, batch_size: int, precision: str) -> dict:
-    logits = predict_logits(model, data.ids, pad_id, batch_size, precision)
-    pred = space.decide(space.probabilities(logits))
-    return {"val_loss": _val_loss(space, logits, data.targets), f"val_{metric}": main_metric(space, metric, data.targets, pred)}
-
-
 def _optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> None:
     accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
     optimizer.step()
@@ -133,9 +127,12 @@ def _optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: flo
     optimizer.zero_grad(set_to_none=True)
 
 
-def train(model, train_data: TrainData, val_data: TrainData, space: LabelSpace, cfg: TrainConfig, ecfg: EvalConfig,
+def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg: TrainConfig, ecfg: EvalConfig,
           *, accelerator, precision: str, pad_id: int, checkpoint_dir: Path, resume: bool, progress=None) -> TrainResult:
-    """Train `model` in place; on return it holds the best weights by the validation metric."""
+    """Train `model` in place; on return it holds the best weights by the validation metric.
+
+    `validate(model)` is the task's: it scores the model on the validation split and returns
+    {"val_loss": ..., "val_<eval.metric>": ...}; the test split never reaches the loop."""
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch, total, eval_every = plan_steps(len(train_data.ids), cfg, world)
     patience = patience_for(cfg, per_epoch, eval_every)
@@ -180,7 +177,7 @@ def train(model, train_data: TrainData, val_data: TrainData, space: LabelSpace, 
         nonlocal best
         row = {"step": c["step"], "epoch": round(c["step"] / per_epoch, 3), "lr": scheduler.get_last_lr()[0],
                "train_loss": c["loss_sum"] / max(c["loss_n"], 1)}
-        row.update(evaluate(raw, val_data, space, ecfg.metric, pad_id, ecfg.batch_size, precision))
+        row.update(validate(raw))
         c["loss_sum"], c["loss_n"] = 0.0, 0
         c["history"].append(row)
         if row[metric_key] > c["best_metric"]:

@@ -5,9 +5,29 @@ import numpy as np
 
 from tuneforge.config import RunConfig
 from tuneforge.data.split import Splits
-from tuneforge.evaluation import baselines as bl
-from tuneforge.evaluation.stats import calibration, mcnemar, paired_bootstrap, slice_metrics
-from tuneforge.tasks.classification import LabelSpace, bootstrap_ci, metrics
+from tuneforge.tasks.classification import baselines as bl
+from tuneforge.tasks.classification.stats import calibration, mcnemar, paired_bootstrap, slice_metrics
+from tuneforge.tasks.classification.labels import LabelSpace, bootstrap_ci, main_metric, metrics
+
+
+def _val_loss(space: LabelSpace, logits: np.ndarray, targets: np.ndarray) -> float:
+    import torch
+
+    if space.multi_label:
+        t = torch.from_numpy(targets)
+        return float(torch.nn.functional.binary_cross_entropy_with_logits(torch.from_numpy(logits), t))
+    valid = targets >= 0
+    return float(torch.nn.functional.cross_entropy(torch.from_numpy(logits[valid]), torch.from_numpy(targets[valid])))
+
+
+def validation_scores(model, space: LabelSpace, metric: str, ids: list[list[int]], targets: np.ndarray, pad_id: int,
+                      batch_size: int, precision: str) -> dict:
+    """Validation loss and the main metric of `model` (the training loop's early stopping and model choice)."""
+    from tuneforge.models.infer import predict_logits
+
+    logits = predict_logits(model, ids, pad_id, batch_size, precision)
+    pred = space.decide(space.probabilities(logits))
+    return {"val_loss": _val_loss(space, logits, targets), f"val_{metric}": main_metric(space, metric, targets, pred)}
 
 
 def _scored(space: LabelSpace, cfg: RunConfig, y_test: np.ndarray, pred: np.ndarray) -> dict:

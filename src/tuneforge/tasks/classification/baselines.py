@@ -12,7 +12,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
-from tuneforge.tasks.classification import LabelSpace, main_metric
+from tuneforge.tasks.classification.labels import LabelSpace, main_metric
 
 _C_GRID = (0.1, 1.0, 10.0)
 

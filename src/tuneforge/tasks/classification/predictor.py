@@ -12,30 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuneforge.errors import ConfigError, ModelNotFoundError
+from tuneforge.artifacts import SETTINGS_KEY  # threshold, max_length in model/config.json
+from tuneforge.errors import ModelNotFoundError
+from tuneforge.models.device import resolve_device, resolve_precision
 from tuneforge.models.infer import encode, pad_id_of, predict_logits
-from tuneforge.tasks.classification import LabelSpace
-from tuneforge.training.precision import resolve_precision
-
-SETTINGS_KEY = "tuneforge"  # extra block in config.json: threshold, max_length; plain transformers ignores it
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """cpu, cuda, cuda:N or auto as a torch device; a device this machine lacks is a clear error."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}", fix="use cpu, cuda, cuda:N or auto") from None
-    if resolved.type == "cuda" and (not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"device {device!r} is not on this machine ({torch.cuda.device_count()} CUDA GPUs)",
-                          fix="use --device cpu, or auto to take a GPU when there is one")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported", fix="use cpu, cuda, cuda:N or auto")
-    return resolved
+from tuneforge.tasks.classification.labels import LabelSpace
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import binomtest
 
-from tuneforge.tasks.classification import LabelSpace, main_metric
+from tuneforge.tasks.classification.labels import LabelSpace, main_metric
 
 
 def _correct(space: LabelSpace, y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
