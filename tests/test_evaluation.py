@@ -8,7 +8,7 @@ import yaml
 from scipy.stats import binomtest
 
 from tuneforge.config import parse_config
-from tuneforge.tasks.classification.evaluate import gate
+from tuneforge.evaluation.gate import gate
 from tuneforge.tasks.classification.stats import calibration, mcnemar, paired_bootstrap, slice_metrics
 from tuneforge.tasks.classification.labels import LabelSpace
 

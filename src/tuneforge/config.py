@@ -128,12 +128,18 @@ class GateConfig(_Section):
     ci_lower_above_baseline: bool = Field(True, description="The 95% CI's lower bound must also be above the best baseline.")
 
 
-BaselineName = Literal["majority", "tfidf_logreg", "frozen_probe"]
+# Per task: the metrics that can drive model choice (the first is the default) and the baselines it offers.
+TASK_METRICS = {"text-classification": ("macro_f1", "accuracy"), "token-classification": ("f1",)}
+TASK_BASELINES = {"text-classification": ("majority", "tfidf_logreg", "frozen_probe"),
+                  "token-classification": ("majority", "gazetteer", "crf")}
 
 
 class EvalConfig(_Section):
-    metric: Literal["macro_f1", "accuracy"] = Field("macro_f1", description="Drives early stopping and model choice (on validation only).")
-    baselines: list[BaselineName] = Field(default_factory=lambda: ["majority", "tfidf_logreg", "frozen_probe"])
+    metric: str | None = Field(None, description="Drives early stopping and model choice (on validation only); null = "
+                               "the task's: macro_f1 for text-classification (or accuracy), entity f1 for token-classification.")
+    baselines: list[str] | None = Field(None, description="Baselines scored on the test split; null = all of the task's "
+                                        "(text-classification: majority, tfidf_logreg, frozen_probe; "
+                                        "token-classification: majority, gazetteer, crf).")
     bootstrap_samples: int = Field(1000, ge=0, description="Resamples for the 95% confidence interval; 0 = none.")
     batch_size: int = Field(64, ge=1)
     slices: list[str] = Field(default_factory=list, description="Data columns (not model inputs) whose groups get "
@@ -182,7 +188,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
-        for check in (_check_lora_method, _check_keep_labels):
+        for check in (_check_lora_method, _check_keep_labels, _check_task_eval):
             check(self)
         return self
 
@@ -190,6 +196,20 @@ class RunConfig(_Section):
 def _check_lora_method(cfg: RunConfig) -> None:
     if cfg.train.method != "lora" and cfg.train.lora != LoraConfig():
         raise ValueError("train.lora is set but train.method is not 'lora': set train.method: lora or remove train.lora")
+
+
+def _check_task_eval(cfg: RunConfig) -> None:
+    """eval.metric and eval.baselines are the task's; null takes its defaults."""
+    metrics, baselines = TASK_METRICS[cfg.task.type], TASK_BASELINES[cfg.task.type]
+    if cfg.eval.metric is None:
+        cfg.eval.metric = metrics[0]
+    elif cfg.eval.metric not in metrics:
+        raise ValueError(f"eval.metric {cfg.eval.metric!r} is not one of {cfg.task.type}'s: {', '.join(metrics)}")
+    if cfg.eval.baselines is None:
+        cfg.eval.baselines = list(baselines)
+    unknown = [b for b in cfg.eval.baselines if b not in baselines]
+    if unknown:
+        raise ValueError(f"eval.baselines {unknown} are not {cfg.task.type} baselines; choose from: {', '.join(baselines)}")
 
 
 def _check_keep_labels(cfg: RunConfig) -> None:

@@ -5,7 +5,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from tuneforge.config import DataConfig, ClassificationTaskConfig
-from tuneforge.data.clean import check_usable, clean
+from tuneforge.data.clean import Examples, check_usable, clean
 from tuneforge.data.load import detect_format, file_sha256, read_table, resolve_path
 from tuneforge.data.neardup import DuplicateGraph, duplicate_graph
 from tuneforge.data.split import Splits, content_hash, split
@@ -36,9 +36,8 @@ def _load_clean(ref: str, cfg: DataConfig, task: ClassificationTaskConfig, extra
 
 def prepare_data(cfg: DataConfig, task: ClassificationTaskConfig, extra_columns: list[str] = (),
                  near_duplicate_threshold: float = 0.8) -> PreparedData:
-    """`extra_columns` (e.g. eval.slices) travel with the rows without being model inputs. Rows of the data
-    file that are duplicates or near duplicates (Jaccard >= `near_duplicate_threshold`, as the audit counts
-    them) stay together in one split; a test file given by the user is taken as it is."""
+    """Table data (a text column and a label column): read, clean, split. `extra_columns` (e.g. eval.slices)
+    travel with the rows without being model inputs."""
     main, main_info = _load_clean(cfg.path, cfg, task, list(extra_columns))
     files, removed = [main_info], list(main.removed)
     test = None
@@ -47,17 +46,28 @@ def prepare_data(cfg: DataConfig, task: ClassificationTaskConfig, extra_columns:
         files.append(test_info)
         removed += test_result.removed
         test = test_result.examples
-    parts = [main.examples] + ([test] if test is not None else [])
+    report = {"multi_label": task.multi_label}
+    return assemble(main.examples, test, files, removed, cfg, near_duplicate_threshold, report,
+                    lambda labels: _class_counts(labels, task.multi_label))
+
+
+def assemble(main: Examples, test: Examples | None, files: list[dict], removed: list[dict], cfg: DataConfig,
+             near_duplicate_threshold: float, report: dict, class_counts, strata: list[str] | None = None) -> PreparedData:
+    """The generic half of the data stage, for any task's examples: the duplicate graph (once), the
+    group-aware split, and the data report. Rows of the data file that are duplicates or near duplicates
+    (Jaccard >= `near_duplicate_threshold`, as the audit counts them) stay together in one split; a test
+    file given by the user is taken as it is. `class_counts(labels)` counts a split's labels (classes,
+    entity types); `strata` is the task's stratification key per row of `main`."""
+    parts = [main] + ([test] if test is not None else [])
     graph = duplicate_graph([t for ex in parts for t in ex.texts],
                             [(ex.source, r) for ex in parts for r in ex.rows], near_duplicate_threshold)
-    groups = graph.components(list(range(len(main.examples))))
-    splits = split(main.examples, cfg.val_fraction, cfg.test_fraction, cfg.seed, test=test, groups=groups)
+    groups = graph.components(list(range(len(main))))
+    splits = split(main, cfg.val_fraction, cfg.test_fraction, cfg.seed, test=test, groups=groups, strata=strata)
 
-    train_classes = _class_counts(splits.train.labels, task.multi_label)
-    labels = sorted(train_classes)
+    labels = sorted(class_counts(splits.train.labels))
     report = {
         "files": files,
-        "multi_label": task.multi_label,
+        **report,
         "labels": labels,
         "removed_counts": dict(Counter(r["reason"] for r in removed)),
         "removed": removed,
@@ -65,11 +75,11 @@ def prepare_data(cfg: DataConfig, task: ClassificationTaskConfig, extra_columns:
         "test_source": "file" if test is not None else "carved",
         # near-duplicate groups of the data file, each kept whole in one split (leak-free by construction)
         "duplicate_groups": {**splits.groups, "threshold": near_duplicate_threshold},
-        "splits": {name: {"rows": len(ex), "class_counts": _class_counts(ex.labels, task.multi_label),
+        "splits": {name: {"rows": len(ex), "class_counts": class_counts(ex.labels),
                           "sha256": content_hash(ex)} for name, ex in splits.items()},
     }
     report["test_sha256"] = report["splits"]["test"]["sha256"]
-    unseen = sorted(set(_class_counts(splits.test.labels, task.multi_label)) - set(labels))
+    unseen = sorted(set(class_counts(splits.test.labels)) - set(labels))
     if unseen:
         report["warnings"] = [f"test labels never seen in training: {unseen}; those rows can never be predicted right"]
     return PreparedData(splits=splits, labels=labels, report=report, duplicates=graph)

@@ -49,7 +49,7 @@ def _strata(labels: list) -> list | None:
 
 def _group_cut(ex: Examples, groups: np.ndarray, fraction: float, seed: int) -> tuple[Examples, Examples, bool]:
     """Hold out about `fraction` of the rows, whole groups only, each stratum (label) in proportion."""
-    strata = _strata(ex.labels)
+    strata = _strata(ex.extras["_stratum"] if "_stratum" in ex.extras else ex.labels)
     row_stratum = strata if strata is not None else ["all"] * len(ex)
     members: dict[int, list[int]] = {}
     for k, g in enumerate(groups.tolist()):
@@ -88,14 +88,16 @@ def _group_stats(groups: np.ndarray) -> dict:
 
 
 def split(ex: Examples, val_fraction: float, test_fraction: float, seed: int, test: Examples | None = None,
-          groups: np.ndarray | None = None) -> Splits:
+          groups: np.ndarray | None = None, strata: list[str] | None = None) -> Splits:
     """Carve test (unless given) then validation out of `ex`; the same data and seed give the same splits.
 
     `groups` gives each row of `ex` a group id (rows sharing one are duplicates and stay in one split);
-    None treats every row as its own group."""
+    None treats every row as its own group. `strata` is the key each row is stratified on (the task's;
+    default: the label)."""
     groups = np.arange(len(ex)) if groups is None else np.asarray(groups)
     stats = _group_stats(groups)
-    ex = Examples(ex.texts, ex.labels, ex.rows, ex.source, {**ex.extras, "_group": groups.tolist()})
+    extras = {**ex.extras, "_group": groups.tolist()} | ({"_stratum": list(strata)} if strata is not None else {})
+    ex = Examples(ex.texts, ex.labels, ex.rows, ex.source, extras)
     stratified = True
     if test is None:
         ex, test, stratified = _group_cut(ex, np.asarray(ex.extras["_group"]), test_fraction, seed)
@@ -103,4 +105,5 @@ def split(ex: Examples, val_fraction: float, test_fraction: float, seed: int, te
     train, val, s2 = _group_cut(ex, np.asarray(ex.extras["_group"]), val_fraction, seed + 1)
     for part in (train, val, test):
         part.extras.pop("_group", None)
+        part.extras.pop("_stratum", None)
     return Splits(train=train, val=val, test=test, stratified=stratified and s2, groups=stats)

@@ -5,6 +5,7 @@ import numpy as np
 
 from tuneforge.config import RunConfig
 from tuneforge.data.split import Splits
+from tuneforge.evaluation.gate import beats_baselines, best_baseline, gate
 from tuneforge.tasks.classification import baselines as bl
 from tuneforge.tasks.classification.stats import calibration, mcnemar, paired_bootstrap, slice_metrics
 from tuneforge.tasks.classification.labels import LabelSpace, bootstrap_ci, main_metric, metrics
@@ -67,9 +68,8 @@ def evaluate_all(space: LabelSpace, cfg: RunConfig, splits: Splits, y: dict[str,
                  "baselines": {name: _scored(space, cfg, y_test, pred) for name, pred in predictions.items()}},
     }
     key = cfg.eval.metric
-    scored = result["test"]["baselines"]
-    best = max(scored, key=lambda n: scored[n][key], default=None)
-    result["beats_baselines"] = bool(result["test"]["model"][key] > (scored[best][key] if best else -np.inf))
+    best = best_baseline(result, key)
+    result["beats_baselines"] = beats_baselines(result, key)
     result["best_baseline"] = best
     if best is not None:
         result["significance"] = {
@@ -83,23 +83,3 @@ def evaluate_all(space: LabelSpace, cfg: RunConfig, splits: Splits, y: dict[str,
                                            cfg.eval.slice_max_gap, cfg.eval.slice_min_rows) for col in cfg.eval.slices}
     result.update(gate(result, cfg))
     return result
-
-
-def gate(result: dict, cfg: RunConfig) -> dict:
-    """`promoted` and the reason, from eval.gate against the best baseline on the test split."""
-    g, key = cfg.eval.gate, cfg.eval.metric
-    model = result["test"]["model"]
-    best = result["best_baseline"]
-    if best is None:
-        return {"promoted": True, "promotion_reason": "no baselines configured; nothing to clear"}
-    base = result["test"]["baselines"][best][key]
-    margin = model[key] - base
-    reasons = []
-    if margin < g.min_margin:
-        reasons.append(f"{key} {model[key]:.4f} beats {best} ({base:.4f}) by {margin:+.4f}, less than the required {g.min_margin:+.4f}")
-    if g.ci_lower_above_baseline and model.get("ci") and model["ci"]["low"] <= base:
-        reasons.append(f"the 95% CI lower bound {model['ci']['low']:.4f} is not above {best} ({base:.4f})")
-    if reasons:
-        return {"promoted": False, "promotion_reason": "; ".join(reasons)}
-    return {"promoted": True, "promotion_reason": f"{key} {model[key]:.4f} beats {best} ({base:.4f}) by {margin:+.4f}"
-            + (" and the CI lower bound is above it" if g.ci_lower_above_baseline else "")}
