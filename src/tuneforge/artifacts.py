@@ -57,6 +57,17 @@ def replace_dir(staging: Path, final: Path) -> None:
     staging.rename(final)
 
 
+def run_task_type(out: Path) -> str:
+    """The task of a finished run (OUT or OUT/model), from its config.yaml; runs that predate the field are
+    text classification."""
+    import yaml
+
+    for path in (out / "config.yaml", out.parent / "config.yaml"):
+        if path.is_file():
+            return (yaml.safe_load(path.read_text()).get("task") or {}).get("type") or "text-classification"
+    return "text-classification"
+
+
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("tuneforge", "torch", "transformers", "peft", "accelerate", "tokenizers", "scikit-learn", "numpy", "pandas"):

@@ -210,24 +210,26 @@ def cmd_predict(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tuneforge.tasks.classification.predictor import Predictor
+    from tuneforge.tasks import get_task
 
     out = Path(args.output)
     model_dir = out / "model" if (out / "model").is_dir() else out
     texts = _read_texts(args, out)
-    predictor = Predictor.load(model_dir)
-    results = predictor.predict(texts)
+    from tuneforge.artifacts import run_task_type
+
+    task = get_task(run_task_type(out))
+    results = task.load_predictor(model_dir).predict(texts)
     if args.json:
         for text, r in zip(texts, results):
             print(json.dumps({"text": text, **r}, ensure_ascii=False))
         return 0
+    columns, rows = task.prediction_table(texts, results)
     table = Table(show_lines=False)
     table.add_column("text", overflow="fold", max_width=60)
-    table.add_column("label")
-    table.add_column("probabilities")
-    for text, r in zip(texts, results):
-        probs = "  ".join(f"{k} {v:.3f}" for k, v in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
-        table.add_row(text, ", ".join(r["label"]) if isinstance(r["label"], list) else r["label"], probs)
+    for col in columns:
+        table.add_column(col)
+    for text, row in zip(texts, rows):
+        table.add_row(text, *row)
     Console().print(table)
     return 0
 

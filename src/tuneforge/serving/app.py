@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from tuneforge.serving.batcher import MicroBatcher
-from tuneforge.drift import DEFAULT_THRESHOLDS, NO_LABEL, decision, logged_label
+from tuneforge.drift import DEFAULT_THRESHOLDS, NO_LABEL, logged_label
 from tuneforge.serving.monitor import RequestLog, drift_report, log_url
 
 if TYPE_CHECKING:
@@ -103,12 +103,13 @@ class _Metrics:
 
 def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Callable, list[str]]],
                reference: dict | None = None) -> FastAPI:
-    """`load_predictor()` returns (predict(texts) -> results, label names); it runs once, at start-up."""
+    """`load_predictor()` returns (predict(texts) -> results, label names, observe(result) -> (labels, confidence));
+    it runs once, at start-up. `observe` is the task's view of one result for metrics and the request log."""
     state: dict = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        predict, labels = load_predictor()
+        predict, labels, observe = load_predictor()
         metrics = _Metrics(labels)
         request_log = RequestLog(log_url(settings.run_dir, settings.monitor_url), settings.retention_days, settings.log_text)
 
@@ -117,7 +118,7 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
             t0 = time.perf_counter()
             results = predict(texts)
             latency_ms = (time.perf_counter() - t0) * 1000
-            decisions = [decision(r) for r in results]
+            decisions = [observe(r) for r in results]
             metrics.batch.observe(len(texts))
             for chosen, conf in decisions:
                 for label in chosen or [NO_LABEL]:  # multi-label: each label counts, not each combination
@@ -225,15 +226,13 @@ def run_predictor(run_dir: Path, device: str | torch.device = "cpu",
     """Loads, at start-up, the predictor of the run's task (from the run's config.yaml; text classification
     for runs that predate the task field)."""
     def load():
-        import yaml
-
+        from tuneforge.artifacts import run_task_type
         from tuneforge.tasks import get_task
 
-        saved = run_dir / "config.yaml"
-        task_type = (yaml.safe_load(saved.read_text()).get("task") or {}).get("type") if saved.is_file() else None
-        predictor = get_task(task_type or "text-classification").load_predictor(run_dir / "model", device, precision)
+        task = get_task(run_task_type(run_dir))
+        predictor = task.load_predictor(run_dir / "model", device, precision)
         log.info("model on %s, %s", predictor.device, predictor.precision)
-        return predictor.predict, list(predictor.space.labels)
+        return predictor.predict, task.label_names(predictor), task.observe
 
     return load
 

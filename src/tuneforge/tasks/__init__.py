@@ -15,8 +15,9 @@ TASKS: dict[str, str] = {
     "text-classification": "tuneforge.tasks.classification:TASK",
 }
 
-_REQUIRED = ("name", "prepare", "label_space", "targets", "load_model", "baselines", "validator", "evaluate",
-             "load_predictor", "reference_profile", "summary_rows", "peft_task_type", "model_class")
+_REQUIRED = ("name", "prepare", "label_space", "targets", "encode", "load_model", "baselines", "validator", "evaluate",
+             "load_predictor", "settings", "reference_profile", "label_names", "observe", "summary_rows",
+             "describe_space", "prediction_table", "peft_task_type", "model_class")
 
 
 def get_task(name: str):

@@ -90,6 +90,23 @@ class ClassificationTask:
         names = list(predictor.space.labels) + ([NO_LABEL] if predictor.space.multi_label else [])
         return profile_of(texts, predictor.results(outputs), names)
 
+    # --- serving: what metrics and the request log record of each prediction ---
+    def label_names(self, predictor) -> list[str]:
+        return list(predictor.space.labels)
+
+    def observe(self, result: dict) -> tuple[list[str], float]:
+        from tuneforge.drift import decision
+
+        return decision(result)
+
+    def prediction_table(self, texts: list[str], results: list[dict]) -> tuple[list[str], list[list[str]]]:
+        """`tuneforge predict`'s table: columns after the text, and a row of cells per text."""
+        rows = []
+        for r in results:
+            probs = "  ".join(f"{k} {v:.3f}" for k, v in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
+            rows.append([", ".join(r["label"]) if isinstance(r["label"], list) else r["label"], probs])
+        return ["label", "probabilities"], rows
+
     # --- the run's closing table ---
     def summary_rows(self, metrics: dict) -> tuple[list[str], list[list[str]]]:
         header = ["accuracy", "macro-F1", f"95% CI ({metrics['main_metric']})"]

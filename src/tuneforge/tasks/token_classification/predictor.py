@@ -1,6 +1,6 @@
 """Load an exported token-classification model directory and find the entities in texts.
 
-A text is split into words (`WORD_PATTERN`, the same rule the sibling readers use), the words into
+A text is split into words (`readers.tokenize_words`: runs of word characters and single other marks), the words into
 sub-word windows (`encoding.encode_windows`: long texts are windowed, never truncated), the windows run
 through the model in length-grouped batches, each word read from its owning window's first sub-word,
 tagged (argmax, BIO repaired) and grouped into entities. Each entity is a dict with the keys of
@@ -11,31 +11,31 @@ this labels each word by its first sub-word as the pipeline's "first" strategy d
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tuneforge.artifacts import SETTINGS_KEY  # max_length, stride in model/config.json
 from tuneforge.errors import ModelNotFoundError
+from tuneforge.models.device import resolve_device, resolve_precision
 from tuneforge.models.infer import (INFER_PAD_MULTIPLE, autocast, collate, forward_cost, length_batches,
                                     pad_id_of)
-from tuneforge.models.predictor import SETTINGS_KEY, resolve_device
 from tuneforge.tasks.token_classification.encoding import (LabelSet, encode_windows, special_layout, stitch,
                                                            tags_from_logits)
+from tuneforge.tasks.token_classification.readers import tokenize_words
 from tuneforge.tasks.token_classification.sentence import entities
-from tuneforge.training.precision import resolve_precision
 
-WORD_PATTERN = re.compile(r"\w+|[^\w\s]")
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_STRIDE = 64
 
 
 def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
-    """The words of a text (runs of word characters, or single other non-space characters) and their spans."""
-    matches = list(WORD_PATTERN.finditer(text))
-    return [m.group() for m in matches], [m.span() for m in matches]
+    """The words of a text and their (start, end) spans: the readers' rule (`\\w+|[^\\w\\s]`), so a text is
+    cut into the same words at prediction as its spans were at training."""
+    found = tokenize_words(text)
+    return [w for w, _, _ in found], [(a, b) for _, a, b in found]
 
 
 def _load_tokenizer(model_dir: Path):
