@@ -127,7 +127,8 @@ def word_pieces(tokenizer, sentences_tokens: list[list[str]]) -> list[list[list[
     out: list[list[list[int]]] = [[[] for _ in words] for words in sentences_tokens]
     todo = [i for i, words in enumerate(sentences_tokens) if words]
     if todo:
-        enc = tokenizer([list(sentences_tokens[i]) for i in todo], is_split_into_words=True, add_special_tokens=False)
+        enc = tokenizer([list(sentences_tokens[i]) for i in todo], is_split_into_words=True, add_special_tokens=False,
+                        verbose=False)  # long sentences are windowed below: no "longer than max" warning
         for row, i in enumerate(todo):
             for piece, w in zip(enc["input_ids"][row], enc.word_ids(row)):
                 if w is not None:
@@ -263,7 +264,8 @@ def repair_bio(tags: list[str]) -> list[str]:
     return out
 
 
-def tags_from_logits(logits_per_sentence: list[np.ndarray], label_set: LabelSet) -> tuple[list[list[str]], list[np.ndarray]]:
+def tags_from_logits(logits_per_sentence: list[np.ndarray],
+                     label_set: LabelSet) -> tuple[list[list[str]], list[np.ndarray]]:
     """Per sentence, each word's tag (argmax, then `repair_bio`) and the softmax probability of the argmax
     label (the model's own confidence, before any repair, as transformers' pipeline reports it)."""
     tags, scores = [], []
