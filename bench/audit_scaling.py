@@ -28,6 +28,7 @@ def main() -> None:
 
     from tuneforge.config import AuditConfig, DataConfig, ClassificationTaskConfig
     from tuneforge.data.audit import audit
+    from tuneforge.tasks.classification.audit import sections
     from tuneforge.data.load import read_table, resolve_path
     from tuneforge.data.prepare import prepare_data
     from tuneforge.models.infer import token_lengths
@@ -53,8 +54,8 @@ def main() -> None:
             data = prepare_data(DataConfig(path=str(path)), ClassificationTaskConfig())
             t1 = time.perf_counter()
             lengths = {name: token_lengths(tokenizer, ex.texts) for name, ex in data.splits.items()}
-            report = audit(data.splits, data.report["removed"], False, lengths, 128, AuditConfig(),
-                           duplicates_graph=data.duplicates)
+            report = audit(data.splits, data.report["removed"], lengths, 128, AuditConfig(), data.duplicates,
+                           sections(data.splits, False, AuditConfig(), 0))
             t2 = time.perf_counter()
         results.append({"rows": n, "prepare_s": round(t1 - t0, 2), "audit_s": round(t2 - t1, 2),
                         "label_issues": len(report["label_issues"]["rows"]),

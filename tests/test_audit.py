@@ -10,6 +10,7 @@ from tuneforge.config import AuditConfig, DataConfig, ClassificationTaskConfig
 from tuneforge.data.audit import audit
 from tuneforge.data.neardup import near_pairs, normalise
 from tuneforge.data.prepare import prepare_data
+from tuneforge.tasks.classification.audit import sections
 
 VOCAB = [f"w{i}" for i in range(3000)]
 POS, NEG = ["good", "great", "superb", "lovely"], ["bad", "awful", "dull", "boring"]
@@ -50,7 +51,8 @@ def injected(tmp_path):
 def _audit(tmp_path, tokenizer=None, dedupe="exact", **audit_cfg):
     cfg = DataConfig(path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"), dedupe=dedupe)
     data = prepare_data(cfg, ClassificationTaskConfig())
-    return audit(data.splits, data.report["removed"], False, tokenizer, 32, AuditConfig(**audit_cfg))
+    cfg = AuditConfig(**audit_cfg)
+    return audit(data.splits, data.report["removed"], None, 32, cfg, task_sections=sections(data.splits, False, cfg, 0))
 
 
 def _rows_in(groups, file_name):
@@ -115,7 +117,8 @@ def test_truncation_class_balance_and_outliers(tmp_path, tiny_model_dir):
     from tuneforge.models.infer import token_lengths
 
     tok = load_tokenizer(tiny_model_dir)
-    report = audit(data.splits, [], False, {n: token_lengths(tok, ex.texts) for n, ex in data.splits.items()}, 32, AuditConfig())
+    lengths = {n: token_lengths(tok, ex.texts) for n, ex in data.splits.items()}
+    report = audit(data.splits, [], lengths, 32, AuditConfig(), task_sections=sections(data.splits, False, AuditConfig(), 0))
     trunc = report["truncation"]["splits"]
     assert sum(s["truncated"] for s in trunc.values()) == 5
     assert all(s["max_tokens"] <= 43 for s in trunc.values())

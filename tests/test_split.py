@@ -77,7 +77,7 @@ def test_same_seed_same_split_other_seed_other_split(tmp_path):
 def test_the_audit_finds_no_leakage_in_a_carved_split_but_a_row_level_split_would_leak(tmp_path):
     path, rows, family_of = _planted(tmp_path)
     data = _prepare(path)
-    report = audit(data.splits, [], False, None, 32, AuditConfig(), duplicates_graph=data.duplicates)
+    report = audit(data.splits, [], None, 32, AuditConfig(), duplicates_graph=data.duplicates)
     assert report["leakage"]["groups"] == [] and report["leakage"]["severity"] == "info"
     # the families are still reported, as duplicates within a split
     assert report["duplicates"]["rows_affected"] > 0
@@ -85,7 +85,7 @@ def test_the_audit_finds_no_leakage_in_a_carved_split_but_a_row_level_split_woul
     def pairs(dup):
         return {frozenset(r["row"] for r in g["rows"]) for g in dup["near"] + dup["normalised_exact"]}
 
-    own = audit(data.splits, [], False, None, 32, AuditConfig())["duplicates"]
+    own = audit(data.splits, [], None, 32, AuditConfig())["duplicates"]
     assert pairs(own) == pairs(report["duplicates"]) and own["rows_affected"] == report["duplicates"]["rows_affected"]
 
     # the same rows split row by row (every row its own group) leak, and the audit blocks
@@ -97,7 +97,7 @@ def test_the_audit_finds_no_leakage_in_a_carved_split_but_a_row_level_split_woul
 
     ex = Examples([t for _, t, _ in everything], [lab for _, _, lab in everything], [r for r, _, _ in everything], str(path))
     naive = split(ex, 0.1, 0.1, 42)  # no groups: the old row-level split
-    leaked = audit(naive, [], False, None, 32, AuditConfig())["leakage"]
+    leaked = audit(naive, [], None, 32, AuditConfig())["leakage"]
     assert leaked["severity"] == "blocking" and leaked["held_out_rows_leaked"] > 0
 
 
@@ -109,7 +109,7 @@ def test_a_user_supplied_test_file_that_leaks_stays_blocking(tmp_path):
     test += [{"text": " ".join(random.Random(600 + i).sample(VOCAB, 20)), "label": "spam"} for i in range(30)]
     pd.DataFrame(test).to_csv(tmp_path / "test.csv", index=False)
     data = _prepare(path, test_path=str(tmp_path / "test.csv"))
-    report = audit(data.splits, [], False, None, 32, AuditConfig(), duplicates_graph=data.duplicates)
+    report = audit(data.splits, [], None, 32, AuditConfig(), duplicates_graph=data.duplicates)
     assert report["leakage"]["severity"] == "blocking"
     leaked_test_rows = {r["row"] for g in report["leakage"]["groups"] for r in g["rows"] if r["split"] == "test"}
     assert leaked_test_rows == {0}

@@ -73,14 +73,13 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     tokenizer = load_tokenizer(model_dir)
     space = task.label_space(cfg, data)
     with _stage(durations, "audit"):
-        audit_report, max_length, max_length_why = audit_data(cfg, data, tokenizer, model_dir, console)
+        audit_report, max_length, max_length_why = audit_data(cfg, task, data, tokenizer, model_dir, console)
     check_audit(audit_report)
     console.print(f"[bold]data[/] {len(splits.train)} train / {len(splits.val)} validation / {len(splits.test)} test rows, "
                   f"{task.describe_space(space)}; {_groups_phrase(data.report)}; removed "
                   f"{sum(data.report['removed_counts'].values())} rows {data.report['removed_counts'] or ''}")
     with _stage(durations, "tokenize"):
-        ids = task.encode(tokenizer, splits, max_length)
-        y = task.targets(space, splits)
+        ids, y = task.encode(cfg, tokenizer, space, splits, max_length)
 
     device = resolve_device("auto")
     precision, why = resolve_precision(cfg.train.precision, device)
@@ -130,7 +129,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
 
     # --- train ---
     with _stage(durations, "train"), _progress(console) as progress:
-        validate = task.validator(cfg, space, ids["val"], y["val"], pad_id, precision)
+        validate = task.validator(cfg, space, tokenizer, max_length, ids["val"], y["val"], pad_id, precision)
         result = train(model, TrainData(ids["train"], y["train"]), validate, cfg.train, cfg.eval,
                        accelerator=accelerator, precision=precision, pad_id=pad_id,
                        checkpoint_dir=out / artifacts.CHECKPOINT, resume=resume, progress=progress)
@@ -194,12 +193,13 @@ def audit_only(cfg: RunConfig, console: Console) -> dict:
 
     from tuneforge.tasks import get_task
 
-    data = get_task(cfg.task.type).prepare(cfg)
+    task = get_task(cfg.task.type)
+    data = task.prepare(cfg)
     model_dir = resolve_model(cfg.model.name)
-    return audit_data(cfg, data, load_tokenizer(model_dir), model_dir, console)[0]
+    return audit_data(cfg, task, data, load_tokenizer(model_dir), model_dir, console)[0]
 
 
-def audit_data(cfg: RunConfig, data, tokenizer, model_dir: Path, console: Console) -> tuple[dict, int, str]:
+def audit_data(cfg: RunConfig, task, data, tokenizer, model_dir: Path, console: Console) -> tuple[dict, int, str]:
     """Run the audit and print its summary; (report, max_length, why): the token lengths it measures also
     settle model.max_length when the config leaves it to the data."""
     from tuneforge.data.audit import audit
@@ -207,8 +207,8 @@ def audit_data(cfg: RunConfig, data, tokenizer, model_dir: Path, console: Consol
 
     lengths = {name: token_lengths(tokenizer, ex.texts) for name, ex in data.splits.items()}
     max_length, why = resolve_max_length(cfg.model.max_length, lengths["train"], tokenizer, model_dir)
-    report = audit(data.splits, data.report["removed"], cfg.task.multi_label, lengths, max_length,
-                   cfg.audit, seed=cfg.data.seed, duplicates_graph=data.duplicates)
+    report = audit(data.splits, data.report["removed"], lengths, max_length, cfg.audit, data.duplicates,
+                   task.audit_sections(cfg, data, tokenizer, max_length))
     _print_audit(console, report)
     return report, max_length, why
 

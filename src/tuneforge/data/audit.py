@@ -1,8 +1,8 @@
 """Data audit: know the data before spending compute.
 
-Checks, each with a severity (info / warning / blocking) and the rows involved: class balance,
-duplicates within a split, leakage between splits, truncation against the tokenizer, likely label
-errors (confident learning on out-of-fold probabilities), and outlier inputs. Rows are 0-based data
+Generic checks, each with a severity (info / warning / blocking) and the rows involved: duplicates
+within a split, leakage between splits, truncation against the tokenizer and outlier inputs; each task
+adds its own (classification: class balance and likely label errors, tasks/classification/audit.py). Rows are 0-based data
 rows of the file they come from. Rows that cleaning removed are listed once, under `cleaning`.
 """
 from __future__ import annotations
@@ -29,25 +29,6 @@ def _index(splits: Splits) -> list[tuple[str, int]]:
 def _ref(splits: Splits, name: str, k: int) -> dict:
     ex = dict(splits.items())[name]
     return {"split": name, "file": ex.source, "row": ex.rows[k]}
-
-
-def class_balance(splits: Splits, multi_label: bool, cfg: AuditConfig) -> dict:
-    counts = {}
-    for name, ex in splits.items():
-        flat = [lab for labs in ex.labels for lab in labs] if multi_label else ex.labels
-        counts[name] = dict(sorted(Counter(flat).items()))
-    train = counts["train"]
-    problems = []
-    for label in sorted(set().union(*counts.values())):
-        if train.get(label, 0) < cfg.min_train_rows_per_class:
-            problems.append(f"class {label!r} has {train.get(label, 0)} training rows (< {cfg.min_train_rows_per_class}): too few to learn")
-        if counts["test"].get(label, 0) < cfg.min_test_rows_per_class:
-            problems.append(f"class {label!r} has {counts['test'].get(label, 0)} test rows (< {cfg.min_test_rows_per_class}): too few to test")
-    ratio = max(train.values()) / max(min(train.values()), 1)
-    if ratio > cfg.max_imbalance_ratio:
-        problems.append(f"largest/smallest class ratio in train is {ratio:.1f} (> {cfg.max_imbalance_ratio:g}): prefer macro-F1")
-    return {"severity": "warning" if problems else "info", "counts": counts, "imbalance_ratio": round(ratio, 3),
-            "problems": problems}
 
 
 def duplicates_and_leakage(splits: Splits, cfg: AuditConfig, graph: DuplicateGraph | None = None) -> tuple[dict, dict]:
@@ -107,39 +88,6 @@ def truncation(splits: Splits, token_lengths: dict[str, np.ndarray], max_length:
     return {"severity": sev, "max_length": max_length, "splits": out}
 
 
-def label_issues(splits: Splits, multi_label: bool, cfg: AuditConfig, seed: int) -> dict:
-    """Confident learning (cleanlab) on out-of-fold probabilities of TF-IDF + a linear model, all splits."""
-    if multi_label or not cfg.label_issues:
-        why = "multi-label data" if multi_label else "audit.label_issues is off"
-        return {"severity": "info", "skipped": why, "rows": []}
-    from cleanlab.filter import find_label_issues
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import SGDClassifier
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-    where = _index(splits)
-    texts = [t for _, ex in splits.items() for t in ex.texts]
-    given = [lab for _, ex in splits.items() for lab in ex.labels]
-    classes = sorted(set(given))
-    y = np.array([classes.index(lab) for lab in given])
-    per_class = np.bincount(y)
-    folds = min(cfg.label_issue_folds, int(per_class.min()))
-    if folds < 2:
-        return {"severity": "info", "skipped": "a class has fewer than 2 rows", "rows": []}
-    x = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=300_000).fit_transform(texts)
-    clf = SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=30, tol=1e-4, random_state=seed)
-    probs = cross_val_predict(clf, x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
-    ranked = find_label_issues(y, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
-    rows = [{**_ref(splits, *where[i]), "given": classes[y[i]], "suggested": classes[int(probs[i].argmax())],
-             "confidence_in_given": round(float(probs[i, y[i]]), 4)} for i in ranked]
-    share = len(rows) / max(len(y), 1)
-    # the least-confident 10% of all rows, most suspect first: where a reviewer should start
-    least = np.argsort(probs[np.arange(len(y)), y], kind="stable")[: max(1, len(y) // 10)]
-    return {"severity": "warning" if share > 0.02 else "info", "method": "cleanlab find_label_issues, "
-            f"{folds}-fold out-of-fold TF-IDF + logistic SGD", "share": round(share, 4), "rows": rows,
-            "least_confident_10pct": [_ref(splits, *where[i]) for i in least]}
-
-
 def outliers(splits: Splits) -> dict:
     rows = []
     all_lengths = np.array([len(t) for _, ex in splits.items() for t in ex.texts])
@@ -160,17 +108,17 @@ def outliers(splits: Splits) -> dict:
     return {"severity": "warning" if rows else "info", "rows": rows, "median_chars": median}
 
 
-def audit(splits: Splits, removed: list[dict], multi_label: bool, token_lengths: dict[str, np.ndarray] | None,
-          max_length: int, cfg: AuditConfig, seed: int = 0, duplicates_graph: DuplicateGraph | None = None) -> dict:
-    """`token_lengths`: tokens per row of each split before truncation (None: the truncation check is skipped)."""
+def audit(splits: Splits, removed: list[dict], token_lengths: dict[str, np.ndarray] | None, max_length: int,
+          cfg: AuditConfig, duplicates_graph: DuplicateGraph | None = None, task_sections: dict | None = None) -> dict:
+    """The generic checks, with the task's own (`task_sections`: name -> section with a severity) among them.
+    `token_lengths`: tokens per row of each split before truncation (None: the truncation check is skipped)."""
     duplicates, leakage = duplicates_and_leakage(splits, cfg, duplicates_graph)
     report = {
         "leakage": leakage,
         "duplicates": duplicates,
-        "label_issues": label_issues(splits, multi_label, cfg, seed),
+        **(task_sections or {}),
         "truncation": truncation(splits, token_lengths, max_length) if token_lengths is not None else
         {"severity": "info", "skipped": "no tokenizer"},
-        "class_balance": class_balance(splits, multi_label, cfg),
         "outliers": outliers(splits),
         "cleaning": {"severity": "info", "removed": removed, "counts": dict(Counter(r["reason"] for r in removed))},
     }
@@ -183,6 +131,8 @@ def summarise(name: str, s: dict) -> str:
     """One line saying what a check of the audit found."""
     if s.get("skipped"):
         return f"skipped: {s['skipped']}"
+    if s.get("summary"):  # a task's own check says what it found
+        return s["summary"]
     if name == "leakage":
         return f"{len(s['groups'])} groups, {s['held_out_rows_leaked']} held-out rows leaked" if s["groups"] else "none"
     if name == "duplicates":

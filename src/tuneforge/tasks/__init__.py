@@ -15,7 +15,7 @@ TASKS: dict[str, str] = {
     "text-classification": "tuneforge.tasks.classification:TASK",
 }
 
-_REQUIRED = ("name", "prepare", "label_space", "targets", "encode", "load_model", "baselines", "validator", "evaluate",
+_REQUIRED = ("name", "prepare", "audit_sections", "label_space", "encode", "load_model", "baselines", "validator", "evaluate",
              "load_predictor", "settings", "reference_profile", "label_names", "observe", "summary_rows",
              "describe_space", "prediction_table", "peft_task_type", "model_class")
 

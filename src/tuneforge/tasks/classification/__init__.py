@@ -22,16 +22,20 @@ class ClassificationTask:
 
         return prepare_data(cfg.data, cfg.task, cfg.eval.slices, cfg.audit.near_duplicate_threshold)
 
+    def audit_sections(self, cfg, data, tokenizer, max_length: int) -> dict:
+        from tuneforge.tasks.classification.audit import sections
+
+        return sections(data.splits, cfg.task.multi_label, cfg.audit, cfg.data.seed)
+
     def label_space(self, cfg, data) -> LabelSpace:
         return LabelSpace(tuple(data.labels), cfg.task.multi_label, cfg.task.threshold)
 
-    def targets(self, space: LabelSpace, splits) -> dict[str, np.ndarray]:
-        return {name: space.encode(ex.labels) for name, ex in splits.items()}
-
-    def encode(self, tokenizer, splits, max_length: int) -> dict[str, list[list[int]]]:
+    def encode(self, cfg, tokenizer, space: LabelSpace, splits, max_length: int) -> tuple[dict, dict]:
+        """(input ids per split, targets per split): one row per text, a class id or a multi-hot row."""
         from tuneforge.models.infer import encode
 
-        return {name: encode(tokenizer, ex.texts, max_length) for name, ex in splits.items()}
+        ids = {name: encode(tokenizer, ex.texts, max_length) for name, ex in splits.items()}
+        return ids, {name: space.encode(ex.labels) for name, ex in splits.items()}
 
     # --- model ---
     def load_model(self, model_dir: Path, space: LabelSpace, seed: int):
@@ -58,7 +62,8 @@ class ClassificationTask:
         return baseline_predictions(space, cfg, splits, y, probe_features)
 
     # --- validation, inside the training loop ---
-    def validator(self, cfg, space: LabelSpace, val_ids: list[list[int]], y_val: np.ndarray, pad_id: int, precision: str):
+    def validator(self, cfg, space: LabelSpace, tokenizer, max_length: int, val_ids: list[list[int]], y_val: np.ndarray,
+                  pad_id: int, precision: str):
         from tuneforge.tasks.classification.evaluate import validation_scores
 
         def validate(model) -> dict:
