@@ -291,7 +291,7 @@ def _print_summary(console: Console, task, metrics: dict, est: dict, durations: 
     verdict = "beats every baseline" if metrics["beats_baselines"] else "does NOT beat every baseline"
     console.print(f"The fine-tuned model {verdict} on test {metrics['main_metric']}.")
     console.print(("[bold green]promoted[/]: " if metrics["promoted"] else "[bold red]not promoted[/]: ") + metrics["promotion_reason"])
-    for col, s in metrics["slices"].items():
+    for col, s in (metrics.get("slices") or {}).items():
         if s["warning"]:
             console.print(f"[yellow]slice warning[/]: {metrics['main_metric']} differs by {s['largest_gap']:.3f} across {col} "
                           f"({s['between']['best']} vs {s['between']['worst']})")

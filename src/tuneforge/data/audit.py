@@ -116,12 +116,12 @@ def audit(splits: Splits, removed: list[dict], token_lengths: dict[str, np.ndarr
     report = {
         "leakage": leakage,
         "duplicates": duplicates,
-        **(task_sections or {}),
         "truncation": truncation(splits, token_lengths, max_length) if token_lengths is not None else
         {"severity": "info", "skipped": "no tokenizer"},
         "outliers": outliers(splits),
         "cleaning": {"severity": "info", "removed": removed, "counts": dict(Counter(r["reason"] for r in removed))},
     }
+    report.update(task_sections or {})  # a task's section may replace a generic one (windows instead of truncation)
     levels = {name: section["severity"] for name, section in report.items()}
     report["summary"] = {"worst": _worst(*levels.values()), "checks": levels}
     return report

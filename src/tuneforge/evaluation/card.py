@@ -7,13 +7,17 @@ from pathlib import Path
 import yaml
 
 
-def _model_index(m: dict, name: str, data_hash: str) -> list[dict]:
+_CARD_METRICS = {"accuracy": {"type": "accuracy"}, "macro_f1": {"type": "f1", "name": "macro-F1", "args": {"average": "macro"}},
+                 "f1": {"type": "f1", "name": "entity F1 (strict, micro)"}, "precision": {"type": "precision"},
+                 "recall": {"type": "recall"}}
+
+
+def _model_index(m: dict, name: str, data_hash: str, task_type: str) -> list[dict]:
     test = m["test"]["model"]
     return [{"name": name, "results": [{
-        "task": {"type": "text-classification", "name": "Text Classification"},
+        "task": {"type": task_type, "name": task_type.replace("-", " ").title()},
         "dataset": {"type": "custom", "name": f"test split sha256:{data_hash[:16]}"},
-        "metrics": [{"type": "accuracy", "value": round(test["accuracy"], 4)},
-                    {"type": "f1", "name": "macro-F1", "value": round(test["macro_f1"], 4), "args": {"average": "macro"}}],
+        "metrics": [{**spec, "value": round(test[k], 4)} for k, spec in _CARD_METRICS.items() if k in test],
     }]}]
 
 
@@ -23,23 +27,25 @@ def build_card(out: Path) -> Path:
     m, data, run, _ = load_run(out)
     key = m["main_metric"]
     test = m["test"]
-    model_class = run.get("task", {}).get("model_class", "AutoModelForSequenceClassification")  # runs before the field
+    from tuneforge.tasks import get_task
+
+    task_type = run.get("task", {}).get("type", "text-classification")  # runs before the field: classification
+    task = get_task(task_type)
+    model_class = task.model_class
     name = out.resolve().name
     meta = {
         "library_name": "transformers",
-        "pipeline_tag": "text-classification",
+        "pipeline_tag": task_type,
         "base_model": run["model"]["reference"],
-        "tags": ["tuneforge", "text-classification"] + (["multi-label"] if data["multi_label"] else []),
+        "tags": ["tuneforge", task_type] + (["multi-label"] if data.get("multi_label") else []),
         "datasets": [f"sha256:{f['sha256']}" for f in data["files"]],
-        "metrics": ["accuracy", "f1"],
-        "model-index": _model_index(m, name, data["test_sha256"]),
+        "metrics": sorted({spec["type"] for k, spec in _CARD_METRICS.items() if k in test["model"]}),
+        "model-index": _model_index(m, name, data["test_sha256"], task_type),
         "tuneforge": {"promoted": m.get("promoted"), "test_split_sha256": data["test_sha256"],
                       "labels": m["labels"], "main_metric": key},
     }
-    rows = [f"| fine-tuned model | {test['model']['accuracy']:.4f} | {test['model']['macro_f1']:.4f} | "
-            + (f"{test['model']['ci']['low']:.4f}-{test['model']['ci']['high']:.4f} |" if test["model"].get("ci") else "- |")]
-    rows += [f"| {n} (baseline) | {b['accuracy']:.4f} | {b['macro_f1']:.4f} | "
-             + (f"{b['ci']['low']:.4f}-{b['ci']['high']:.4f} |" if b.get("ci") else "- |") for n, b in test["baselines"].items()]
+    header, cells = task.summary_rows(m)
+    rows = [f"| {row[0]}{'' if k == 0 else ' (baseline)'} | " + " | ".join(row[1:]) + " |" for k, row in enumerate(cells)]
     splits = data["splits"]
     slices = []
     for col, s in (m.get("slices") or {}).items():
@@ -49,7 +55,7 @@ def build_card(out: Path) -> Path:
     body = f"""
 # {name}
 
-A {'multi-label' if data['multi_label'] else 'single-label'} text classifier fine-tuned by tuneforge from
+A {task_type.replace('-', ' ')} model{' (multi-label)' if data.get('multi_label') else ''} fine-tuned by tuneforge from
 `{run['model']['reference']}` ({run['model']['architecture']}, {run['model']['parameters'] / 1e6:.1f}M parameters).
 Labels: {', '.join(f'`{lab}`' for lab in m['labels'])}.
 
@@ -66,8 +72,8 @@ human review: check the slice results and limitations first.
 Rows removed by cleaning: {removed}. Class counts in training: {', '.join(f'{c} {n}' for c, n in splits['train']['class_counts'].items())}.
 
 ## Results on the test split
-| | accuracy | macro-F1 | 95% CI ({key}) |
-|---|---|---|---|
+| | {' | '.join(header)} |
+|{'---|' * (len(header) + 1)}
 {chr(10).join(rows)}
 
 {('## Slice results' + chr(10) + chr(10).join(slices)) if slices else ''}

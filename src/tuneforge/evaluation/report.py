@@ -136,7 +136,10 @@ def load_run(out: Path) -> tuple[dict, dict, dict, dict | None]:
 
 
 def build_report(out: Path) -> Path:
-    """Write OUT/report.html from OUT/metrics.json, data_report.json, run.json and audit.json."""
+    """Write OUT/report.html from OUT/metrics.json, data_report.json, run.json and audit.json; the task of
+    the run supplies its table rows and its own sections (per class or per type, confusion, ...)."""
+    from tuneforge.tasks import get_task
+
     m, data, run, audit = load_run(out)
     key = m["main_metric"]
     test = m["test"]
@@ -144,33 +147,15 @@ def build_report(out: Path) -> Path:
              f'<p class="verdict {"ok" if m.get("promoted") else "no"}">{"PROMOTED" if m.get("promoted") else "NOT PROMOTED"}: '
              f'{html.escape(m.get("promotion_reason", ""))}</p>']
     parts.append("<h2>Model vs baselines (test split)</h2>" + _img(plot_vs_baselines(test, key), f"test {key}: model vs baselines"))
-    rows = [["fine-tuned model", _f(test["model"]["accuracy"]), _f(test["model"]["macro_f1"]),
-             f"{_f(test['model']['ci']['low'])} - {_f(test['model']['ci']['high'])}" if test["model"].get("ci") else "-"]]
-    rows += [[n, _f(b["accuracy"]), _f(b["macro_f1"]), f"{_f(b['ci']['low'])} - {_f(b['ci']['high'])}" if b.get("ci") else "-"]
-             for n, b in test["baselines"].items()]
-    parts.append(_table(["", "accuracy", "macro-F1", f"95% CI ({key})"], rows))
-    sig = m.get("significance")
-    if sig:
-        mc, pb = sig["mcnemar"], sig["paired_bootstrap"]
-        parts.append(f"<p>Against the best baseline, <b>{html.escape(sig['against'])}</b>: McNemar exact p = {mc['p_value']:.4g} "
-                     f"({mc['only_model_right']} rows only the model gets right, {mc['only_baseline_right']} only the baseline); "
-                     f"paired bootstrap {key} difference {pb['diff']:+.4f} (95% CI {pb['low']:+.4f} to {pb['high']:+.4f}).</p>")
+    task = get_task(run.get("task", {}).get("type", "text-classification"))
+    header, rows = task.summary_rows(m)
+    parts.append(_table(["", *header], rows))
+    details = task.report_details(m)
     if m["validation"]["history"]:
-        parts.append("<h2>Learning curves</h2>" + _img(plot_learning_curves(m["validation"]["history"], key), "loss and validation metric"))
-    parts.append("<h2>Per class</h2>" + _table(["class", "precision", "recall", "F1", "support"],
-                 [[c, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), v["support"]] for c, v in test["model"]["per_class"].items()]))
-    cm = plot_confusion(test["model"]["confusion_matrix"])
-    if cm:
-        parts.append(_img(cm, "confusion matrix"))
-    if m.get("calibration"):
-        rel, hist = plot_calibration(m["calibration"])
-        parts.append("<h2>Calibration</h2><div class='row'>" + _img(rel, "reliability diagram") + _img(hist, "confidence histogram") + "</div>")
-    for col, s in (m.get("slices") or {}).items():
-        warn = (f"<p class='warn'>Gap of {s['largest_gap']:.3f} in {key} between {html.escape(s['between']['best'])} and "
-                f"{html.escape(s['between']['worst'])} exceeds {s['max_gap']}.</p>") if s["warning"] else ""
-        parts.append(f"<h2>Slice: {html.escape(col)}</h2>{warn}" + _img(plot_slice(col, s), f"{key} by {col}")
-                     + _table(["group", "rows", "accuracy", key], [[g, v["n"], _f(v["accuracy"]), _f(v[key])] for g, v in s["groups"].items()]))
-    parts.append("<h2>Data</h2>" + _table(["split", "rows", "classes", "sha256"],
+        details.insert(1 if m.get("significance") else 0,
+                       "<h2>Learning curves</h2>" + _img(plot_learning_curves(m["validation"]["history"], key), "loss and validation metric"))
+    parts += details
+    parts.append("<h2>Data</h2>" + _table(["split", "rows", "classes / types", "sha256"],
                  [[k, v["rows"], ", ".join(f"{c}: {n}" for c, n in v["class_counts"].items()), v["sha256"][:16]] for k, v in data["splits"].items()]))
     if audit:
         from tuneforge.data.audit import summarise

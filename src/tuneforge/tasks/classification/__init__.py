@@ -112,6 +112,11 @@ class ClassificationTask:
             rows.append([", ".join(r["label"]) if isinstance(r["label"], list) else r["label"], probs])
         return ["label", "probabilities"], rows
 
+    def report_details(self, metrics: dict) -> list[str]:
+        from tuneforge.tasks.classification.report import report_details
+
+        return report_details(metrics)
+
     # --- the run's closing table ---
     def summary_rows(self, metrics: dict) -> tuple[list[str], list[list[str]]]:
         header = ["accuracy", "macro-F1", f"95% CI ({metrics['main_metric']})"]

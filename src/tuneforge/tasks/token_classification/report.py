@@ -1,0 +1,17 @@
+"""Token classification's sections of report.html: metrics per entity type and the confusion of types."""
+from __future__ import annotations
+
+from tuneforge.evaluation.report import _f, _img, _table, plot_confusion
+
+
+def report_details(m: dict) -> list[str]:
+    model = m["test"]["model"]
+    parts = ["<h2>Per entity type (test, strict entity match)</h2>" + _table(
+        ["type", "precision", "recall", "F1", "support"],
+        [[t, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), v["support"]] for t, v in model["per_type"].items()])]
+    confusion = m.get("type_confusion")
+    if confusion:
+        parts.append("<p>Each gold entity against the type predicted on exactly its span; (missed) = no entity "
+                     "predicted there; row (none) = predicted entities matching no gold span.</p>")
+        parts.append(_img(plot_confusion(confusion), "confusion of entity types (test)"))
+    return parts
