@@ -1,0 +1,137 @@
+"""Token classification end to end on a tiny random BERT: the real pipeline on a few hundred sentences,
+the exported model under plain transformers, predict and serve."""
+import json
+import random
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tuneforge.cli import main
+from tuneforge.config import parse_config
+from tuneforge.pipeline import run
+
+FILLER = "the film movie plot story scenes was is a and very quite".split()
+
+
+def _sentence(rng: random.Random) -> tuple[list[str], list[str]]:
+    """Filler words, "actor N" (N < 40 is a person) and "scenes N M" (100 <= N, M < 140: a place). The numbers
+    recur across sentences, so even a 2-layer random model learns them within seconds."""
+    tokens, tags = [], []
+    for _ in range(rng.randint(1, 3)):
+        words = rng.sample(FILLER, rng.randint(1, 3))
+        tokens += words
+        tags += ["O"] * len(words)
+        kind = rng.random()
+        if kind < 0.4:
+            tokens += ["actor", str(rng.randrange(40))]
+            tags += ["O", "B-PER"]
+        elif kind < 0.7:
+            tokens += ["scenes", str(rng.randrange(100, 140)), str(rng.randrange(100, 140))]
+            tags += ["O", "B-LOC", "I-LOC"]
+    return tokens, tags
+
+
+def _write_conll(path, n, seed):
+    rng = random.Random(seed)
+    lines = ["-DOCSTART- -X- O O", ""]
+    for _ in range(n):
+        tokens, tags = _sentence(rng)
+        lines += [f"{t}\t{g}" for t, g in zip(tokens, tags)] + ["\t"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def token_run(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("ner")
+    data = _write_conll(d / "train.conll", 300, seed=0)
+    cfg = parse_config({"task": {"type": "token-classification"},
+                        "data": {"path": str(data), "val_fraction": 0.15, "test_fraction": 0.2},
+                        "model": {"name": str(tiny_model_dir), "max_length": 16},  # long sentences need windows
+                        "train": {"method": "full", "epochs": 20, "batch_size": 16, "learning_rate": 5e-3,
+                                  "early_stopping_patience": 0},
+                        "eval": {"bootstrap_samples": 50}, "output": {"dir": str(d / "out")}})
+    metrics = run(cfg)
+    return d / "out", metrics
+
+
+def test_the_pipeline_learns_entities_and_reports_them_against_the_baselines(token_run):
+    out, metrics = token_run
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["main_metric"] == "f1"
+    model = saved["test"]["model"]
+    assert set(model["per_type"]) == {"LOC", "PER"}
+    assert model["f1"] >= 0.85  # measured 0.89; the gazetteer misses place pairs it never saw
+    assert model["f1"] > saved["test"]["baselines"]["gazetteer"]["f1"]
+    assert model["ci"]["low"] <= model["f1"] <= model["ci"]["high"]
+    assert saved["test"]["baselines"]["majority"]["f1"] == 0.0
+    assert set(saved["test"]["baselines"]) == {"majority", "gazetteer", "crf"}
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["leakage"]["severity"] == "info"
+    assert sum(s["need_windows"] for s in audit["truncation"]["splits"].values()) > 0  # windows were needed
+    assert json.loads((out / "run.json").read_text())["task"]["model_class"] == "AutoModelForTokenClassification"
+    assert "Per entity type" in (out / "report.html").read_text()
+
+
+def test_plain_transformers_pipeline_finds_the_same_entities(token_run):
+    from transformers import pipeline
+
+    out, _ = token_run
+    from tuneforge.tasks.token_classification.task import EntityPredictor
+
+    texts = ["the film actor 12 was very", "a story and scenes 110 121 is quite", "movie actor 7 and scenes 108 119"]
+    ours = [r["entities"] for r in EntityPredictor.load(out / "model").predict(texts)]
+    plain = pipeline("token-classification", model=str(out / "model"), aggregation_strategy="simple")(texts)
+    assert any(ours)  # the comparison is about real entities
+    for mine, theirs in zip(ours, plain):
+        assert [(e["entity_group"], e["start"], e["end"]) for e in mine] == \
+               [(e["entity_group"], e["start"], e["end"]) for e in theirs]
+        assert [round(e["score"], 4) for e in mine] == pytest.approx([float(e["score"]) for e in theirs], abs=1e-4)
+
+
+def test_predict_prints_entities_with_offsets(token_run, capsys):
+    out, _ = token_run
+    text = "the film actor 12 was very"
+    assert main(["predict", str(out), "--text", text, "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["text"] == text
+    found = line["entities"]
+    assert [(e["entity_group"], e["word"]) for e in found] == [("PER", "12")]
+    assert text[found[0]["start"]:found[0]["end"]] == "12"
+
+
+def test_serving_returns_entities_and_counts_them_per_type(token_run, tmp_path):
+    from tuneforge.serving.app import ServeSettings, create_app, run_predictor
+    from tuneforge.serving.monitor import load_reference
+
+    from collections import Counter
+
+    from tuneforge.tasks.token_classification.task import EntityPredictor
+
+    out, _ = token_run
+    texts = ["movie actor 7 and scenes 108 119", "the plot", "a actor 3 and actor 30 was"]
+    direct = EntityPredictor.load(out / "model").predict(texts)
+    settings = ServeSettings(run_dir=out, api_key="k", monitor_url=f"sqlite:///{tmp_path / 'log.sqlite'}")
+    with TestClient(create_app(settings, run_predictor(out), reference=load_reference(out))) as c:
+        r = c.post("/v1/predict", json={"texts": texts}, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 200
+        preds = r.json()["predictions"]
+        text = c.get("/metrics").text
+    assert preds == direct  # the same entities, offsets and scores as the predictor
+    counts = Counter(e["entity_group"] for p in preds for e in p["entities"])
+    counts["(none)"] = sum(1 for p in preds if not p["entities"])
+    assert counts["PER"] >= 1 and counts["(none)"] == 1  # the plot has no entity
+    for label, n in counts.items():
+        assert f'tuneforge_predicted_label_total{{label="{label}"}} {float(n)}' in text
+
+
+def test_bad_token_data_is_a_clear_error_naming_file_and_line(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "bad.conll"
+    bad.write_text("the\tO\nactor\tO\n12\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"task: token-classification\ndata: {{path: {bad}}}\nmodel: {{name: {tiny_model_dir}}}\n"
+                   f"output: {{dir: {tmp_path / 'out'}}}\n")
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "line 3" in err and "'12'" in err
+    assert not (tmp_path / "out").exists()
