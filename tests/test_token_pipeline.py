@@ -135,3 +135,13 @@ def test_bad_token_data_is_a_clear_error_naming_file_and_line(tmp_path, tiny_mod
     err = capsys.readouterr().err
     assert str(bad) in err and "line 3" in err and "'12'" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_quick_start_takes_a_conll_file_with_no_column_flags(tmp_path, tiny_model_dir, capsys):
+    data = _write_conll(tmp_path / "train.conll", 120, seed=1)
+    args = ["run", "--task", "token-classification", "--data", str(data), "--model", str(tiny_model_dir),
+            "--output", str(tmp_path / "out"), "--epochs", "1"]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["main_metric"] == "f1" and set(saved["test"]["baselines"]) == {"majority", "gazetteer", "crf"}
+    assert "entity F1" in capsys.readouterr().out

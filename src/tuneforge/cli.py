@@ -19,7 +19,8 @@ def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="fine-tune a model and evaluate it against baselines",
                        description="Fine-tune from a YAML config, or quick-start from flags without one.")
     p.add_argument("config", nargs="?", help="YAML config (see examples/)")
-    p.add_argument("--data", help="quick start: data file (CSV, JSONL, Parquet)")
+    p.add_argument("--data", help="quick start: data file (CSV, JSONL, Parquet; token classification also CoNLL)")
+    _task_argument(p)
     p.add_argument("--text-column", help="column with the text")
     p.add_argument("--label-column", help="column with the label(s)")
     p.add_argument("--test-data", help="separate test file; used as the test split instead of carving one out")
@@ -59,6 +60,13 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+def _task_argument(p) -> None:
+    from tuneforge.tasks import TASKS
+
+    p.add_argument("--task", choices=sorted(TASKS),
+                   help="the task (default text-classification; overrides a config file's task.type)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune a pre-trained model for your task, with the evidence.")
     parser.add_argument("--version", action=_VersionAction, help="print the tuneforge, torch and transformers versions and exit")
@@ -67,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="audit the data (leakage, duplicates, label errors, truncation, balance) before training",
                        description="Audit from a YAML config, or from flags without one. Exit code 3 on a blocking finding.")
     p.add_argument("config", nargs="?", help="YAML config (see examples/)")
+    _task_argument(p)
     for flag, text in (("--data", "data file"), ("--text-column", "column with the text"),
                        ("--label-column", "column with the label(s)"), ("--test-data", "separate test file"),
                        ("--model", "model whose tokenizer measures truncation"),
@@ -120,15 +129,22 @@ def _config_from_args(args):
         cfg = load_config(args.config)
         raw = cfg.model_dump(exclude_unset=True)
     elif args.data:
-        missing = [flag for flag, val in (("--text-column", args.text_column), ("--label-column", args.label_column)) if not val]
+        from tuneforge.config import QUICK_START_FLAGS
+
+        given = {"--text-column": args.text_column, "--label-column": args.label_column}
+        task = args.task or "text-classification"
+        missing = [flag for flag in QUICK_START_FLAGS[task] if not given[flag]]
         if missing:
             raise ConfigError(f"quick start needs {' and '.join(missing)}", fix="name the columns holding the text and the label")
-        raw = {"data": {"path": args.data, "text_column": args.text_column, "label_column": args.label_column}}
+        raw = {"task": {"type": task}, "data": {"path": args.data}}
+        raw["data"].update({k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column)) if v})
     else:
         raise ConfigError("nothing to run", fix="pass a config file (tuneforge run examples/sentiment.yaml) or --data PATH")
     overrides = {("data", "test_path"): args.test_data, ("model", "name"): args.model, ("output", "dir"): args.output,
                  ("train", "method"): args.method, ("train", "epochs"): args.epochs}
     if args.config:
+        if args.task:
+            overrides[("task", "type")] = args.task
         overrides[("data", "text_column")] = args.text_column
         overrides[("data", "label_column")] = args.label_column
     if args.multi_label:

@@ -130,6 +130,8 @@ class GateConfig(_Section):
 
 # Per task: the metrics that can drive model choice (the first is the default) and the baselines it offers.
 TASK_METRICS = {"text-classification": ("macro_f1", "accuracy"), "token-classification": ("f1",)}
+QUICK_START_FLAGS = {"text-classification": ("--text-column", "--label-column"),  # what `run --data F` needs
+                     "token-classification": ()}  # CoNLL / tokens+tags / text+spans files name their own fields
 TASK_BASELINES = {"text-classification": ("majority", "tfidf_logreg", "frozen_probe"),
                   "token-classification": ("majority", "gazetteer", "crf")}
 
