@@ -251,7 +251,7 @@ def main() -> int:
         results["note"] = "smaller than the bench's default size: a smoke test, not a measurement"
     print(f"data: {n_train} train sentences ({train_windows} windows at max_length {max_length}, {max_length_why}) / "
           f"{len(splits.val)} validation / {len(test_tokens)} test; {len(space.types)} entity types; "
-          f"{args.epochs:g} epochs, batch {BATCH_SIZE}", flush=True)
+          f"{args.epochs:g} epoch(s), batch {BATCH_SIZE}", flush=True)
 
     def update_comparisons() -> None:
         tr = f"trainer_{trainer_precision}" if not args.skip_trainer else None
@@ -303,12 +303,16 @@ def main() -> int:
         test = metrics["test"]["model"]
         pipeline_hashes = {k: v["sha256"] for k, v in report["splits"].items()}
         resolved = run_info["resolved"]
+        layers = run_info["model"].get("layers")
+        frozen_layers = None
+        if run_cfg.train.method == "frozen":  # null = half of the encoder's layers, as the pipeline resolves it
+            frozen_layers = run_cfg.train.frozen_layers if run_cfg.train.frozen_layers is not None else (layers or 0) // 2
         return {"sentences_per_s": n_train * epochs_run / seconds if seconds else 0.0,
                 "windows_per_s": windows_per_s,
                 "test_f1": test["f1"], "test_precision": test["precision"], "test_recall": test["recall"],
                 "test_f1_ci": test.get("ci"), "test_n_sentences": test["n_sentences"], "test_n_entities": test["n_entities"],
                 "per_type": test.get("per_type"),
-                "method": run_cfg.train.method, "frozen_layers": run_cfg.train.frozen_layers,
+                "method": run_cfg.train.method, "frozen_layers": frozen_layers, "encoder_layers": layers,
                 "learning_rate": run_cfg.train.learning_rate, "batch_size": run_cfg.train.batch_size,
                 "epochs": args.epochs, "epochs_run": epochs_run, "steps": run_info["steps"],
                 "windows_trained": windows_trained, "sampling": "group_by_length" if run_cfg.train.group_by_length else "random",
@@ -428,7 +432,7 @@ def main() -> int:
 def print_summary(results: dict) -> None:
     hw, s = results["cpu"], results["setup"]
     print(f"\n{s['train_sentences']} training sentences ({s['train_windows']} windows), {s['test_sentences']} test "
-          f"sentences, batch {s['batch_size']}, {s['epochs']:g} epochs, max_length {s['max_length']}; CPU {hw['model']} "
+          f"sentences, batch {s['batch_size']}, {s['epochs']:g} epoch(s), max_length {s['max_length']}; CPU {hw['model']} "
           f"(amx_bf16 {hw['amx_bf16']}, avx512_bf16 {hw['avx512_bf16']}), torch threads {hw['torch_threads']}")
     print(f"Trainer: {results['trainer_precision_note']}")
     print(f"{'run':<16}{'method':<8}{'precision':<10}{'sent/s':>9}{'windows/s':>11}{'step-timed':>12}"
