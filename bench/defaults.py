@@ -23,11 +23,9 @@ from public_data import write_all  # noqa: E402
 
 
 def cpu() -> dict:
-    from tuneforge.artifacts import hardware
-    from tuneforge.models.device import cpu_flags
+    from tuneforge.models.device import cpu_info
 
-    flags = cpu_flags()
-    return {"cpu": hardware()["cpu"], "bf16_flags": sorted(flags & {"amx_bf16", "avx512_bf16"}), "cores": os.cpu_count()}
+    return cpu_info()
 
 
 def run_one(name: str, path: Path, out: Path, extra: list[str]) -> dict:

@@ -79,25 +79,9 @@ PREDICT_BATCH = 64
 
 
 def cpu_info() -> dict:
-    from tuneforge.models.device import cpu_flags, cpu_has_fast_bf16
+    from tuneforge.models.device import cpu_info as info
 
-    model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = cpu_flags()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"model": model or platform.processor() or None, "amx_bf16": "amx_bf16" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "amx_tile": "amx_tile" in flags, "avx2": "avx2" in flags,
-            "avx512f": "avx512f" in flags, "fast_bf16": cpu_has_fast_bf16(),
-            "logical_cpus": os.cpu_count(), "usable_cpus": usable, "torch_threads": torch.get_num_threads()}
+    return info()
 
 
 def write_json(path: Path, obj: dict) -> None:

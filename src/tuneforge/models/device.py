@@ -36,6 +36,33 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (figures are only comparable on the same CPU)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or ""
+
+
+def cpu_info() -> dict:
+    """What a benchmark figure needs beside it: the CPU, its bf16 path, and the cores and threads used."""
+    import os
+
+    flags = cpu_flags()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"model": cpu_name(), "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "fast_bf16": cpu_has_fast_bf16(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+            "torch_threads": torch.get_num_threads()}
+
+
 def cpu_has_fast_bf16() -> bool:
     # Without AMX or AVX512-BF16, bf16 matmuls on CPU are emulated and far slower than fp32
     # (measured on an AVX2-only EPYC: 0.7 vs 48 GFLOP/s).
