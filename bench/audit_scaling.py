@@ -30,7 +30,7 @@ def main() -> None:
     from tuneforge.data.audit import audit
     from tuneforge.tasks.classification.audit import sections
     from tuneforge.data.load import read_table, resolve_path
-    from tuneforge.data.prepare import prepare_data
+    from tuneforge.tasks.classification.data import prepare_data
     from tuneforge.models.infer import token_lengths
     from tuneforge.models.load import load_tokenizer
     from tuneforge.models.resolve import resolve_model

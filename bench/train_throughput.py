@@ -153,7 +153,7 @@ def main() -> int:
     from transformers.utils import logging as hf_logging
 
     from tuneforge.config import load_config
-    from tuneforge.data.prepare import prepare_data
+    from tuneforge.tasks.classification.data import prepare_data
     from tuneforge.models.infer import encode, pad_id_of, predict_logits
     from tuneforge.models.load import apply_method, load_tokenizer, quiet_transformers
     from tuneforge.tasks.classification.model import load_classifier

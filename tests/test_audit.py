@@ -9,7 +9,7 @@ from tuneforge.cli import main
 from tuneforge.config import AuditConfig, DataConfig, ClassificationTaskConfig
 from tuneforge.data.audit import audit
 from tuneforge.data.neardup import near_pairs, normalise
-from tuneforge.data.prepare import prepare_data
+from tuneforge.tasks.classification.data import prepare_data
 from tuneforge.tasks.classification.audit import sections
 
 VOCAB = [f"w{i}" for i in range(3000)]

@@ -5,7 +5,7 @@ import pytest
 
 from tuneforge.config import DataConfig, ClassificationTaskConfig
 from tuneforge.data.load import read_table
-from tuneforge.data.prepare import prepare_data
+from tuneforge.tasks.classification.data import prepare_data
 from tuneforge.data.split import content_hash
 from tuneforge.errors import DataError
 

@@ -37,7 +37,7 @@ def _reference_texts(run_dir) -> list[str]:
     import yaml
 
     from tuneforge.config import parse_config
-    from tuneforge.data.prepare import prepare_data
+    from tuneforge.tasks.classification.data import prepare_data
     from tuneforge.data.split import content_hash
 
     cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))

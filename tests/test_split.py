@@ -7,7 +7,7 @@ import pytest
 
 from tuneforge.config import AuditConfig, DataConfig, ClassificationTaskConfig
 from tuneforge.data.audit import audit
-from tuneforge.data.prepare import prepare_data
+from tuneforge.tasks.classification.data import prepare_data
 
 VOCAB = [f"w{i}" for i in range(5000)]
 

@@ -1,12 +1,12 @@
-"""The data stage end to end: files in, clean stratified splits and `data_report.json` content out."""
+"""The generic half of the data stage: a task's examples in, the duplicate graph, leak-free group-aware
+splits and the `data_report.json` content out. Each task reads its own files (tasks/<task>/data.py)."""
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
 
-from tuneforge.config import DataConfig, ClassificationTaskConfig
-from tuneforge.data.clean import Examples, check_usable, clean
-from tuneforge.data.load import detect_format, file_sha256, read_table, resolve_path
+from tuneforge.config import DataConfig
+from tuneforge.data.clean import Examples
 from tuneforge.data.neardup import DuplicateGraph, duplicate_graph
 from tuneforge.data.split import Splits, content_hash, split
 
@@ -17,38 +17,6 @@ class PreparedData:
     labels: list[str]
     report: dict
     duplicates: DuplicateGraph  # shared with the audit: MinHash runs once per run
-
-
-def _class_counts(labels: list, multi_label: bool) -> dict[str, int]:
-    flat = [lab for labs in labels for lab in labs] if multi_label else labels
-    return dict(sorted(Counter(flat).items()))
-
-
-def _load_clean(ref: str, cfg: DataConfig, task: ClassificationTaskConfig, extra_columns: list[str]):
-    path = resolve_path(ref)
-    df = read_table(path, cfg.format, cfg.encoding)
-    result = clean(df, cfg, task, path, extra_columns)
-    check_usable(result.examples, result.removed, path, cfg, task.multi_label)
-    info = {"path": str(path), "format": detect_format(path, cfg.format), "sha256": file_sha256(path),
-            "rows_read": result.rows_read, "rows_kept": len(result.examples)}
-    return result, info
-
-
-def prepare_data(cfg: DataConfig, task: ClassificationTaskConfig, extra_columns: list[str] = (),
-                 near_duplicate_threshold: float = 0.8) -> PreparedData:
-    """Table data (a text column and a label column): read, clean, split. `extra_columns` (e.g. eval.slices)
-    travel with the rows without being model inputs."""
-    main, main_info = _load_clean(cfg.path, cfg, task, list(extra_columns))
-    files, removed = [main_info], list(main.removed)
-    test = None
-    if cfg.test_path:
-        test_result, test_info = _load_clean(cfg.test_path, cfg, task, list(extra_columns))
-        files.append(test_info)
-        removed += test_result.removed
-        test = test_result.examples
-    report = {"multi_label": task.multi_label}
-    return assemble(main.examples, test, files, removed, cfg, near_duplicate_threshold, report,
-                    lambda labels: _class_counts(labels, task.multi_label))
 
 
 def assemble(main: Examples, test: Examples | None, files: list[dict], removed: list[dict], cfg: DataConfig,

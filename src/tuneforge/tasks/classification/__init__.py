@@ -18,7 +18,7 @@ class ClassificationTask:
 
     # --- data ---
     def prepare(self, cfg):
-        from tuneforge.data.prepare import prepare_data
+        from tuneforge.tasks.classification.data import prepare_data
 
         return prepare_data(cfg.data, cfg.task, cfg.eval.slices, cfg.audit.near_duplicate_threshold)
 
