@@ -107,6 +107,9 @@ def test_multi_label_drift_follows_each_labels_rate():
     # the same label sets, but "bug" now rides along on almost every prediction
     shifted = drift_report(reference, rows(["billing,bug"] * 60 + ["bug,praise"] * 30 + [""] * 10), thresholds, min_rows=50)
     assert shifted["signals"]["label"]["drift"] and shifted["status"] == "drift"
+    # and each prediction now carries more labels: 0, 1 or 2 before; 2 on 90% of them after
+    assert reference["count"]["shares"][:3] == [0.2, 0.5, 0.3]
+    assert shifted["signals"]["count"]["drift"] and not same["signals"]["count"]["drift"]
 
 
 def test_sqlite_log_in_an_unusable_place_is_a_clear_error(tmp_path):

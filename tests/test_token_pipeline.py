@@ -145,3 +145,23 @@ def test_quick_start_takes_a_conll_file_with_no_column_flags(tmp_path, tiny_mode
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["main_metric"] == "f1" and set(saved["test"]["baselines"]) == {"majority", "gazetteer", "crf"}
     assert "entity F1" in capsys.readouterr().out
+
+
+def test_drift_watches_entities_per_text(token_run, tmp_path):
+    from tuneforge.serving.app import ServeSettings, create_app, run_predictor
+    from tuneforge.serving.monitor import load_reference
+
+    out, _ = token_run
+    rng = random.Random(7)
+    like_training = [" ".join(_sentence(rng)[0]) for _ in range(200)]
+    crowded = [" ".join(f"actor {n}" for n in range(k, k + 6)) for k in range(0, 120, 2)]  # six people a text
+    reports = {}
+    for name, texts in (("same", like_training), ("crowded", crowded)):
+        settings = ServeSettings(run_dir=out, api_key="k", monitor_url=f"sqlite:///{tmp_path / name}.sqlite")
+        with TestClient(create_app(settings, run_predictor(out), reference=load_reference(out))) as c:
+            for i in range(0, len(texts), 20):
+                assert c.post("/v1/predict", json={"texts": texts[i:i + 20]}, headers={"Authorization": "Bearer k"}).status_code == 200
+            reports[name] = c.get("/v1/monitor", headers={"Authorization": "Bearer k"}).json()
+    assert set(reports["same"]["signals"]) == {"length", "label", "confidence", "count"}
+    assert not reports["same"]["signals"]["count"]["drift"], reports["same"]["signals"]["count"]  # PSI 0.14 (59 reference rows)
+    assert reports["crowded"]["signals"]["count"]["drift"] and reports["crowded"]["status"] == "drift"

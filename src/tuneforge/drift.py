@@ -12,7 +12,9 @@ import numpy as np
 LENGTH_EDGES = [0, 20, 40, 60, 80, 100, 150, 200, 300, 500, 1000, 10**9]  # characters
 CONFIDENCE_EDGES = [0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0 + 1e-9]
 PROFILE_FILE = "reference_profile.json"
-DEFAULT_THRESHOLDS = {"length": 0.25, "label": 0.25, "confidence": 0.25}  # PSI > 0.25: a significant shift
+COUNT_EDGES = [0, 1, 2, 3, 4, 6, 10, 10**9]  # labels per prediction: entities per text, labels of a multi-label row
+DEFAULT_THRESHOLDS = {"length": 0.25, "label": 0.25, "confidence": 0.25, "count": 0.25}  # PSI > 0.25: a significant shift
+SIGNALS = ("length", "label", "confidence", "count")
 
 
 def _shares(counts) -> list[float]:
@@ -21,9 +23,12 @@ def _shares(counts) -> list[float]:
 
 
 def profile(lengths: list[int], labels: list[str], confidences: list[float], label_names: list[str]) -> dict:
-    """Binned distributions of the three watched signals (input length in characters)."""
+    """Binned distributions of the watched signals: input length in characters, the predicted labels
+    (entity types), the confidence, and how many labels a prediction carries (entities per text)."""
+    counts = [len(lab.split(",")) if lab else 0 for lab in labels]
     return {
         "n": len(lengths),
+        "count": {"edges": COUNT_EDGES, "shares": _shares(np.histogram(counts, COUNT_EDGES)[0])},
         "length": {"edges": LENGTH_EDGES, "shares": _shares(np.histogram(lengths, LENGTH_EDGES)[0])},
         "confidence": {"edges": CONFIDENCE_EDGES, "shares": _shares(np.histogram(confidences, CONFIDENCE_EDGES)[0])},
         "label": {"names": label_names, "shares": _shares(_label_counts(labels, label_names))},

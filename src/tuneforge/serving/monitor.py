@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tuneforge.drift import PROFILE_FILE, profile, psi
+from tuneforge.drift import DEFAULT_THRESHOLDS, PROFILE_FILE, SIGNALS, profile, psi
 
 def redact(url: str) -> str:
     """The URL with any password replaced by ***, for messages and logs."""
@@ -98,9 +98,10 @@ def drift_report(reference: dict | None, rows: list[tuple], thresholds: dict[str
     lengths, labels, confs = zip(*rows)
     now = profile(list(lengths), list(labels), list(confs), reference["label"]["names"])
     signals = {}
-    for name in ("length", "label", "confidence"):
+    for name in (s for s in SIGNALS if s in reference):  # a reference written before a signal existed lacks it
         value = psi(reference[name]["shares"], now[name]["shares"])
-        signals[name] = {"psi": round(value, 4), "threshold": thresholds[name], "drift": value > thresholds[name],
+        limit = thresholds.get(name, DEFAULT_THRESHOLDS[name])
+        signals[name] = {"psi": round(value, 4), "threshold": limit, "drift": value > limit,
                          "reference": reference[name]["shares"], "recent": now[name]["shares"]}
     return {"status": "drift" if any(s["drift"] for s in signals.values()) else "ok", "window": len(rows), "signals": signals}
 
