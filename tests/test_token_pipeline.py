@@ -165,3 +165,26 @@ def test_drift_watches_entities_per_text(token_run, tmp_path):
     assert set(reports["same"]["signals"]) == {"length", "label", "confidence", "count"}
     assert not reports["same"]["signals"]["count"]["drift"], reports["same"]["signals"]["count"]  # PSI 0.14 (59 reference rows)
     assert reports["crowded"]["signals"]["count"]["drift"] and reports["crowded"]["status"] == "drift"
+
+
+def test_a_model_folder_copied_out_of_its_run_still_knows_its_task(token_run, tmp_path, capsys):
+    import shutil
+
+    out, _ = token_run
+    copied = shutil.copytree(out / "model", tmp_path / "elsewhere")
+    assert main(["predict", str(copied), "--text", "the film actor 12 was very", "--json"]) == 0
+    assert "entities" in json.loads(capsys.readouterr().out.splitlines()[0])
+
+
+def test_task_flag_over_a_config_takes_the_other_tasks_defaults(tmp_path):
+    import argparse
+
+    from tuneforge.cli import _config_from_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {path: x.conll}\neval: {bootstrap_samples: 10}\n")
+    args = argparse.Namespace(config=str(cfg), data=None, task="token-classification", text_column=None, label_column=None,
+                              test_data=None, model=None, output=None, method=None, epochs=None, multi_label=False,
+                              overwrite=False)
+    parsed = _config_from_args(args)
+    assert (parsed.task.type, parsed.eval.metric, parsed.eval.bootstrap_samples) == ("token-classification", "f1", 10)

@@ -58,10 +58,16 @@ def replace_dir(staging: Path, final: Path) -> None:
 
 
 def run_task_type(out: Path) -> str:
-    """The task of a finished run (OUT or OUT/model), from its config.yaml; runs that predate the field are
-    text classification."""
+    """The task of a finished run (OUT or OUT/model): from the model's config.json (so a model folder copied
+    out of its run still knows it), else the run's config.yaml; runs that predate both are text classification."""
     import yaml
 
+    for model_dir in (out / "model", out):
+        cfg = model_dir / "config.json"
+        if cfg.is_file():
+            task = (json.loads(cfg.read_text()).get(SETTINGS_KEY) or {}).get("task")
+            if task:
+                return task
     for path in (out / "config.yaml", out.parent / "config.yaml"):
         if path.is_file():
             return (yaml.safe_load(path.read_text()).get("task") or {}).get("type") or "text-classification"

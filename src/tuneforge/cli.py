@@ -128,6 +128,10 @@ def _config_from_args(args):
     if args.config:
         cfg = load_config(args.config)
         raw = cfg.model_dump(exclude_unset=True)
+        if args.task and args.task != cfg.task.type:  # another task: its own section and its own metric defaults
+            raw["task"] = {"type": args.task}
+            for key in ("metric", "baselines"):
+                raw.get("eval", {}).pop(key, None)
     elif args.data:
         from tuneforge.config import QUICK_START_FLAGS
 
@@ -143,8 +147,6 @@ def _config_from_args(args):
     overrides = {("data", "test_path"): args.test_data, ("model", "name"): args.model, ("output", "dir"): args.output,
                  ("train", "method"): args.method, ("train", "epochs"): args.epochs}
     if args.config:
-        if args.task:
-            overrides[("task", "type")] = args.task
         overrides[("data", "text_column")] = args.text_column
         overrides[("data", "label_column")] = args.label_column
     if args.multi_label:

@@ -49,7 +49,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
 
     from tuneforge.models.device import resolve_device, resolve_precision
     from tuneforge.models.infer import pad_id_of
-    from tuneforge.models.load import apply_method, export_model, load_tokenizer
+    from tuneforge.models.load import apply_method, export_model
     from tuneforge.models.resolve import describe, resolve_model
     from tuneforge.tasks import get_task
     from tuneforge.training import cost
@@ -70,7 +70,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         data = task.prepare(cfg)
     splits = data.splits
     model_dir = resolve_model(cfg.model.name)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = task.load_tokenizer(model_dir)
     space = task.label_space(cfg, data)
     with _stage(durations, "audit"):
         audit_report, max_length, max_length_why = audit_data(cfg, task, data, tokenizer, model_dir, console)
@@ -104,8 +104,8 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     model.to(accelerator.device)
 
     # --- baselines, before any weight changes (a probe may use the pre-trained encoder) ---
-    with _stage(durations, "baselines"):
-        baselines = task.baselines(cfg, space, splits, ids, y, model, pad_id, precision)
+    with _stage(durations, "baselines"):  # one process scores the test split, so only it needs them
+        baselines = task.baselines(cfg, space, splits, ids, y, model, pad_id, precision) if main_process else {}
 
     model = apply_method(model, cfg.train, task.peft_task_type)
     per_epoch, total, eval_every = plan_steps(len(ids["train"]), cfg.train, accelerator.num_processes)
@@ -153,6 +153,9 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     metrics["validation"] = {"metric": cfg.eval.metric, "best": result.best_metric, "best_step": result.best_step,
                              "history": result.history, "stopped_early": result.stopped_early}
     durations["total"] = round(time.perf_counter() - t_start, 2)
+    # early stopping can end a run before its planned steps: the estimate, restated for the steps run
+    est["seconds_total_for_steps_run"] = est["seconds_total"] - (est["seconds_train"] + est["seconds_validation"]) \
+        * (1 - result.steps / total)
     metrics["cost"] = {"estimated": est, "actual": {"seconds_total": durations["total"], "seconds_train": result.train_seconds,
                                                      "train_samples_per_second": result.samples_per_second,
                                                      "peak_memory_bytes": cost.peak_memory_bytes(accelerator.device)}}
@@ -188,7 +191,6 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
 
 def audit_only(cfg: RunConfig, console: Console) -> dict:
     """`tuneforge audit`: the data stage and the audit, no model weights loaded."""
-    from tuneforge.models.load import load_tokenizer
     from tuneforge.models.resolve import resolve_model
 
     from tuneforge.tasks import get_task
@@ -196,7 +198,7 @@ def audit_only(cfg: RunConfig, console: Console) -> dict:
     task = get_task(cfg.task.type)
     data = task.prepare(cfg)
     model_dir = resolve_model(cfg.model.name)
-    return audit_data(cfg, task, data, load_tokenizer(model_dir), model_dir, console)[0]
+    return audit_data(cfg, task, data, task.load_tokenizer(model_dir), model_dir, console)[0]
 
 
 def audit_data(cfg: RunConfig, task, data, tokenizer, model_dir: Path, console: Console) -> tuple[dict, int, str]:
@@ -299,5 +301,8 @@ def _print_summary(console: Console, task, metrics: dict, est: dict, durations: 
     console.print(f"[bold]cost[/] whole run estimated {_fmt_s(est['seconds_total'])} (training {_fmt_s(est['seconds_train'])} + "
                   f"the rest {_fmt_s(rest_est)}), actual {_fmt_s(durations['total'])} (training {_fmt_s(durations['train'])} + the rest "
                   f"{_fmt_s(rest)}); peak memory {metrics['cost']['actual']['peak_memory_bytes'] / 2**30:.1f} GiB")
+    if est["seconds_total_for_steps_run"] < est["seconds_total"] - 0.5:
+        console.print(f"[bold]cost[/] early stopping ended training before its planned steps; for the steps run the "
+                      f"estimate was {_fmt_s(est['seconds_total_for_steps_run'])}")
     console.print(f"[bold]report[/] {out / 'report.html'}; model card {out / 'model' / 'README.md'}")
     console.print(f"[bold]output[/] {out}  (load: {task.model_class}.from_pretrained('{out / 'model'}'))")

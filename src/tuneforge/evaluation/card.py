@@ -2,6 +2,7 @@
 and tables a reader needs before using the model. Built from the run's stored JSON."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -29,7 +30,9 @@ def build_card(out: Path) -> Path:
     test = m["test"]
     from tuneforge.tasks import get_task
 
-    task_type = run.get("task", {}).get("type", "text-classification")  # runs before the field: classification
+    from tuneforge.artifacts import run_task_type
+
+    task_type = run_task_type(out)
     task = get_task(task_type)
     model_class = task.model_class
     name = out.resolve().name
@@ -52,6 +55,12 @@ def build_card(out: Path) -> Path:
         groups = ", ".join(f"{g} {v[key]:.3f} (n={v['n']})" for g, v in s["groups"].items())
         slices.append(f"- **{col}**: {groups}; largest gap {s['largest_gap']:.3f}" + (" (above the warning threshold)" if s["warning"] else ""))
     removed = ", ".join(f"{k}: {v}" for k, v in data["removed_counts"].items()) or "none"
+    limits = "- " + ("Long inputs are split into overlapping windows at prediction, as in training." if "stride" in
+                     json.loads((out / "model" / "config.json").read_text()).get("tuneforge", {}) else
+                     "Inputs are truncated to the model's maximum length used in training.")
+    if m.get("calibration"):
+        ece = m["calibration"]["ece"]
+        limits += f"\n- Probabilities are {'reasonably' if ece < 0.05 else 'not well'} calibrated (expected calibration error {ece:.3f})."
     body = f"""
 # {name}
 
@@ -80,9 +89,7 @@ Rows removed by cleaning: {removed}. Class counts in training: {', '.join(f'{c} 
 
 ## Limitations
 - Scores hold for data drawn like the test split; expect lower scores on shifted inputs.
-- Inputs are truncated to the model's maximum length used in training.
-- Probabilities are {'reasonably' if m.get('calibration', {}).get('ece', 1) < 0.05 else 'not well'} calibrated
-  (expected calibration error {m.get('calibration', {}).get('ece', float('nan')):.3f}).
+{limits}
 - Label noise in the training data (see `audit.json` in the run) bounds what the model can learn.
 
 ## How to load

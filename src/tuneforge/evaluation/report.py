@@ -138,6 +138,7 @@ def load_run(out: Path) -> tuple[dict, dict, dict, dict | None]:
 def build_report(out: Path) -> Path:
     """Write OUT/report.html from OUT/metrics.json, data_report.json, run.json and audit.json; the task of
     the run supplies its table rows and its own sections (per class or per type, confusion, ...)."""
+    from tuneforge.artifacts import run_task_type
     from tuneforge.tasks import get_task
 
     m, data, run, audit = load_run(out)
@@ -147,7 +148,7 @@ def build_report(out: Path) -> Path:
              f'<p class="verdict {"ok" if m.get("promoted") else "no"}">{"PROMOTED" if m.get("promoted") else "NOT PROMOTED"}: '
              f'{html.escape(m.get("promotion_reason", ""))}</p>']
     parts.append("<h2>Model vs baselines (test split)</h2>" + _img(plot_vs_baselines(test, key), f"test {key}: model vs baselines"))
-    task = get_task(run.get("task", {}).get("type", "text-classification"))
+    task = get_task(run_task_type(out))
     header, rows = task.summary_rows(m)
     parts.append(_table(["", *header], rows))
     details = task.report_details(m)

@@ -16,7 +16,7 @@ TASKS: dict[str, str] = {
     "token-classification": "tuneforge.tasks.token_classification:TASK",
 }
 
-_REQUIRED = ("name", "prepare", "audit_sections", "label_space", "encode", "load_model", "baselines", "validator", "evaluate",
+_REQUIRED = ("name", "prepare", "load_tokenizer", "audit_sections", "label_space", "encode", "load_model", "baselines", "validator", "evaluate",
              "load_predictor", "settings", "reference_profile", "label_names", "observe", "summary_rows",
              "describe_space", "prediction_table", "report_details", "peft_task_type", "model_class")
 

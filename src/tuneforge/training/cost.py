@@ -123,9 +123,11 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     else:
         peak = _rss_bytes() + optimizer_bytes
     train_s = steps_seconds
-    eval_s = per_token * _INFER_SHARE * eval_rows_tokens * n_evals + per_token_fp32_infer * infer_tokens
+    validation_s = per_token * _INFER_SHARE * eval_rows_tokens * n_evals
+    eval_s = validation_s + per_token_fp32_infer * infer_tokens
     tail_s = _TAIL_SECONDS + 4 * sum(p.numel() for p in model.parameters()) / _DISK_BYTES_PER_SECOND
     return {"seconds_so_far": float(seconds_so_far), "seconds_train": float(train_s), "seconds_eval": float(eval_s),
+            "seconds_validation": float(validation_s),
             "seconds_export_and_report": float(tail_s),
             "seconds_total": float(seconds_so_far + train_s + eval_s + tail_s), "peak_memory_bytes": int(peak),
             "device": device.type, "precision": precision, "seconds_per_1k_tokens": float(per_token * 1000),

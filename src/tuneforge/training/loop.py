@@ -218,6 +218,10 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
                 evaluated = c["step"] % eval_every == 0 or c["step"] == total
                 if evaluated:
                     stopped_early = run_eval()
+                    if world > 1:  # every process leaves the loop together, as rank 0's validation says
+                        from accelerate.utils import broadcast
+
+                        stopped_early = bool(broadcast(torch.tensor([int(stopped_early)], device=device), from_process=0).item())
                     set_train_mode(raw)
                 if checkpoint_due(evaluated) or c["step"] == total or stopped_early:
                     checkpoint()

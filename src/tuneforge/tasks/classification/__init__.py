@@ -27,6 +27,11 @@ class ClassificationTask:
 
         return sections(data.splits, cfg.task.multi_label, cfg.audit, cfg.data.seed)
 
+    def load_tokenizer(self, model_dir: Path):
+        from tuneforge.models.load import load_tokenizer
+
+        return load_tokenizer(model_dir)
+
     def label_space(self, cfg, data) -> LabelSpace:
         return LabelSpace(tuple(data.labels), cfg.task.multi_label, cfg.task.threshold)
 
@@ -79,7 +84,7 @@ class ClassificationTask:
 
     def settings(self, cfg, max_length: int) -> dict:
         """What the exported model's config.json keeps under `tuneforge` for predict and serve."""
-        return {"threshold": cfg.task.threshold, "max_length": max_length}
+        return {"task": self.name, "threshold": cfg.task.threshold, "max_length": max_length}
 
     def evaluate(self, cfg, space: LabelSpace, splits, y: dict, predictor, baselines: dict) -> tuple[dict, np.ndarray]:
         """(metrics.json content, the model's test outputs: probabilities)."""

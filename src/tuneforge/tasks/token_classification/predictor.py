@@ -38,11 +38,14 @@ def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
     return [w for w, _, _ in found], [(a, b) for _, a, b in found]
 
 
-def _load_tokenizer(model_dir: Path):
-    """The fast tokenizer; byte-level BPE tokenizers (RoBERTa, GPT-2) need add_prefix_space for pre-split words."""
+def load_word_tokenizer(model_dir: Path):
+    """The fast tokenizer, able to take pre-split words: byte-level BPE tokenizers (RoBERTa, GPT-2) need
+    add_prefix_space for them. Training and prediction both load it this way."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    from tuneforge.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
     try:
         tokenizer(["a"], is_split_into_words=True)
     except (AssertionError, ValueError):
@@ -90,7 +93,7 @@ class TokenPredictor:
         with quiet_transformers():
             model = AutoModelForTokenClassification.from_pretrained(str(model_dir), local_files_only=True,
                                                                     use_safetensors=True)
-            tokenizer = _load_tokenizer(model_dir)
+            tokenizer = load_word_tokenizer(model_dir)
         cfg = model.config
         extra = getattr(cfg, SETTINGS_KEY, None) or {}
         labels = LabelSet.from_id2label(cfg.id2label)

@@ -87,6 +87,11 @@ class TokenClassificationTask:
 
         return sections(data, tokenizer, max_length, cfg.task.stride, cfg.audit)
 
+    def load_tokenizer(self, model_dir: Path):
+        from tuneforge.tasks.token_classification.predictor import load_word_tokenizer
+
+        return load_word_tokenizer(model_dir)
+
     def label_space(self, cfg, data) -> LabelSet:
         return LabelSet.from_types(data.labels)
 
@@ -129,7 +134,7 @@ class TokenClassificationTask:
                                          fix="use a Hugging Face encoder directory with safetensors weights") from None
 
     def settings(self, cfg, max_length: int) -> dict:
-        return {"max_length": max_length, "stride": cfg.task.stride}
+        return {"task": self.name, "max_length": max_length, "stride": cfg.task.stride}
 
     # --- baselines ---
     def baselines(self, cfg, space, splits, ids, y, model, pad_id: int, precision: str) -> dict:
