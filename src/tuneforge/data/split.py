@@ -70,6 +70,9 @@ def _group_cut(ex: Examples, groups: np.ndarray, fraction: float, seed: int) -> 
                 taken += size
     if not held:  # tiny data: hold out the smallest group rather than nothing
         held = min(members.values(), key=len)
+    if len(ex) < 2:
+        raise DataError(f"{len(ex)} row left in {ex.source} to split into training and validation",
+                        path=ex.source, fix="add rows: validation and test are carved out of the data file")
     if len(held) == len(ex):
         raise DataError(f"all {len(ex)} rows of {ex.source} are near-duplicates of one another, so no split can keep "
                         "training and held-out rows apart", path=ex.source,

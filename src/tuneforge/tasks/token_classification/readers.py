@@ -401,7 +401,7 @@ def _check_tags(it: _Tagged, path: Path, scheme: str) -> None:
         if tag == "O":
             continue
         m = _TAG.match(tag)
-        if m is None:
+        if m is None or _TAG.match(m.group(2)):  # B-B-PER: a prefix where the type should be
             at, row = _where(it, i)
             raise DataError(f"{at}token {it.tokens[i]!r} has tag {tag!r}, which is neither O nor PREFIX-TYPE",
                             path=path, row=row, fix=_TAG_FIX)
