@@ -63,7 +63,6 @@ import platform
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -77,18 +76,13 @@ BATCH_SIZE = 32  # the Trainer's per_device_train_batch_size; tuneforge's train.
 DEFAULT_EPOCHS = 3
 PREDICT_BATCH = 64
 
+import harness  # bench/harness.py: the script's own folder is on sys.path
+
 
 def cpu_info() -> dict:
     from tuneforge.models.device import cpu_info as info
 
     return info()
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)  # a crash mid-write never leaves a torn file
 
 
 def reset_accelerate() -> None:
@@ -244,20 +238,10 @@ def main() -> int:
             results["comparisons"]["full_vs_trainer"] = compare(results["runs"], "tuneforge_full", tr)
 
     def save() -> None:
-        write_json(out_path, results)
+        harness.write_json(out_path, results)
 
     def attempt(name: str, fn) -> None:
-        print(f"--- {name}", flush=True)
-        try:
-            r = fn()
-        except Exception as err:  # keep the other runs' figures; say what broke
-            traceback.print_exc()
-            r = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=6)}
-            results["failed"].append(name)
-        results["runs"][name] = r
-        update_comparisons()
-        save()
-        print(name, json.dumps({k: v for k, v in r.items() if k not in ("traceback", "per_type", "validation")}), flush=True)
+        harness.attempt(results, name, fn, save, update_comparisons, hide=("traceback", "per_type", "validation"))
 
     # --- tuneforge: the real pipeline ---
     def run_tuneforge(method: str | None) -> dict:

@@ -37,18 +37,18 @@ failed run is recorded with its error and the rest still run (the exit status is
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+
+import harness  # bench/harness.py: the script's own folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results_train_throughput.json"
@@ -107,13 +107,6 @@ def comparisons(runs: dict, trainer_precisions: list[str], full_precision: str |
     return comps
 
 
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)  # a crash mid-write never leaves a torn file
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,6 +152,7 @@ def main() -> int:
     from tuneforge.tasks.classification.model import load_classifier
     from tuneforge.models.resolve import resolve_model
     from tuneforge.tasks.classification.labels import LabelSpace
+    from tuneforge.tasks import get_task
     from tuneforge.training.loop import TrainData, train
     from tuneforge.models.device import resolve_precision
 
@@ -240,21 +234,11 @@ def main() -> int:
         results["ratio_vs_trainer_fp32"] = results["comparisons"]["default_vs_trainer_fp32"]["ratio"]  # as before
 
     def save() -> None:
-        write_json(out_path, results)
+        harness.write_json(out_path, results)
 
     def attempt(name: str, fn) -> None:
-        print(f"--- {name}", flush=True)
-        try:
-            r = fn()
-        except Exception as err:  # keep the other runs' figures; say what broke
-            traceback.print_exc()
-            r = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=6)}
-            results["failed"].append(name)
-        results["runs"][name] = r
+        r = harness.attempt(results, name, fn, save, update_comparisons, hide=("traceback",))
         results[name] = r  # top-level too, where earlier versions of this bench put them
-        update_comparisons()
-        save()
-        print(name, json.dumps({k: v for k, v in r.items() if k != "traceback"}), flush=True)
 
     # --- tuneforge ---
     def run_tuneforge(name: str, tcfg) -> dict:
@@ -266,7 +250,9 @@ def main() -> int:
         tcfg.eval_every = 10**9  # evaluate once, at the end, outside the timing (the Trainer evaluates never)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            r = train(model, TrainData(ids["train"], y["train"]), TrainData(ids["val"], y["val"]), space, tcfg, cfg.eval,
+            validate = get_task("text-classification").validator(cfg, space, tok, cfg.model.max_length,
+                                                                 ids["val"], y["val"], pad, precision)
+            r = train(model, TrainData(ids["train"], y["train"]), validate, tcfg, cfg.eval,
                       accelerator=acc, precision=precision, pad_id=pad, checkpoint_dir=Path(tmp) / "ckpt", resume=False)
             wall = time.perf_counter() - t0
         raw = acc.unwrap_model(model)
