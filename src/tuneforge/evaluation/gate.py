@@ -1,5 +1,7 @@
 """The promotion gate, for every task: the model is `promoted` only if its main test metric clears the best
-baseline's by `eval.gate.min_margin` and (by default) the lower bound of its 95% CI is above it too."""
+baseline's by `eval.gate.min_margin` and (by default) the lower bound of its 95% CI is above it too. For a metric
+where lower is better (perplexity) "clears" reads the other way: below the best baseline by the margin, the
+CI's upper bound below it too."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,31 +9,46 @@ import numpy as np
 from tuneforge.config import RunConfig
 
 
+LOWER_IS_BETTER = {"perplexity", "loss"}
+
+
+def _sign(key: str) -> int:
+    return -1 if key in LOWER_IS_BETTER else 1
+
+
 def best_baseline(result: dict, key: str) -> str | None:
-    scored = result["test"]["baselines"]
-    return max(scored, key=lambda n: scored[n][key], default=None)
+    scored = {n: m for n, m in result["test"]["baselines"].items() if m.get(key) is not None}
+    return max(scored, key=lambda n: _sign(key) * scored[n][key], default=None)
 
 
 def beats_baselines(result: dict, key: str) -> bool:
     best = best_baseline(result, key)
-    return bool(result["test"]["model"][key] > (result["test"]["baselines"][best][key] if best else -np.inf))
+    if best is None:
+        return True
+    return bool(_sign(key) * (result["test"]["model"][key] - result["test"]["baselines"][best][key]) > 0)
 
 
 def gate(result: dict, cfg: RunConfig) -> dict:
     """`promoted` and the reason, from eval.gate against the best baseline on the test split."""
-    g, key = cfg.eval.gate, cfg.eval.metric
+    g, key = cfg.eval.gate, result.get("main_metric") or cfg.eval.metric
     model = result["test"]["model"]
     best = result["best_baseline"]
     if best is None:
         return {"promoted": True, "promotion_reason": "no baselines configured; nothing to clear"}
     base = result["test"]["baselines"][best][key]
-    margin = model[key] - base
+    sign = _sign(key)
+    margin = sign * (model[key] - base)  # > 0: better than the baseline, whichever way the metric points
+    ci = model.get("ci")
+    ci = ci.get(key) if isinstance(ci, dict) and key in ci else ci  # one CI, or one per metric
     reasons = []
     if margin < g.min_margin:
         reasons.append(f"{key} {model[key]:.4f} beats {best} ({base:.4f}) by {margin:+.4f}, less than the required {g.min_margin:+.4f}")
-    if g.ci_lower_above_baseline and model.get("ci") and model["ci"]["low"] <= base:
-        reasons.append(f"the 95% CI lower bound {model['ci']['low']:.4f} is not above {best} ({base:.4f})")
+    if g.ci_lower_above_baseline and ci:
+        bound, side = (ci["low"], "lower") if sign > 0 else (ci["high"], "upper")
+        if sign * (bound - base) <= 0:
+            reasons.append(f"the 95% CI {side} bound {bound:.4f} is not {'above' if sign > 0 else 'below'} {best} ({base:.4f})")
     if reasons:
         return {"promoted": False, "promotion_reason": "; ".join(reasons)}
     return {"promoted": True, "promotion_reason": f"{key} {model[key]:.4f} beats {best} ({base:.4f}) by {margin:+.4f}"
-            + (" and the CI lower bound is above it" if g.ci_lower_above_baseline else "")}
+            + ((" and the CI lower bound is above it" if sign > 0 else " and the CI upper bound is below it")
+               if g.ci_lower_above_baseline else "")}

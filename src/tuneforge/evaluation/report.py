@@ -33,6 +33,8 @@ def _img(src: str, alt: str) -> str:
 
 
 def plot_learning_curves(history: list[dict], metric: str) -> str:
+    if f"val_{metric}" not in history[0]:  # the validation may score another metric than the test (causal LM: loss)
+        metric = next((k[4:] for k in history[0] if k.startswith("val_") and k != "val_loss"), "loss")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     steps = [h["step"] for h in history]
     ax1.plot(steps, [h["train_loss"] for h in history], "o-", color=_GREY, label="train loss")
@@ -52,9 +54,10 @@ def plot_vs_baselines(test: dict, metric: str) -> str:
         ci = m.get("ci")
         err = [[m[metric] - ci["low"]], [ci["high"] - m[metric]]] if ci else None
         ax.barh(y, m[metric], xerr=err, color=_BLUE if y == 0 else _GREY, capsize=4)
-        ax.text((ci["high"] if ci else m[metric]) + 0.015, y, f"{m[metric]:.3f}", va="center")
+        ax.text((ci["high"] if ci else m[metric]) * 1.01 + 0.01, y, f"{m[metric]:.3f}", va="center")
     ax.set_yticks(range(len(rows)), [r[0] for r in rows]), ax.invert_yaxis()
-    ax.set_xlim(0, 1.15), ax.set_xlabel(f"test {metric} (bars: 95% bootstrap CI)")
+    top = max(max((m.get("ci") or {}).get("high", m[metric]), m[metric]) for _, m in rows)
+    ax.set_xlim(0, 1.15 if top <= 1 else top * 1.2), ax.set_xlabel(f"test {metric} (bars: 95% bootstrap CI)")
     ax.spines[["top", "right"]].set_visible(False)
     return _png(fig)
 

@@ -53,9 +53,17 @@ def input_embeddings_module(model: nn.Module) -> nn.Module:
     return getattr(base, "embeddings", None) or model.get_input_embeddings()
 
 
-def apply_method(model, cfg: TrainConfig, peft_task_type: str = "SEQ_CLS"):
+def apply_method(model, cfg: TrainConfig, peft_task_type: str = "SEQ_CLS", default_targets=None):
     """Freeze or wrap the model for the chosen method; returns the model to train. `peft_task_type` is the
-    task's (SEQ_CLS, TOKEN_CLS, CAUSAL_LM): peft then keeps the task's head trainable and saved."""
+    task's (SEQ_CLS, TOKEN_CLS, CAUSAL_LM): peft then keeps the task's head trainable and saved;
+    `default_targets` the task's LoRA targets where train.lora.target_modules is null."""
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            from tuneforge.errors import ConfigError
+            raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing",
+                              fix="set train.gradient_checkpointing: false")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if cfg.method == "frozen":
         layers = encoder_layers(model)
         n_frozen = len(layers) // 2 if cfg.frozen_layers is None else cfg.frozen_layers
@@ -70,8 +78,11 @@ def apply_method(model, cfg: TrainConfig, peft_task_type: str = "SEQ_CLS"):
     elif cfg.method == "lora":
         from peft import LoraConfig, TaskType, get_peft_model
 
+        targets = cfg.lora.target_modules or default_targets
+        if targets == ["all-linear"]:
+            targets = "all-linear"  # peft's shorthand: every linear layer but the output head
         lcfg = LoraConfig(task_type=TaskType[peft_task_type], r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                          lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules)
+                          lora_dropout=cfg.lora.dropout, target_modules=targets)
         model = get_peft_model(model, lcfg)
     return model
 
@@ -91,6 +102,22 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+def export_adapter(model, out_dir: Path) -> None:
+    """The LoRA adapter alone (peft format, safetensors), for serving many adapters on one base model."""
+    import shutil
+
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        from tuneforge.errors import ConfigError
+        raise ConfigError("output.keep_adapter is set but the model has no adapter", fix="set train.method: lora")
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging), safe_serialization=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
 
 
 def export_model(model, tokenizer, out_dir: Path) -> None:

@@ -14,11 +14,13 @@ from tuneforge.errors import ConfigError
 TASKS: dict[str, str] = {
     "text-classification": "tuneforge.tasks.classification:TASK",
     "token-classification": "tuneforge.tasks.token_classification:TASK",
+    "causal-lm": "tuneforge.tasks.causal_lm:TASK",
 }
 
 _REQUIRED = ("name", "prepare", "load_tokenizer", "audit_sections", "label_space", "encode", "load_model", "baselines", "validator", "evaluate",
              "load_predictor", "settings", "reference_profile", "label_names", "observe", "summary_rows",
-             "describe_space", "prediction_table", "report_details", "peft_task_type", "model_class")
+             "describe_space", "prediction_table", "report_details", "peft_task_type", "model_class",
+             "token_lengths", "max_length", "lora_targets", "training_loss", "selection", "export")
 
 
 def get_task(name: str):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tuneforge.models.infer import autocast
-from tuneforge.training.loop import TrainData, make_batches, training_batch
+from tuneforge.training.loop import TrainData, default_loss, make_batches, training_batch
 
 _INFER_SHARE = 1 / 3  # a forward pass is about a third of forward+backward
 _TAIL_SECONDS = 1.5  # reload, report (matplotlib plots) and model card, measured here: 0.4-1 s
@@ -25,11 +25,11 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _fwd_bwd(model, ids, targets, idx, pad_id, device, precision) -> float:
-    batch = training_batch(TrainData(ids, targets), idx, pad_id, device)
+def _fwd_bwd(model, data: TrainData, idx, pad_id, device, precision, loss_fn) -> float:
+    batch = training_batch(data, idx, pad_id, device)
     t0 = time.perf_counter()
     with autocast(device, precision):
-        loss = model(**batch).loss
+        loss = loss_fn(model, batch)
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -54,9 +54,9 @@ def _optimizer_seconds(model, max_grad_norm: float = 1.0) -> float:
 
 
 @torch.no_grad()
-def _forward_seconds(model, ids, targets, idx, pad_id, device) -> float:
+def _forward_seconds(model, data: TrainData, idx, pad_id, device) -> float:
     """One fp32 inference pass on a batch (the final evaluation scores the fp32 export)."""
-    batch = training_batch(TrainData(ids, targets), idx, pad_id, device)
+    batch = training_batch(data, idx, pad_id, device)
     batch.pop("labels")
     model.eval()
     t0 = time.perf_counter()
@@ -81,13 +81,15 @@ def estimate(model, *args, **kwargs) -> dict:
 
 def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: int, seed: int, group_by_length: bool,
               total_steps: int, grad_accum: int, eval_rows_tokens: int, n_evals: int, infer_tokens: int,
-              pad_id: int, precision: str, seconds_so_far: float = 0.0) -> dict:
+              pad_id: int, precision: str, seconds_so_far: float = 0.0, positions: list | None = None,
+              loss_fn=default_loss) -> dict:
     """Estimated seconds and peak memory of the whole run; `model` is left with zero gradients.
 
     Parts: what the run has spent already (data, audit, baselines: measured), training (warm-up steps
     times the planned padded tokens), evaluation (validation passes at the training precision, the final
     test pass at fp32, as the exported model is scored) and the tail (export, reload, report)."""
     device = next(model.parameters()).device
+    data = TrainData(ids, targets, positions)
     lengths = np.array([len(x) for x in ids])
     batches = make_batches(lengths.tolist(), batch_size, seed, 0, group_by_length)
     widths = np.array([lengths[b].max() for b in batches])
@@ -102,7 +104,7 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     model.train()
 
     def per_token_of(k: int, repeats: int) -> float:
-        return min(_fwd_bwd(model, ids, targets, batches[k], pad_id, device, precision) for _ in range(repeats)) / padded[k]
+        return min(_fwd_bwd(model, data, batches[k], pad_id, device, precision, loss_fn) for _ in range(repeats)) / padded[k]
 
     per_token_of(largest, 1)  # warms up the kernels, and sets the peak memory
     # a token costs more in a wider batch (attention; measured on MiniLM here, bf16: 145 us at width 32, 437 at
@@ -113,7 +115,7 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     per_token_at = np.interp(widths, [w for w, _ in measured], [c for _, c in measured])
     steps_seconds = float((padded * per_token_at).mean()) * grad_accum * total_steps
     steps_seconds += _optimizer_seconds(model) * total_steps
-    per_token_fp32_infer = min(_forward_seconds(model, ids, targets, batches[typical], pad_id, device)
+    per_token_fp32_infer = min(_forward_seconds(model, data, batches[typical], pad_id, device)
                                for _ in range(2)) / padded[typical]
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -32,6 +32,11 @@ class TrainingInterrupted(TuneforgeError):
 class TrainData:
     ids: list[list[int]]
     targets: np.ndarray | list  # one target per row (array), or one per token (a list of lists)
+    positions: list[list[int]] | None = None  # packed rows: positions restarting at 0 for each example in the row
+
+
+def default_loss(model, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
 
 
 @dataclass
@@ -68,8 +73,22 @@ def make_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gro
 
 def training_batch(data: TrainData, idx: np.ndarray, pad_id: int, device) -> dict[str, torch.Tensor]:
     """Inputs padded to the batch's widest row; targets stacked (one per row) or, when each row has a
-    target per token (a list per row), padded with -100, the label the loss ignores."""
+    target per token (a list per row), padded with -100, the label the loss ignores.
+
+    Packed rows (`data.positions`) carry position ids instead of an attention mask: transformers then builds a
+    block-diagonal causal mask from the restarts, so the examples packed in a row never see each other. The
+    padding continues as one more "example" (positions from 0) whose labels are all -100."""
     batch = collate([data.ids[i] for i in idx], pad_id, device)
+    if data.positions is not None:
+        width = batch["input_ids"].shape[1]
+        positions = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            n = len(data.positions[i])
+            positions[r, :n] = torch.as_tensor(data.positions[i], dtype=torch.long)
+            positions[r, n:] = torch.arange(width - n)
+        del batch["attention_mask"]
+        batch["position_ids"] = positions.to(device)
+        batch["use_cache"] = False  # a cache would switch the packed mask off
     if isinstance(data.targets, np.ndarray):
         batch["labels"] = torch.from_numpy(data.targets[idx]).to(device)
     else:
@@ -128,11 +147,14 @@ def _optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: flo
 
 
 def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg: TrainConfig, ecfg: EvalConfig,
-          *, accelerator, precision: str, pad_id: int, checkpoint_dir: Path, resume: bool, progress=None) -> TrainResult:
+          *, accelerator, precision: str, pad_id: int, checkpoint_dir: Path, resume: bool, progress=None,
+          loss_fn: Callable = default_loss, select: tuple[str, str] | None = None) -> TrainResult:
     """Train `model` in place; on return it holds the best weights by the validation metric.
 
     `validate(model)` is the task's: it scores the model on the validation split and returns
-    {"val_loss": ..., "val_<eval.metric>": ...}; the test split never reaches the loop."""
+    {"val_loss": ..., "val_<eval.metric>": ...}; the test split never reaches the loop. `select` is the
+    task's (key of that row, "max" or "min") that picks the best step: by default (val_<eval.metric>, max).
+    `loss_fn(model, batch)` is the task's training loss (default: the model's own)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch, total, eval_every = plan_steps(len(train_data.ids), cfg, world)
     patience = patience_for(cfg, per_epoch, eval_every)
@@ -140,9 +162,10 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     raw = accelerator.unwrap_model(model)
-    metric_key = f"val_{ecfg.metric}"
+    metric_key, mode = select or (f"val_{ecfg.metric}", "max")
+    sign = -1.0 if mode == "min" else 1.0
 
-    c = {"step": 0, "epoch": 0, "batch_pos": 0, "best_metric": -math.inf, "best_step": 0, "bad_evals": 0,
+    c = {"step": 0, "epoch": 0, "batch_pos": 0, "best_metric": -sign * math.inf, "best_step": 0, "bad_evals": 0,
          "samples": 0, "tokens": 0, "train_seconds": 0.0, "history": [], "loss_sum": 0.0, "loss_n": 0}
     best = None
     if resume:
@@ -180,7 +203,7 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
         row.update(validate(raw))
         c["loss_sum"], c["loss_n"] = 0.0, 0
         c["history"].append(row)
-        if row[metric_key] > c["best_metric"]:
+        if sign * row[metric_key] > sign * c["best_metric"]:
             c["best_metric"], c["best_step"], c["bad_evals"] = row[metric_key], c["step"], 0
             best = trainable_state(raw)
         else:
@@ -203,12 +226,13 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
                     sync = k == len(group) - 1
                     ctx = accelerator.no_sync(model) if (world > 1 and not sync) else contextlib.nullcontext()
                     with ctx, accelerator.autocast():
-                        loss = model(**batch).loss
+                        loss = loss_fn(model, batch)
                     accelerator.backward(loss / cfg.grad_accum)
                     c["loss_sum"] += float(loss.detach())
                     c["loss_n"] += 1
                     c["samples"] += len(idx) * world
-                    c["tokens"] += int(batch["attention_mask"].sum()) * world
+                    c["tokens"] += int(batch["attention_mask"].sum() if "attention_mask" in batch else
+                                       sum(len(train_data.ids[i]) for i in idx)) * world
                 _optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
                 c["train_seconds"] += time.perf_counter() - t0
                 c["step"] += 1

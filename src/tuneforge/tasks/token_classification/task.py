@@ -133,7 +133,7 @@ class TokenClassificationTask:
                 raise ModelNotFoundError(f"cannot load a token classifier from {model_dir} ({err})",
                                          fix="use a Hugging Face encoder directory with safetensors weights") from None
 
-    def settings(self, cfg, max_length: int) -> dict:
+    def settings(self, cfg, max_length: int, space=None) -> dict:
         return {"task": self.name, "max_length": max_length, "stride": cfg.task.stride}
 
     # --- baselines ---
@@ -224,6 +224,29 @@ class TokenClassificationTask:
             rows.append([name, f"{m['f1']:.4f}", f"{m['precision']:.4f}", f"{m['recall']:.4f}",
                          f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
         return header, rows
+
+    # --- hooks with a generic default ---
+    def token_lengths(self, cfg, tokenizer, data) -> dict:
+        from tuneforge.models.infer import token_lengths
+
+        return {name: token_lengths(tokenizer, ex.texts) for name, ex in data.splits.items()}
+
+    def max_length(self, cfg, train_lengths, tokenizer, model_dir: Path) -> tuple[int, str]:
+        from tuneforge.models.infer import resolve_max_length
+
+        return resolve_max_length(cfg.model.max_length, train_lengths, tokenizer, model_dir)
+
+    def lora_targets(self):
+        return None  # peft's default for the architecture
+
+    def training_loss(self):
+        return None  # the model's own loss
+
+    def selection(self, cfg) -> tuple[str, str]:
+        return f"val_{cfg.eval.metric}", "max"
+
+    def export(self, cfg, model_dir: Path, tokenizer, space) -> None:
+        return None
 
 
 def _stride(cfg, tokenizer, max_length: int) -> int:

@@ -1,0 +1,181 @@
+"""Causal-LM data: prompt/completion pairs, OpenAI-style chats (`messages`) or plain `text`, told apart by the
+columns present, validated row by row (errors name the file, row and field), then split by the generic data
+stage. Duplicates and leakage are judged on the prompt: the same question in train and test is a leak
+whatever the answers."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneforge.data.clean import Examples, _is_null
+from tuneforge.data.load import detect_format, file_sha256, read_table, resolve_path
+from tuneforge.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+KINDS = ("pair", "chat", "text")
+
+
+@dataclass
+class Conversation:
+    """One example: `messages` (pair and chat kinds: the completion is the last assistant turn) or `text`."""
+    row: int
+    kind: str
+    messages: list[dict]
+    text: str = ""
+
+    @property
+    def prompt(self) -> str:
+        """What duplicates and leakage are judged on: the turns before the last answer, or the text."""
+        if self.kind == "text":
+            return self.text
+        return "\n".join(m["content"] for m in self.messages[:-1] if m["role"] != "system") or self.messages[0]["content"]
+
+    @property
+    def completion(self) -> str:
+        return "" if self.kind == "text" else self.messages[-1]["content"]
+
+
+def detect_kind(columns: list[str], task, text_column: str, path: Path) -> str:
+    """pair (prompt + completion columns), chat (a messages column) or text (a text column)."""
+    cols = set(map(str, columns))
+    if task.messages_column in cols:
+        return "chat"
+    if task.prompt_column in cols or task.completion_column in cols:
+        missing = [c for c in (task.prompt_column, task.completion_column) if c not in cols]
+        if missing:
+            raise DataError(f"column '{missing[0]}' not found beside '{({task.prompt_column, task.completion_column} - set(missing)).pop()}'; "
+                            f"the columns are: {', '.join(sorted(cols))}", path=path, column=missing[0],
+                            fix="prompt/completion data needs both columns (or set task.prompt_column / task.completion_column)")
+        return "pair"
+    if text_column in cols:
+        return "text"
+    raise DataError(f"no causal-LM columns found; the columns are: {', '.join(sorted(cols)) or 'none'}", path=path,
+                    fix=f"give '{task.prompt_column}' + '{task.completion_column}' (pairs), '{task.messages_column}' "
+                        f"(chats: a list of {{role, content}}) or '{text_column}' (plain text) columns")
+
+
+def _string(value, path: Path, row: int, field: str, allow_empty: bool = False) -> str:
+    if _is_null(value):
+        raise DataError(f"{field} is missing (null)", path=path, row=row, column=field,
+                        fix="fill it in or remove the row")
+    if not isinstance(value, str):
+        raise DataError(f"{field} is a {type(value).__name__} ({str(value)[:40]!r}), not a string", path=path, row=row,
+                        column=field, fix="write the field as a JSON string")
+    if not value.strip() and not allow_empty:
+        raise DataError(f"{field} is empty", path=path, row=row, column=field,
+                        fix="write the text the model should learn, or remove the row")
+    return value
+
+
+def _messages(value, path: Path, row: int, column: str) -> list[dict]:
+    if isinstance(value, str):  # CSV cells hold the list as JSON text
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{column} is not a JSON list of messages ({err.msg})", path=path, row=row, column=column,
+                            fix='write [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]') from None
+    if hasattr(value, "tolist"):  # Parquet lists arrive as numpy arrays
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{column} must be a non-empty list of {{role, content}} messages", path=path, row=row, column=column,
+                        fix='write [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]')
+    out = []
+    for k, m in enumerate(value):
+        where = f"{column}[{k}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{where} is a {type(m).__name__}, not a {{role, content}} object", path=path, row=row,
+                            column=where, fix='each message is {"role": "user", "content": "..."}')
+        if "role" not in m or _is_null(m.get("role")):
+            raise DataError(f"{where} has no role", path=path, row=row, column=f"{where}.role",
+                            fix=f"give every message a role: one of {', '.join(ROLES)}")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}.role is {m['role']!r}, not one of {', '.join(ROLES)}", path=path, row=row,
+                            column=f"{where}.role", fix=f"use the OpenAI roles: {', '.join(ROLES)}")
+        content = _string(m.get("content"), path, row, f"{where}.content", allow_empty=m["role"] == "system")
+        out.append({"role": m["role"], "content": content})
+    if out[-1]["role"] != "assistant":
+        raise DataError(f"the conversation ends with a {out[-1]['role']} turn, not the assistant's", path=path, row=row,
+                        column=column, fix="end each conversation with the assistant's answer (the text the model learns)")
+    if not any(m["role"] == "user" for m in out):
+        raise DataError("the conversation has no user turn", path=path, row=row, column=column,
+                        fix="put the user's message before the assistant's answer")
+    if sum(m["role"] == "system" for m in out) > 1 or any(m["role"] == "system" for m in out[1:]):
+        raise DataError("a system message may only come first", path=path, row=row, column=column,
+                        fix="keep one system message, at the start of the conversation")
+    return out
+
+
+def read_conversations(path: Path, task, text_column: str, fmt: str, encoding: str) -> tuple[list[Conversation], str]:
+    """The file's examples and their kind; any bad row stops with its file, row and field."""
+    df = read_table(path, fmt, encoding)
+    kind = detect_kind(list(df.columns), task, text_column, path)
+    out = []
+    if kind == "chat":
+        for i, value in enumerate(df[task.messages_column].tolist()):
+            out.append(Conversation(i, kind, _messages(value, path, i, task.messages_column)))
+    elif kind == "pair":
+        for i, (p, c) in enumerate(zip(df[task.prompt_column].tolist(), df[task.completion_column].tolist())):
+            prompt = _string(p, path, i, task.prompt_column)
+            completion = _string(c, path, i, task.completion_column)
+            out.append(Conversation(i, kind, [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]))
+    else:
+        for i, t in enumerate(df[text_column].tolist()):
+            out.append(Conversation(i, kind, [], _string(t, path, i, text_column)))
+    if not out:
+        raise DataError("the file holds no rows", path=path, fix="point data.path at a file with rows")
+    return out, kind
+
+
+def _dedupe(convs: list[Conversation], source: str) -> tuple[list[Conversation], list[dict]]:
+    """Exact repeats of a whole example are dropped (the first is kept); the same prompt with other answers stays
+    (several answers can be right) and the split keeps such rows together."""
+    seen: dict[str, int] = {}
+    kept, removed = [], []
+    for c in convs:
+        key = json.dumps([c.messages, c.text], ensure_ascii=False)
+        if key in seen:
+            removed.append({"file": source, "row": c.row, "reason": "duplicate", "detail": f"same example as row {seen[key]}"})
+            continue
+        seen[key] = c.row
+        kept.append(c)
+    return kept, removed
+
+
+def _examples(convs: list[Conversation], source: str, kind: str) -> Examples:
+    return Examples([c.prompt.strip() for c in convs], [c.completion.strip() for c in convs], [c.row for c in convs], source,
+                    {"messages": [c.messages for c in convs], "text": [c.text for c in convs], "kind": [kind] * len(convs)})
+
+
+def completion_counts(labels: list[str], max_shown: int = 20) -> dict[str, int]:
+    """A split's completions as the data report counts them: each distinct one when they are few (a closed set,
+    really labels), else how many there are."""
+    counts = Counter(labels)
+    if len(counts) <= max_shown:
+        return dict(sorted(counts.items()))
+    return {"(examples)": len(labels), "(distinct completions)": len(counts)}
+
+
+def prepare(cfg):
+    from tuneforge.data.prepare import assemble
+
+    parts, files, removed, kinds = [], [], [], []
+    for ref in [cfg.data.path] + ([cfg.data.test_path] if cfg.data.test_path else []):
+        path = resolve_path(ref)
+        convs, kind = read_conversations(path, cfg.task, cfg.data.text_column, cfg.data.format, cfg.data.encoding)
+        kept, dropped = _dedupe(convs, str(path))
+        parts.append(_examples(kept, str(path), kind))
+        removed += dropped
+        kinds.append(kind)
+        files.append({"path": str(path), "format": detect_format(path, cfg.data.format), "sha256": file_sha256(path),
+                      "rows_read": len(convs), "rows_kept": len(kept), "kind": kind})
+    if len(set(kinds)) > 1:
+        raise DataError(f"the test file holds {kinds[1]} examples but the data file {kinds[0]}", path=files[1]["path"],
+                        fix="give both files the same columns")
+    main, test = parts[0], (parts[1] if len(parts) > 1 else None)
+    counts = Counter(main.labels)
+    # closed-set completions (really labels) keep their shares in every split; free text needs no strata
+    strata = list(main.labels) if len(counts) <= 20 and min(counts.values()) >= 2 else ["all"] * len(main)
+    return assemble(main, test, files, removed, cfg.data, cfg.audit.near_duplicate_threshold, {"kind": kinds[0]},
+                    completion_counts, strata=strata)

@@ -1,0 +1,160 @@
+"""Running a causal LM: the packed training loss (logits only where there is a label), per-example loss for
+validation and perplexity, and batched greedy generation with a KV cache (left padding, rows of similar
+length together). The predictor wraps these for evaluation, `tuneforge predict` and serving.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tuneforge.models.infer import autocast, length_batches
+from tuneforge.tasks.causal_lm.encoding import IGNORE, Encoded, eos_id, prompt_ids, uses_template, with_system
+
+
+def packed_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over the labelled tokens of a (packed) batch. The output head runs only on the
+    positions that predict a label (a boolean `logits_to_keep`): on a 49k-word vocabulary the head is a fifth
+    of the forward pass, and most tokens of an instruction example are prompt."""
+    labels = batch.pop("labels")
+    target = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = target != IGNORE
+    if not keep.any():  # nothing to learn in this batch: a zero loss with a graph, not NaN
+        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+    logits = model(**batch, logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target[target != IGNORE])
+
+
+def _rows(examples: list[Encoded], idx, pad_id: int, device) -> dict:
+    width = max(len(examples[i].ids) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for r, i in enumerate(idx):
+        n = len(examples[i].ids)
+        ids[r, :n] = torch.tensor(examples[i].ids)
+        labels[r, :n] = torch.tensor(examples[i].labels)
+        mask[r, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def example_losses(model, examples: list[Encoded], pad_id: int, batch_size: int = 16, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """(summed negative log-likelihood, labelled tokens) per example, each example alone in its row."""
+    device = next(model.parameters()).device
+    model.eval()
+    nll, count = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
+    for idx in length_batches([len(e.ids) for e in examples], batch_size, call_cost=256):
+        batch = _rows(examples, idx, pad_id, device)
+        with autocast(device, precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        target = batch["labels"][:, 1:]
+        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
+                                                      ignore_index=IGNORE, reduction="none")
+        nll[idx] = per_token.sum(1).cpu().numpy()
+        count[idx] = (target != IGNORE).sum(1).cpu().numpy()
+    return nll, count
+
+
+def mean_loss(nll: np.ndarray, count: np.ndarray) -> float:
+    return float(nll.sum() / max(int(count.sum()), 1))
+
+
+def perplexity(loss: float) -> float:
+    return float(math.exp(min(loss, 50.0)))
+
+
+@torch.no_grad()
+def generate_ids(model, prompts: list[list[int]], pad_id: int, stop_ids: list[int], max_new_tokens: int,
+                 batch_size: int = 16, precision: str = "fp32") -> list[list[int]]:
+    """Greedy completions (new token ids, up to the first stop token) for each prompt, in input order. Prompts of
+    similar length share a batch; each batch is left-padded and decoded with the KV cache."""
+    device = next(model.parameters()).device
+    model.eval()
+    out: list[list[int]] = [[] for _ in prompts]
+    for idx in length_batches([len(p) for p in prompts], batch_size, multiple=1, call_cost=64):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            n = len(prompts[i])
+            ids[r, width - n:] = torch.tensor(prompts[i])
+            mask[r, width - n:] = 1
+        with autocast(device, precision):
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+                                 top_p=None, top_k=None, temperature=None)
+        for r, i in enumerate(idx):
+            new = gen[r, width:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in stop_ids), len(new))
+            out[i] = new[:cut]
+    return out
+
+
+def stop_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
+    """EOS and the chat template's end of turn (e.g. <|im_end|>), when it is its own token."""
+    ids = [eos_id(tokenizer)]
+    if model_dir is not None and (model_dir / "generation_config.json").is_file():
+        import json
+
+        eos = json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id")
+        for t in eos if isinstance(eos, list) else [eos]:
+            if t is not None and t not in ids:
+                ids.append(int(t))
+    for name in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"):
+        t = tokenizer.convert_tokens_to_ids(name) if name in tokenizer.get_vocab() else None
+        if t is not None and t not in ids:
+            ids.append(int(t))
+    return ids
+
+
+class CompletionPredictor:
+    """A fine-tuned (or base) causal LM with its tokenizer and the run's prompt settings: `complete(messages)`,
+    `predict(texts)` (serving's and predict's shape: {"completion": ...} per text)."""
+
+    def __init__(self, model, tokenizer, settings: dict, device, precision: str = "fp32", stops: list[int] | None = None):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.device, self.precision = device, precision
+        self.template = uses_template(tokenizer, settings.get("chat_template", True))
+        self.stops = stops or stop_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stops[0]
+
+    @classmethod
+    def load(cls, model_dir: Path, device="cpu", precision: str = "fp32") -> "CompletionPredictor":
+        import json
+
+        from tuneforge.artifacts import SETTINGS_KEY
+        from tuneforge.tasks.causal_lm.model import load_causal_lm, load_lm_tokenizer
+
+        model_dir = Path(model_dir)
+        settings = json.loads((model_dir / "config.json").read_text()).get(SETTINGS_KEY, {})
+        tokenizer = load_lm_tokenizer(model_dir)
+        model = load_causal_lm(model_dir).to(device)
+        model.eval()
+        return cls(model, tokenizer, settings, torch.device(device), precision, stop_ids(tokenizer, model_dir))
+
+    @property
+    def labels(self):
+        return []
+
+    def prompt_of(self, messages: list[dict]) -> list[int]:
+        return prompt_ids(self.tokenizer, with_system(messages, self.settings.get("system_prompt")), self.template)
+
+    def text_prompt(self, text: str) -> list[int]:
+        """A user's text: a prefix to continue (text-trained model) or the user's message (instruction-tuned)."""
+        if self.settings.get("format") == "text":
+            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return self.prompt_of([{"role": "user", "content": text}])
+
+    def complete_ids(self, prompts: list[list[int]], max_new_tokens: int | None = None, batch_size: int = 16) -> list[str]:
+        max_new = max_new_tokens or int(self.settings.get("max_new_tokens") or 64)
+        limit = int(self.settings.get("max_length") or 0)
+        prompts = [p[-limit:] if limit and len(p) > limit else p for p in prompts]
+        ids = generate_ids(self.model, prompts, self.pad_id, self.stops, max_new, batch_size, self.precision)
+        return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+    def predict(self, texts: list[str], batch_size: int = 16) -> list[dict]:
+        return [{"completion": c} for c in self.complete_ids([self.text_prompt(t) for t in texts], batch_size=batch_size)]

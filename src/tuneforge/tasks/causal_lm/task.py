@@ -1,0 +1,240 @@
+"""Causal LM behind the task seam: instruction tuning (prompt/completion pairs, chats) and domain adaptation
+(plain text) of a generative LLM, LoRA by default, packed rows, validation loss for early stopping, and test
+generations scored by exact match, ROUGE-L and chrF against the untuned model (zero- and few-shot) and a
+retrieval baseline."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tuneforge.errors import DataError
+from tuneforge.tasks.causal_lm.encoding import Encoded
+
+NO_COMPLETION = "(empty)"  # serving: a completion that came back empty
+AUTO_MAX_NEW_TOKENS_CAP = 256
+AUTO_MAX_LENGTH_CAP = 1024  # packed rows; attention costs grow with the row, a model's limit may be lower
+MIN_PACKED_ROW = 256        # short examples pack better into rows of at least this many tokens
+
+
+@dataclass
+class LMSpace:
+    """What the data is: its kind (pair, chat, text), the closed set of completions when there is one, and the
+    generation length resolved from the training completions."""
+    kind: str
+    classes: list[str] | None = None
+    max_new_tokens: int = 64
+    template: bool = True
+    encoded: dict = field(default_factory=dict)  # split -> [Encoded]: rendered once, reused by encode
+
+
+class PackedLabels(list):
+    """Training rows' labels, with the rows' position ids (restarting per packed example) beside them."""
+
+    def __init__(self, labels, positions):
+        super().__init__(labels)
+        self.positions = positions
+
+
+def _messages(ex, k: int, system_prompt: str | None) -> list[dict]:
+    from tuneforge.tasks.causal_lm.encoding import with_system
+
+    return with_system(ex.extras["messages"][k], system_prompt)
+
+
+def render(cfg, tokenizer, ex, template: bool, max_length: int | None = None) -> list[list[Encoded]]:
+    """Each example of a split as encoded pieces: one for a pair or chat, consecutive chunks for a text."""
+    from tuneforge.tasks.causal_lm.encoding import encode_chat, encode_text
+
+    out = []
+    for k in range(len(ex)):
+        if ex.extras["kind"][k] == "text":
+            out.append(encode_text(tokenizer, ex.extras["text"][k], max_length or 10**9))
+        else:
+            out.append([encode_chat(tokenizer, _messages(ex, k, cfg.task.system_prompt), template)])
+    return out
+
+
+class CausalLMTask:
+    name = "causal-lm"
+    model_class = "AutoModelForCausalLM"
+    peft_task_type = "CAUSAL_LM"
+
+    # --- data ---
+    def prepare(self, cfg):
+        from tuneforge.tasks.causal_lm.data import prepare
+
+        return prepare(cfg)
+
+    def load_tokenizer(self, model_dir: Path):
+        from tuneforge.tasks.causal_lm.model import check_causal_lm, load_lm_tokenizer
+
+        check_causal_lm(model_dir)  # before anything is read with a tokenizer that cannot generate
+        return load_lm_tokenizer(model_dir)
+
+    def label_space(self, cfg, data) -> LMSpace:
+        from tuneforge.tasks.causal_lm.metrics import closed_set
+
+        kind = data.report["kind"]
+        classes = None if kind == "text" else closed_set(data.splits.train.labels, data.splits.test.labels)
+        return LMSpace(kind, classes)
+
+    def describe_space(self, space: LMSpace) -> str:
+        what = {"pair": "prompt/completion pairs", "chat": "chats", "text": "plain text"}[space.kind]
+        return what + (f", completions from a closed set of {len(space.classes)}" if space.classes else "")
+
+    def token_lengths(self, cfg, tokenizer, data) -> dict:
+        """Tokens per example as trained (template, completion and EOS included; a text whole)."""
+        from tuneforge.tasks.causal_lm.encoding import uses_template
+
+        template = uses_template(tokenizer, cfg.task.chat_template)
+        return {name: np.array([sum(len(p.ids) for p in pieces) for pieces in render(cfg, tokenizer, ex, template)])
+                for name, ex in data.splits.items()}
+
+    def max_length(self, cfg, train_lengths: np.ndarray, tokenizer, model_dir: Path) -> tuple[int, str]:
+        """model.max_length, or by the data: the longest training example (a multiple of 64, at least 256 so short
+        examples pack well), at most 1024 and the model's context."""
+        import json
+
+        if cfg.model.max_length is not None:
+            return cfg.model.max_length, "model.max_length"
+        limits = [AUTO_MAX_LENGTH_CAP]
+        positions = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+        if positions:
+            limits.append(int(positions))
+        longest = int(train_lengths.max()) if len(train_lengths) else MIN_PACKED_ROW
+        chosen = min(min(limits), max(MIN_PACKED_ROW, -(-longest // 64) * 64))
+        return chosen, f"the longest training example, {longest} tokens (cap {min(limits)})"
+
+    def audit_sections(self, cfg, data, tokenizer, max_length: int) -> dict:
+        from tuneforge.tasks.causal_lm.audit import sections
+        from tuneforge.tasks.causal_lm.encoding import uses_template
+
+        template = uses_template(tokenizer, cfg.task.chat_template)
+        rendered = {name: render(cfg, tokenizer, ex, template, max_length) for name, ex in data.splits.items()}
+        return sections(data, rendered, tokenizer, max_length, template, cfg.audit)
+
+    def encode(self, cfg, tokenizer, space: LMSpace, splits, max_length: int) -> tuple[dict, dict]:
+        """Training: packed rows (ids, labels, positions). Validation and test: one encoded example each, for the
+        loss; their prompts are what generation starts from."""
+        from tuneforge.tasks.causal_lm.encoding import fit, pack, trainable, uses_template
+
+        space.template = uses_template(tokenizer, cfg.task.chat_template)
+        ids, y = {}, {}
+        for name, ex in splits.items():
+            pieces = render(cfg, tokenizer, ex, space.template, max_length)
+            for k, p in enumerate(pieces):
+                if p and p[0].prompt_len >= max_length:
+                    raise DataError(f"the prompt is {p[0].prompt_len} tokens, which leaves no room for the completion "
+                                    f"within max_length {max_length}", path=ex.source, row=ex.rows[k],
+                                    column=cfg.task.messages_column if space.kind == "chat" else cfg.task.prompt_column,
+                                    fix="raise model.max_length, or shorten that prompt")
+            examples = [fit(e, max_length) for p in pieces for e in p]
+            if name == "train":
+                examples = [e for e in examples if trainable(e)]
+                rows, labels, positions = pack(examples, max_length, cfg.task.packing)
+                ids[name], y[name] = rows, PackedLabels(labels, positions)
+                completions = [sum(lab != -100 for lab in e.labels) for e in examples]
+                longest = max(completions) if completions and space.kind != "text" else 48
+                space.max_new_tokens = cfg.task.max_new_tokens or min(AUTO_MAX_NEW_TOKENS_CAP, int(np.ceil(1.25 * longest)))
+            else:
+                ids[name], y[name] = [e.ids for e in examples], examples
+        return ids, y
+
+    # --- model ---
+    def load_model(self, model_dir: Path, space: LMSpace, seed: int):
+        from tuneforge.tasks.causal_lm.model import load_causal_lm
+
+        return load_causal_lm(model_dir, seed)
+
+    def lora_targets(self):
+        return "all-linear"
+
+    def training_loss(self):
+        from tuneforge.tasks.causal_lm.generate import packed_loss
+
+        return packed_loss
+
+    def selection(self, cfg) -> tuple[str, str]:
+        return "val_loss", "min"
+
+    def settings(self, cfg, max_length: int, space: LMSpace | None = None) -> dict:
+        return {"task": self.name, "max_length": max_length, "chat_template": cfg.task.chat_template,
+                "system_prompt": cfg.task.system_prompt, "format": space.kind if space else "pair",
+                "max_new_tokens": space.max_new_tokens if space else 64}
+
+    def export(self, cfg, model_dir: Path, tokenizer, space: LMSpace) -> None:
+        from tuneforge.tasks.causal_lm.generate import stop_ids
+        from tuneforge.tasks.causal_lm.model import write_generation_config
+
+        write_generation_config(model_dir, tokenizer, stop_ids(tokenizer), space.max_new_tokens)
+
+    # --- baselines: the untuned model, zero- and few-shot, and retrieval ---
+    def baselines(self, cfg, space: LMSpace, splits, ids, y, model, pad_id: int, precision: str) -> dict:
+        from tuneforge.tasks.causal_lm.baselines import baselines
+
+        return baselines(cfg, space, splits, y, self._predictor(model, cfg, space, precision), precision)
+
+    def _predictor(self, model, cfg, space, precision, tokenizer=None):
+        from tuneforge.tasks.causal_lm.generate import CompletionPredictor
+        from tuneforge.tasks.causal_lm.model import load_lm_tokenizer
+        from tuneforge.models.resolve import resolve_model
+
+        tokenizer = tokenizer or load_lm_tokenizer(resolve_model(cfg.model.name))
+        settings = self.settings(cfg, cfg.model.max_length or 0, space)
+        return CompletionPredictor(model, tokenizer, settings, next(model.parameters()).device, precision)
+
+    # --- validation inside the loop: the loss on the validation examples' completions ---
+    def validator(self, cfg, space: LMSpace, tokenizer, max_length: int, val_ids, val: list[Encoded], pad_id: int,
+                  precision: str):
+        from tuneforge.tasks.causal_lm.generate import example_losses, mean_loss, perplexity
+
+        def validate(model) -> dict:
+            loss = mean_loss(*example_losses(model, val, pad_id, cfg.eval.batch_size, precision))
+            return {"val_loss": loss, "val_perplexity": perplexity(loss)}
+
+        return validate
+
+    # --- test evaluation of the exported model ---
+    def load_predictor(self, model_dir: Path, device="cpu", precision: str = "fp32"):
+        from tuneforge.tasks.causal_lm.generate import CompletionPredictor
+
+        return CompletionPredictor.load(model_dir, device, precision)
+
+    def evaluate(self, cfg, space: LMSpace, splits, y: dict, predictor, baselines: dict) -> tuple[dict, list[str]]:
+        from tuneforge.tasks.causal_lm.evaluate import evaluate
+
+        return evaluate(cfg, space, splits, y, predictor, baselines)
+
+    def reference_profile(self, predictor, texts: list[str], outputs: list[str]) -> dict:
+        from tuneforge.drift import profile
+
+        return profile([len(t) for t in texts], [NO_COMPLETION if not o else "" for o in outputs], [1.0] * len(texts),
+                       [NO_COMPLETION])
+
+    # --- serving and predict ---
+    def label_names(self, predictor) -> list[str]:
+        return [NO_COMPLETION]
+
+    def observe(self, result: dict) -> tuple[list[str], float]:
+        return ([] if result["completion"] else [NO_COMPLETION]), 1.0
+
+    def prediction_table(self, texts: list[str], results: list[dict]) -> tuple[list[str], list[list[str]]]:
+        return ["completion"], [[r["completion"]] for r in results]
+
+    def report_details(self, metrics: dict) -> list[str]:
+        from tuneforge.tasks.causal_lm.report import report_details
+
+        return report_details(metrics)
+
+    def summary_rows(self, metrics: dict) -> tuple[list[str], list[list[str]]]:
+        keys = ["loss", "perplexity"] + ([] if metrics.get("kind") == "text" else ["exact_match", "rouge_l", "chrf"])
+        keys += [k for k in ("accuracy", "macro_f1") if k in metrics["test"]["model"]]
+        header = keys + [f"95% CI ({metrics['main_metric']})"]
+        rows = []
+        for name, m in [("fine-tuned model", metrics["test"]["model"])] + list(metrics["test"]["baselines"].items()):
+            ci = m.get("ci")
+            rows.append([name] + [f"{m[k]:.4f}" if m.get(k) is not None else "-" for k in keys]
+                        + [f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
+        return header, rows
