@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench bench-defaults
+.PHONY: setup demo demo-llm test bench bench-defaults bench-llm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,11 +26,19 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/tuneforge run examples/sentiment.yaml --overwrite
 
+demo-llm: setup
+	$(PY) examples/chatterbot.py examples/data/assistant.jsonl
+	$(VENV)/bin/tuneforge run examples/assistant.yaml --overwrite
+
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) bench/train_throughput.py
+
+bench-llm: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/causal_lm_throughput.py
 
 bench-defaults: setup
 	$(PY) bench/defaults.py

@@ -10,7 +10,7 @@ Target (the issue): tuneforge >= 1.5x TRL's non-padding training tokens/s, at eq
 
 The contenders (the `runs` key of the JSON):
   tuneforge    the causal-lm task's own pieces as `tuneforge run` wires them (config from `parse_config` with the
-               task's defaults: LoRA r 16 / alpha 32 / dropout 0.05 on all linear layers, lr 5e-4, batch 8; the chat
+               task's defaults: LoRA r 16 / alpha 32 / dropout 0.05 on all linear layers, lr 5e-4, batch 2 packed rows (~8 short examples); the chat
                template; packed rows of max_length with positions restarting per example; the head only on
                labelled positions) driven through `tuneforge.training.loop.train`. Validation inside the loop is a
                no-op and early stopping is off, so every contender trains the same epochs and keeps its last step.
@@ -175,6 +175,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=None, help="learning rate for all; default tuneforge's for LoRA (5e-4)")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 autocast where the CPU has fast bf16 (AMX / avx512_bf16), else fp32; for all")
+    ap.add_argument("--trl-batch-size", type=int, default=8,
+                    help="TRL's examples per step (8: the issue's measurement); tuneforge steps on its default packed rows")
     ap.add_argument("--also-packed", action="store_true", help="a third contender: TRL with packing=True (bfd)")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true",
                     help="TRL with its own default gradient_checkpointing=True (slower; tuneforge's default is off)")
@@ -254,7 +256,7 @@ def main() -> int:
                   else "chatterbot-corpus English, consecutive lines as prompt -> completion",
                   "train_examples": len(train_pairs), "val_examples": len(val_pairs),
                   "train_tokens_per_epoch": int(sum(lengths)), "max_length": max_length, "max_length_why": max_length_why,
-                  "epochs": epochs, "batch_size": tcfg.batch_size, "learning_rate": tcfg.learning_rate,
+                  "epochs": epochs, "batch_size": tcfg.batch_size, "trl_batch_size": args.trl_batch_size, "learning_rate": tcfg.learning_rate,
                   "warmup_ratio": tcfg.warmup_ratio, "weight_decay": tcfg.weight_decay, "max_grad_norm": tcfg.max_grad_norm,
                   "lora": {"r": tcfg.lora.r, "alpha": tcfg.lora.alpha, "dropout": tcfg.lora.dropout, "targets": "all-linear"},
                   "seed": tcfg.seed, "device": "cpu", "runs": "sequential, one process",
@@ -337,7 +339,7 @@ def main() -> int:
         names = {f.name for f in dataclasses.fields(SFTConfig)}
         checkpointing = {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing":
                          args.trl_gradient_checkpointing}
-        sargs = SFTConfig(output_dir=str(tmp / "trl"), max_length=max_length, per_device_train_batch_size=tcfg.batch_size,
+        sargs = SFTConfig(output_dir=str(tmp / "trl"), max_length=max_length, per_device_train_batch_size=args.trl_batch_size,
                           num_train_epochs=epochs, learning_rate=tcfg.learning_rate, weight_decay=tcfg.weight_decay,
                           warmup_steps=tcfg.warmup_ratio, max_grad_norm=tcfg.max_grad_norm,  # < 1: a ratio of the steps
                           bf16=precision == "bf16", use_cpu=True, logging_steps=10, save_strategy="no",

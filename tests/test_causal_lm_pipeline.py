@@ -239,12 +239,28 @@ def test_lora_run_keeps_its_adapter_beside_the_merged_model(chats_run, tiny_llam
     out, _, _ = chats_run
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["task_type"]) == (8, 16, "CAUSAL_LM")
-    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    linear = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+              "self_attn.q_proj", "self_attn.v_proj"]
+    assert sorted(config["target_modules"]) == [f"model.layers.{n}.{m}" for n in (0, 1) for m in linear]  # not lm_head
     with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
-    assert len(keys) == 2 * 2 * 7  # A and B for 7 linear layers in each of 2 blocks
-    merged = json.loads((out / "model" / "config.json").read_text())
-    assert merged["architectures"] == ["LlamaForCausalLM"]  # the merged export is a plain model, no peft needed
+    assert len(keys) == 2 * 2 * 7  # A and B of each
+    assert json.loads((out / "model" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_kept_adapter_on_the_base_model_generates_what_the_merged_model_does(chats_run, tiny_llama_dir):
+    from peft import PeftModel
+
+    from tuneforge.tasks.causal_lm.generate import CompletionPredictor, generate_ids
+    from tuneforge.tasks.causal_lm.model import load_causal_lm
+
+    out, _, seen = chats_run
+    merged = CompletionPredictor.load(out / "model")
+    prompts = [merged.prompt_of(m[:-1]) for m in seen["splits"].test.extras["messages"][:6]]
+    adapter = PeftModel.from_pretrained(load_causal_lm(tiny_llama_dir), str(out / "adapter"))
+    expected = generate_ids(merged.model, prompts, merged.pad_id, merged.stops, 4)
+    assert generate_ids(adapter, prompts, merged.pad_id, merged.stops, 4) == expected
+    assert generate_ids(load_causal_lm(tiny_llama_dir), prompts, merged.pad_id, merged.stops, 4) != expected
 
 
 # ------------------------------------------------------------------ plain text
@@ -255,6 +271,7 @@ def test_text_run_is_judged_on_perplexity_against_the_untuned_model(text_run):
     assert list(metrics["test"]["baselines"]) == ["base_zero_shot"]
     assert metrics["test"]["model"]["perplexity"] < metrics["test"]["baselines"]["base_zero_shot"]["perplexity"]
     assert "rouge_l" not in metrics["test"]["model"] and metrics["samples"] == []
+    assert metrics["promoted"] is True  # lower is better: the gate compares the other way round
 
 
 def test_text_run_audit_reports_the_texts_cut_into_chunks(text_run):

@@ -54,6 +54,7 @@ def build_card(out: Path) -> Path:
     for col, s in (m.get("slices") or {}).items():
         groups = ", ".join(f"{g} {v[key]:.3f} (n={v['n']})" for g, v in s["groups"].items())
         slices.append(f"- **{col}**: {groups}; largest gap {s['largest_gap']:.3f}" + (" (above the warning threshold)" if s["warning"] else ""))
+    labels_line = f"Labels: {', '.join(f'`{lab}`' for lab in m['labels'])}." if m["labels"] else ""
     removed = ", ".join(f"{k}: {v}" for k, v in data["removed_counts"].items()) or "none"
     limits = "- " + ("Long inputs are split into overlapping windows at prediction, as in training." if "stride" in
                      json.loads((out / "model" / "config.json").read_text()).get("tuneforge", {}) else
@@ -66,12 +67,10 @@ def build_card(out: Path) -> Path:
 
 A {task_type.replace('-', ' ')} model{' (multi-label)' if data.get('multi_label') else ''} fine-tuned by tuneforge from
 `{run['model']['reference']}` ({run['model']['architecture']}, {run['model']['parameters'] / 1e6:.1f}M parameters).
-Labels: {', '.join(f'`{lab}`' for lab in m['labels'])}.
+{labels_line}
 
 ## Intended use
-Classifying texts like those it was trained on (see the data summary) into the labels above. It is
-not meant for other languages, domains or label sets, nor for decisions about people without a
-human review: check the slice results and limitations first.
+{task.intended_use(m)}
 
 **Promotion:** {'promoted' if m.get('promoted') else 'NOT promoted'}: {m.get('promotion_reason', '')}.
 

@@ -137,15 +137,20 @@ def _convert_into(gguf_path: Path, out: Path) -> dict:
     what tuneforge-gguf.json records about it."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, GgufConfig
 
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        # the class the file's architecture names (a GGUF holds a generative LM: llama, gemma3, qwen2, ...)
+        model_type = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True).model_type
+        cls = getattr(transformers, _causal_lm_class(model_type) or "", None)
+        if cls is None:
+            raise ValueError(f"no generative model class for architecture {model_type!r}")
         # dequantize=True gives a plain dense model; without it the GGUF quantizer stays attached and both
         # training and save_pretrained refuse the model
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32,
-                                                     quantization_config=GgufConfig(dequantize=True))
+        model = cls.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32,
+                                    quantization_config=GgufConfig(dequantize=True))
     except (ValueError, KeyError, OSError, NotImplementedError) as e:
         raise GGUFConversionError(f"transformers {transformers.__version__} cannot load {gguf_path}: {e}",
                                   fix="use a GGUF of an architecture transformers supports (llama, gemma3, qwen2, ...) "

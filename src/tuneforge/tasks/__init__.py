@@ -20,7 +20,7 @@ TASKS: dict[str, str] = {
 _REQUIRED = ("name", "prepare", "load_tokenizer", "audit_sections", "label_space", "encode", "load_model", "baselines", "validator", "evaluate",
              "load_predictor", "settings", "reference_profile", "label_names", "observe", "summary_rows",
              "describe_space", "prediction_table", "report_details", "peft_task_type", "model_class",
-             "token_lengths", "max_length", "lora_targets", "training_loss", "selection", "export")
+             "token_lengths", "max_length", "lora_targets", "training_loss", "selection", "export", "intended_use")
 
 
 def get_task(name: str):

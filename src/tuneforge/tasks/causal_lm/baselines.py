@@ -28,7 +28,8 @@ def baselines(cfg, space, splits, y: dict, predictor, precision: str) -> dict:
     wanted, out = cfg.eval.baselines, {}
     test = splits.test
     if "base_zero_shot" in wanted:
-        nll, count = example_losses(predictor.model, y["test"], predictor.pad_id, cfg.eval.batch_size, precision)
+        # fp32, as the fine-tuned export is scored: a loss gap must not come from the arithmetic
+        nll, count = example_losses(predictor.model, y["test"], predictor.pad_id, cfg.eval.batch_size, "fp32")
         loss = mean_loss(nll, count)
         out["base_zero_shot"] = {"loss": loss, "perplexity": perplexity(loss), "nll": nll.tolist(), "tokens": count.tolist()}
     if space.kind == "text":

@@ -104,7 +104,7 @@ def stop_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
         for t in eos if isinstance(eos, list) else [eos]:
             if t is not None and t not in ids:
                 ids.append(int(t))
-    for name in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"):
+    for name in ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"):
         t = tokenizer.convert_tokens_to_ids(name) if name in tokenizer.get_vocab() else None
         if t is not None and t not in ids:
             ids.append(int(t))

@@ -223,6 +223,13 @@ class CausalLMTask:
     def prediction_table(self, texts: list[str], results: list[dict]) -> tuple[list[str], list[list[str]]]:
         return ["completion"], [[r["completion"]] for r in results]
 
+    def intended_use(self, metrics: dict) -> str:
+        what = ("continuing text like the training text (domain or style adaptation)" if metrics.get("kind") == "text"
+                else "answering prompts like the training prompts, in the style of the training completions")
+        return (f"Generating text: {what}. Greedy decoding is what was evaluated (see generation_config.json). It can\n"
+                "state false things fluently and repeats what its training data says: review its output before it\n"
+                "reaches people, and check the sample generations in the run's report.")
+
     def report_details(self, metrics: dict) -> list[str]:
         from tuneforge.tasks.causal_lm.report import report_details
 

@@ -131,6 +131,12 @@ class ClassificationTask:
             rows.append([name, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
         return header, rows
 
+    def intended_use(self, metrics: dict) -> str:
+        """The model card's intended-use paragraph."""
+        return ("Classifying texts like those it was trained on (see the data summary) into the labels above. It is\n"
+                "not meant for other languages, domains or label sets, nor for decisions about people without a\n"
+                "human review: check the slice results and limitations first.")
+
     # --- hooks with a generic default ---
     def token_lengths(self, cfg, tokenizer, data) -> dict:
         from tuneforge.models.infer import token_lengths

@@ -225,6 +225,12 @@ class TokenClassificationTask:
                          f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
         return header, rows
 
+    def intended_use(self, metrics: dict) -> str:
+        """The model card's intended-use paragraph."""
+        return ("Finding entities of the types above in texts like those it was trained on (see the data summary). It is\n"
+                "not meant for other languages, domains or label sets, nor for decisions about people without a\n"
+                "human review: check the slice results and limitations first.")
+
     # --- hooks with a generic default ---
     def token_lengths(self, cfg, tokenizer, data) -> dict:
         from tuneforge.models.infer import token_lengths
