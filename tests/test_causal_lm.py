@@ -68,12 +68,13 @@ def test_pair_without_template_is_a_plain_join_trained_on_completion_and_eos(tok
     assert e.prompt_len == 3
 
 
-@pytest.mark.xfail(strict=True, reason="encoding.encode_chat, plain join (template=False): the prefix of a later "
-                   "assistant turn is re-rendered by plain_prompt(messages[:k]), which has no EOS after the earlier "
-                   "answer, while `ids` does; the prefix check then always fails with the chat-template error")
 def test_two_assistant_turns_without_template_are_both_trained(tok):
     e = encode_chat(tok, TWO_TURNS, template=False)
     assert [e.ids[k] for k, lab in enumerate(e.labels) if lab != IGNORE] == ids_of(tok, "cats fur <|im_end|> dogs bark <|im_end|>")
+    from tuneforge.tasks.causal_lm.encoding import prompt_ids
+
+    # generation starts from exactly the tokens training put before the last answer
+    assert prompt_ids(tok, TWO_TURNS[:-1], template=False) == e.ids[: e.prompt_len]
 
 
 def _captured_norm(model):
@@ -233,8 +234,6 @@ def test_long_text_becomes_consecutive_chunks_ending_with_eos(tok):
     assert chunks[-1].ids[-1] == tok.eos_token_id
 
 
-@pytest.mark.xfail(strict=True, reason="encoding.encode_text drops a last chunk of one token (`if len(c) > 1`): a "
-                   "text of k*max_length+1 tokens (EOS included) loses its EOS, so the model never learns to end it")
 def test_text_one_token_past_a_chunk_boundary_keeps_its_eos(tok):
     text = "the sun is hot and the moon is night"  # 9 words + EOS = 10 tokens, max_length 3 -> 3+3+3+1
     chunks = encode_text(tok, text, 3)

@@ -226,11 +226,16 @@ def test_chats_with_system_and_two_turns_train_and_beat_the_untuned_model(chats_
 def test_chats_render_the_system_message_and_both_answers_trained(chats_run):
     out, _, _ = chats_run
     examples = json.loads((out / "audit.json").read_text())["template"]["examples"]
-    # rows 0 (system, one exchange) and 1 (two exchanges) of the file, if they landed in train
+    assert len(examples) == 2  # the first two training rows; a row's number says its shape (see chat_rows)
     for ex in examples:
         rendered = ex["rendered"]
         assert rendered.startswith("<|im_start|> system you are helpful <|im_end|>") == (ex["row"] % 3 == 0)
         assert rendered.count("[[") == (2 if ex["row"] % 2 else 1)
+
+
+def test_chats_generation_budget_follows_the_longest_single_answer(chats_run):
+    _, metrics, _ = chats_run
+    assert metrics["max_new_tokens"] == 4  # ceil(1.25 x (2 words + <|im_end|>)), as for the pairs
 
 
 def test_lora_run_keeps_its_adapter_beside_the_merged_model(chats_run, tiny_llama_dir):

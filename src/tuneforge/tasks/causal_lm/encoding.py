@@ -51,18 +51,39 @@ PLAIN_ROLES = {"system": "", "user": "User: ", "assistant": "Assistant: "}
 
 
 def plain_prompt(messages: list[dict]) -> str:
-    """Without a chat template: a pair's prompt as it is; a chat's turns as 'User: ...' lines, ending 'Assistant: '."""
+    """Without a chat template, as text: a lone user message as it is (a pair's prompt); otherwise 'User: ...'
+    lines ending 'Assistant: ' (the few-shot baseline's text; `plain_ids` is what training and generation use)."""
     if len(messages) == 1 and messages[0]["role"] == "user":
         return messages[0]["content"]
     lines = [PLAIN_ROLES[m["role"]] + m["content"] for m in messages]
     return "\n".join(lines) + "\nAssistant: "
 
 
+def plain_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Without a chat template, as tokens: a lone user message as it is (a pair's prompt); otherwise each turn
+    tokenized on its own ('User: ...' lines; earlier answers end with EOS as they were trained), then
+    'Assistant: '. Piece by piece, so the prefix of a longer conversation is the shorter one's tokens."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return list(tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"])
+    ids: list[int] = []
+
+    def piece(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=not ids)["input_ids"])
+
+    for m in messages:
+        if m["role"] == "assistant":
+            ids += piece(PLAIN_ROLES["assistant"])
+            ids += piece(m["content"]) + [eos_id(tokenizer)]
+        else:
+            ids += piece(PLAIN_ROLES[m["role"]] + m["content"] + "\n")
+    return ids + piece(PLAIN_ROLES["assistant"])
+
+
 def prompt_ids(tokenizer, messages: list[dict], template: bool) -> list[int]:
     """The tokens a model is given to write the next assistant turn (what generation starts from)."""
     if template:
         return _template_ids(tokenizer, messages, generation_prompt=True)
-    return list(tokenizer(plain_prompt(messages), add_special_tokens=True)["input_ids"])
+    return plain_ids(tokenizer, messages)
 
 
 def encode_chat(tokenizer, messages: list[dict], template: bool) -> Encoded:
@@ -98,6 +119,8 @@ def encode_text(tokenizer, text: str, max_length: int) -> list[Encoded]:
     """A plain text, trained on every token, in consecutive chunks of at most max_length (the last ends with EOS)."""
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"]) + [eos_id(tokenizer)]
     chunks = [ids[i: i + max_length] for i in range(0, len(ids), max_length)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:  # a lone EOS learns nothing (its first label is masked): give it
+        chunks[-1] = ids[-2:]                     # the token before it as context
     return [Encoded(c, list(c), 0) for c in chunks if len(c) > 1]
 
 

@@ -4,7 +4,7 @@ generations scored by exact match, ROUGE-L and chrF against the untuned model (z
 retrieval baseline."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,6 @@ class LMSpace:
     classes: list[str] | None = None
     max_new_tokens: int = 64
     template: bool = True
-    encoded: dict = field(default_factory=dict)  # split -> [Encoded]: rendered once, reused by encode
 
 
 class PackedLabels(list):
@@ -135,7 +134,7 @@ class CausalLMTask:
                 examples = [e for e in examples if trainable(e)]
                 rows, labels, positions = pack(examples, max_length, cfg.task.packing)
                 ids[name], y[name] = rows, PackedLabels(labels, positions)
-                completions = [sum(lab != -100 for lab in e.labels) for e in examples]
+                completions = [len(e.ids) - e.prompt_len for e in examples]  # the last answer: what is generated
                 longest = max(completions) if completions and space.kind != "text" else 48
                 space.max_new_tokens = cfg.task.max_new_tokens or min(AUTO_MAX_NEW_TOKENS_CAP, int(np.ceil(1.25 * longest)))
             else:
