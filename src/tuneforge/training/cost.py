@@ -16,7 +16,6 @@ import torch
 from tuneforge.models.infer import autocast
 from tuneforge.training.loop import TrainData, default_loss, make_batches, training_batch
 
-_INFER_SHARE = 1 / 3  # a forward pass is about a third of forward+backward
 _TAIL_SECONDS = 1.5  # reload, report (matplotlib plots) and model card, measured here: 0.4-1 s
 _DISK_BYTES_PER_SECOND = 100e6  # export writes fp32 weights, the final evaluation reads them back
 
@@ -54,13 +53,15 @@ def _optimizer_seconds(model, max_grad_norm: float = 1.0) -> float:
 
 
 @torch.no_grad()
-def _forward_seconds(model, data: TrainData, idx, pad_id, device) -> float:
-    """One fp32 inference pass on a batch (the final evaluation scores the fp32 export)."""
+def _forward_seconds(model, data: TrainData, idx, pad_id, device, precision: str = "fp32") -> float:
+    """One inference pass on a batch: at fp32 (the final evaluation scores the fp32 export) or at the training
+    precision (validation)."""
     batch = training_batch(data, idx, pad_id, device)
     batch.pop("labels")
     model.eval()
     t0 = time.perf_counter()
-    model(**batch)
+    with autocast(device, precision):
+        model(**batch)
     seconds = time.perf_counter() - t0
     model.train()
     return seconds
@@ -119,6 +120,10 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     steps_seconds += _optimizer_seconds(model) * total_steps
     per_token_fp32_infer = min(_forward_seconds(model, data, batches[typical], pad_id, device)
                                for _ in range(repeats)) / padded[typical]
+    # a forward is a third of forward+backward for a full fine-tune but half of it for LoRA (no weight gradients):
+    # validation is measured, not assumed
+    per_token_infer = per_token_fp32_infer if precision == "fp32" else min(
+        _forward_seconds(model, data, batches[typical], pad_id, device, precision) for _ in range(repeats)) / padded[typical]
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer_bytes = 2 * 4 * trainable  # AdamW keeps two fp32 moments per trainable weight
@@ -127,7 +132,7 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     else:
         peak = _rss_bytes() + optimizer_bytes
     train_s = steps_seconds
-    validation_s = per_token * _INFER_SHARE * eval_rows_tokens * n_evals
+    validation_s = per_token_infer * eval_rows_tokens * n_evals
     eval_s = validation_s + per_token_fp32_infer * infer_tokens
     tail_s = _TAIL_SECONDS + 4 * sum(p.numel() for p in model.parameters()) / _DISK_BYTES_PER_SECOND
     return {"seconds_so_far": float(seconds_so_far), "seconds_train": float(train_s), "seconds_eval": float(eval_s),

@@ -49,13 +49,20 @@ def example_losses(model, examples: list[Encoded], pad_id: int, batch_size: int 
     nll, count = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
     for idx in length_batches([len(e.ids) for e in examples], batch_size, call_cost=256):
         batch = _rows(examples, idx, pad_id, device)
-        with autocast(device, precision):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         target = batch["labels"][:, 1:]
-        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target,
-                                                      ignore_index=IGNORE, reduction="none")
-        nll[idx] = per_token.sum(1).cpu().numpy()
-        count[idx] = (target != IGNORE).sum(1).cpu().numpy()
+        keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        keep[:, :-1] = target != IGNORE  # the head only where a label is predicted, as in training
+        if not keep.any():
+            continue
+        with autocast(device, precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                           logits_to_keep=keep).logits
+        per_token = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target[target != IGNORE],
+                                                      reduction="none")
+        row = torch.nonzero(keep, as_tuple=True)[0]  # each kept position's row, in the order the logits come
+        sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, row.cpu(), per_token.double().cpu())
+        nll[idx] = sums.numpy()
+        count[idx] = keep.sum(1).cpu().numpy()
     return nll, count
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tuneforge.errors import DataError
+from tuneforge.tasks.base import TaskDefaults
 from tuneforge.tasks.causal_lm.encoding import Encoded
 
 NO_COMPLETION = "(empty)"  # serving: a completion that came back empty
@@ -55,7 +56,7 @@ def render(cfg, tokenizer, ex, template: bool, max_length: int | None = None) ->
     return out
 
 
-class CausalLMTask:
+class CausalLMTask(TaskDefaults):
     name = "causal-lm"
     model_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"

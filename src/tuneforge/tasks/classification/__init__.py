@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from tuneforge.tasks.classification.labels import LabelSpace
+from tuneforge.tasks.base import TaskDefaults
 
 
-class ClassificationTask:
+class ClassificationTask(TaskDefaults):
     name = "text-classification"
     model_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"  # peft keeps the classifier head trainable and saved
@@ -136,29 +137,6 @@ class ClassificationTask:
         return ("Classifying texts like those it was trained on (see the data summary) into the labels above. It is\n"
                 "not meant for other languages, domains or label sets, nor for decisions about people without a\n"
                 "human review: check the slice results and limitations first.")
-
-    # --- hooks with a generic default ---
-    def token_lengths(self, cfg, tokenizer, data) -> dict:
-        from tuneforge.models.infer import token_lengths
-
-        return {name: token_lengths(tokenizer, ex.texts) for name, ex in data.splits.items()}
-
-    def max_length(self, cfg, train_lengths, tokenizer, model_dir: Path) -> tuple[int, str]:
-        from tuneforge.models.infer import resolve_max_length
-
-        return resolve_max_length(cfg.model.max_length, train_lengths, tokenizer, model_dir)
-
-    def lora_targets(self):
-        return None  # peft's default for the architecture
-
-    def training_loss(self):
-        return None  # the model's own loss
-
-    def selection(self, cfg) -> tuple[str, str]:
-        return f"val_{cfg.eval.metric}", "max"
-
-    def export(self, cfg, model_dir: Path, tokenizer, space) -> None:
-        return None
 
 
 TASK = ClassificationTask()

@@ -11,6 +11,7 @@ import numpy as np
 
 from tuneforge.tasks.token_classification.encoding import LabelSet
 from tuneforge.tasks.token_classification.sentence import Sentence, entities
+from tuneforge.tasks.base import TaskDefaults
 
 NO_ENTITY = "(none)"  # a text with no entity, in serving metrics and drift profiles
 
@@ -30,7 +31,7 @@ def _type_counts(labels) -> dict[str, int]:
     return dict(sorted(Counter(kind for tags in labels for kind, _, _ in entities(list(tags))).items()))
 
 
-class TokenClassificationTask:
+class TokenClassificationTask(TaskDefaults):
     name = "token-classification"
     model_class = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
@@ -230,29 +231,6 @@ class TokenClassificationTask:
         return ("Finding entities of the types above in texts like those it was trained on (see the data summary). It is\n"
                 "not meant for other languages, domains or label sets, nor for decisions about people without a\n"
                 "human review: check the slice results and limitations first.")
-
-    # --- hooks with a generic default ---
-    def token_lengths(self, cfg, tokenizer, data) -> dict:
-        from tuneforge.models.infer import token_lengths
-
-        return {name: token_lengths(tokenizer, ex.texts) for name, ex in data.splits.items()}
-
-    def max_length(self, cfg, train_lengths, tokenizer, model_dir: Path) -> tuple[int, str]:
-        from tuneforge.models.infer import resolve_max_length
-
-        return resolve_max_length(cfg.model.max_length, train_lengths, tokenizer, model_dir)
-
-    def lora_targets(self):
-        return None  # peft's default for the architecture
-
-    def training_loss(self):
-        return None  # the model's own loss
-
-    def selection(self, cfg) -> tuple[str, str]:
-        return f"val_{cfg.eval.metric}", "max"
-
-    def export(self, cfg, model_dir: Path, tokenizer, space) -> None:
-        return None
 
 
 def _stride(cfg, tokenizer, max_length: int) -> int:
