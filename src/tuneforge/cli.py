@@ -101,9 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default="TUNEFORGE_API_KEY", help="environment variable holding the API key")
     p.add_argument("--no-auth", action="store_true", help="serve without an API key (local testing only)")
     p.add_argument("--force", action="store_true", help="serve a run the evaluation gate did not promote")
-    p.add_argument("--max-batch-size", type=int, default=64, help="texts per forward pass")
+    p.add_argument("--max-batch-size", type=int, default=64, help="texts (causal-lm: sequences) per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="under load, how long a batch waits to fill (an idle server never waits); 0 = greedy")
+    p.add_argument("--max-tokens-cap", type=int, default=512,
+                   help="causal-lm: the most max_tokens a request may ask for (422 above it)")
+    p.add_argument("--max-prompt-tokens", type=int,
+                   help="causal-lm: the longest prompt accepted, in tokens (default: the model's context window)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on a bf16 GPU or an AMX CPU, fp16 on an older GPU, else fp32")
@@ -286,13 +290,32 @@ def cmd_serve(args) -> int:
     if key is None and not args.no_auth:
         raise ConfigError(f"no API key: environment variable {args.api_key_env} is empty",
                           fix=f"export {args.api_key_env}=SECRET (clients send 'Authorization: Bearer SECRET'), or pass --no-auth")
+    for flag, value in (("--max-tokens-cap", args.max_tokens_cap), ("--max-prompt-tokens", args.max_prompt_tokens),
+                        ("--max-batch-size", args.max_batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} is {value}: it must be at least 1", fix=f"pass {flag} N with N >= 1")
     settings = ServeSettings(run_dir=out, api_key=None if args.no_auth else key, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, max_texts=args.max_texts, max_chars=args.max_chars,
-                             monitor_url=args.monitor_url, log_text=args.log_text)
+                             monitor_url=args.monitor_url, log_text=args.log_text, max_tokens_cap=args.max_tokens_cap,
+                             max_prompt_tokens=args.max_prompt_tokens)
     RequestLog(log_url(out, settings.monitor_url)).close()  # a bad URL fails here, before the server starts
+    _log_to_stderr()
     app = create_app(settings, run_predictor(out, device, args.precision), reference=load_reference(out))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _log_to_stderr() -> None:
+    """tuneforge's own server messages (device, precision, the bf16 check, drift) beside uvicorn's, in its format."""
+    import logging
+
+    logger = logging.getLogger("tuneforge")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def cmd_monitor(args) -> int:

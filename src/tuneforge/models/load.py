@@ -83,7 +83,11 @@ def apply_method(model, cfg: TrainConfig, peft_task_type: str = "SEQ_CLS", defau
             targets = "all-linear"  # peft's shorthand: every linear layer but the output head
         lcfg = LoraConfig(task_type=TaskType[peft_task_type], r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                           lora_dropout=cfg.lora.dropout, target_modules=targets)
-        model = get_peft_model(model, lcfg)
+        import warnings
+
+        with warnings.catch_warnings():  # peft 0.21 asks transformers 5.24 a renamed attribute (FutureWarning)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lcfg)
     return model
 
 

@@ -4,7 +4,8 @@ auth, request limits, Prometheus metrics, request log and drift monitor.
     tuneforge serve runs/sentiment --api-key-env TUNEFORGE_API_KEY
 
 Any task plugs in through a `predict(texts) -> [{"label": ..., "probabilities": {...}}]` callable
-and its label names; nothing here is specific to classification.
+and its label names, and may mount routes of its own (`task.mount_routes(app, ctx)`, given a ServeContext:
+the causal LM mounts the OpenAI API); nothing here is specific to one task.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ class ServeSettings:
     drift_window: int = 1000
     drift_min_rows: int = 50
     drift_thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    max_tokens_cap: int = 512                 # causal LM: max_tokens a request may ask for
+    max_prompt_tokens: int | None = None      # causal LM: None = the model's context window
 
 
 class PredictRequest(BaseModel):
@@ -101,38 +104,80 @@ class _Metrics:
             self.labels.labels(lab)
 
 
+@dataclass
+class ServeContext:
+    """What a task's `mount_routes(app, ctx)` gets. `authorise` is a FastAPI dependency (bearer key); `on_start(fn)` and
+    `on_stop(fn)` register calls made in the lifespan after the model is loaded and before it is released. From
+    start-up on: `predictor`, `metrics` (its `.registry` takes the task's own metrics), `request_log`, and
+    `record(texts, results, latency_ms)`, which counts results and logs them as /v1/predict does. A start hook may
+    replace `state["predict"]` (what /v1/predict calls) and add JSON to /ready under `state["info"]`."""
+    settings: ServeSettings
+    authorise: Callable
+    state: dict
+    start_hooks: list[Callable[[], None]] = field(default_factory=list)
+    stop_hooks: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_start(self, fn: Callable[[], None]) -> None:
+        self.start_hooks.append(fn)
+
+    def on_stop(self, fn: Callable[[], None]) -> None:
+        self.stop_hooks.append(fn)
+
+    @property
+    def predictor(self):
+        return self.state["predictor"]
+
+    @property
+    def metrics(self) -> "_Metrics":
+        return self.state["metrics"]
+
+    @property
+    def request_log(self) -> RequestLog:
+        return self.state["log"]
+
+    def record(self, texts: list[str], results: list[dict], latency_ms: float) -> None:
+        """Predicted labels and confidence into the metrics, and each result into the request log (any thread)."""
+        decisions = [self.state["observe"](r) for r in results]
+        for chosen, conf in decisions:
+            for label in chosen or [NO_LABEL]:  # multi-label: each label counts, not each combination
+                self.metrics.labels.labels(label).inc()
+            self.metrics.confidence.observe(conf)
+        self.request_log.write(texts, [logged_label(c) for c, _ in decisions], [conf for _, conf in decisions], latency_ms)
+
+
 def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Callable, list[str]]],
                reference: dict | None = None) -> FastAPI:
     """`load_predictor()` returns (predict(texts) -> results, label names, observe(result) -> (labels, confidence));
-    it runs once, at start-up. `observe` is the task's view of one result for metrics and the request log."""
-    state: dict = {}
+    it runs once, at start-up. `observe` is the task's view of one result for metrics and the request log. A loader
+    with a `task` attribute (run_predictor's) lets that task mount its own routes."""
+    state: dict = {"info": {}}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         predict, labels, observe = load_predictor()
         metrics = _Metrics(labels)
         request_log = RequestLog(log_url(settings.run_dir, settings.monitor_url), settings.retention_days, settings.log_text)
+        state.update(predictor=getattr(load_predictor, "predictor", None), predict=predict, observe=observe,
+                     metrics=metrics, log=request_log)
 
         def predict_observed(texts: list[str]) -> list[dict]:
             """Runs in the batch worker thread: model, metrics and request log, off the event loop."""
             t0 = time.perf_counter()
-            results = predict(texts)
-            latency_ms = (time.perf_counter() - t0) * 1000
-            decisions = [observe(r) for r in results]
+            results = state["predict"](texts)
             metrics.batch.observe(len(texts))
-            for chosen, conf in decisions:
-                for label in chosen or [NO_LABEL]:  # multi-label: each label counts, not each combination
-                    metrics.labels.labels(label).inc()
-                metrics.confidence.observe(conf)
-            request_log.write(texts, [logged_label(c) for c, _ in decisions], [conf for _, conf in decisions], latency_ms)
+            ctx.record(texts, results, (time.perf_counter() - t0) * 1000)
             return results
 
+        for hook in ctx.start_hooks:
+            await run_in_threadpool(hook)  # e.g. a start-up check that generates: off the event loop
         batcher = MicroBatcher(predict_observed, settings.max_batch_size, settings.max_wait_ms)
         batcher.start()
-        state.update(metrics=metrics, log=request_log, batcher=batcher, ready=True)
+        state.update(batcher=batcher, ready=True)
         yield
         state["ready"] = False
         await batcher.stop()
+        for hook in ctx.stop_hooks:
+            await run_in_threadpool(hook)
         request_log.close()
 
     app = FastAPI(title="tuneforge", lifespan=lifespan)
@@ -146,6 +191,7 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
             raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
+    ctx = ServeContext(settings, authorise, state)
     known_paths: set[str] = set()  # filled on first request, when every route is registered
 
     @app.middleware("http")
@@ -177,7 +223,7 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
     async def ready():
         if not state.get("ready"):
             return JSONResponse({"status": "loading"}, 503)
-        return {"status": "ready"}
+        return {"status": "ready", **state["info"]}
 
     @app.get("/metrics")
     async def prometheus():
@@ -218,23 +264,37 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
     async def monitor():
         return await run_in_threadpool(_report)
 
+    task = getattr(load_predictor, "task", None)
+    if task is not None:
+        task.mount_routes(app, ctx)
     return app
 
 
-def run_predictor(run_dir: Path, device: str | torch.device = "cpu",
-                  precision: str = "fp32") -> Callable[[], tuple[Callable, list[str]]]:
-    """Loads, at start-up, the predictor of the run's task (from the run's config.yaml; text classification
-    for runs that predate the task field)."""
-    def load():
+@dataclass
+class RunPredictor:
+    """Loads, at start-up, the predictor of the run's task (from the run's config.yaml; text classification for runs
+    that predate the task field). Its `task` mounts any routes of its own; `predictor` is set once loaded."""
+    run_dir: Path
+    device: str | torch.device = "cpu"
+    precision: str = "fp32"
+    predictor: object = None
+
+    @property
+    def task(self):
         from tuneforge.artifacts import run_task_type
         from tuneforge.tasks import get_task
 
-        task = get_task(run_task_type(run_dir))
-        predictor = task.load_predictor(run_dir / "model", device, precision)
-        log.info("model on %s, %s", predictor.device, predictor.precision)
-        return predictor.predict, task.label_names(predictor), task.observe
+        return get_task(run_task_type(self.run_dir))
 
-    return load
+    def __call__(self) -> tuple[Callable, list[str], Callable]:
+        task = self.task
+        self.predictor = task.load_predictor(self.run_dir / "model", self.device, self.precision)
+        log.info("model on %s, %s", self.predictor.device, self.predictor.precision)
+        return self.predictor.predict, task.label_names(self.predictor), task.observe
+
+
+def run_predictor(run_dir: Path, device: str | torch.device = "cpu", precision: str = "fp32") -> RunPredictor:
+    return RunPredictor(Path(run_dir), device, precision)
 
 
 def require_promoted(run_dir: Path, force: bool) -> None:

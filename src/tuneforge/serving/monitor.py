@@ -96,7 +96,7 @@ def drift_report(reference: dict | None, rows: list[tuple], thresholds: dict[str
     if len(rows) < min_rows:
         return {"status": "insufficient_data", "window": len(rows), "min_rows": min_rows, "signals": {}}
     lengths, labels, confs = zip(*rows)
-    now = profile(list(lengths), list(labels), list(confs), reference["label"]["names"])
+    now = profile(list(lengths), list(labels), list(confs), reference.get("label", {}).get("names", []))
     signals = {}
     for name in (s for s in SIGNALS if s in reference):  # a reference written before a signal existed lacks it
         value = psi(reference[name]["shares"], now[name]["shares"])

@@ -1,6 +1,7 @@
 """The task registry: one entry per task, each a folder under tasks/ that supplies what differs per task
 (reading rows, targets, the model and its head, validation scores, baselines, test metrics, the predictor,
-the drift profile). The stages (data, split, audit, training loop, report, serving) call that interface.
+the drift profile, any serving routes of its own). The stages (data, split, audit, training loop, report,
+serving) call that interface.
 
 An entry names `module:attribute`; it is imported when first used (torch stays out of `--help`), and
 checked then: a bad entry fails loudly, naming it. An unknown task name is an error listing the known ones.
@@ -20,7 +21,8 @@ TASKS: dict[str, str] = {
 _REQUIRED = ("name", "prepare", "load_tokenizer", "audit_sections", "label_space", "encode", "load_model", "baselines", "validator", "evaluate",
              "load_predictor", "settings", "reference_profile", "label_names", "observe", "summary_rows",
              "describe_space", "prediction_table", "report_details", "peft_task_type", "model_class",
-             "token_lengths", "max_length", "lora_targets", "training_loss", "selection", "export", "intended_use")
+             "token_lengths", "max_length", "lora_targets", "training_loss", "selection", "export", "intended_use",
+             "mount_routes")
 
 
 def get_task(name: str):

@@ -1,5 +1,6 @@
 """What most tasks do alike, as defaults a task inherits and overrides where it differs (the causal LM
-measures its own lengths, picks its own max_length, LoRA targets, loss and selection, and adds to the export)."""
+measures its own lengths, picks its own max_length, LoRA targets, loss and selection, adds to the export, and
+mounts the OpenAI API when served)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,4 +30,8 @@ class TaskDefaults:
 
     def export(self, cfg, model_dir: Path, tokenizer, space) -> None:
         """Anything the task adds to the exported model directory."""
+        return None
+
+    def mount_routes(self, app, ctx) -> None:
+        """Routes the task adds to the server beside /v1/predict (ctx: serving.app.ServeContext)."""
         return None

@@ -50,10 +50,11 @@ def evaluate(cfg, space, splits, y: dict, predictor, baselines: dict) -> tuple[d
     test = splits.test
     refs = list(test.labels)
     nll, tokens = example_losses(predictor.model, y["test"], predictor.pad_id, cfg.eval.batch_size, predictor.precision)
-    generations = None
+    generations = details = None
     if space.kind != "text":
         prompts = [predictor.prompt_of(m[:-1]) for m in test.extras["messages"]]
-        generations = predictor.complete_ids(prompts, space.max_new_tokens, cfg.eval.batch_size)
+        details = predictor.complete_details(prompts, space.max_new_tokens, cfg.eval.batch_size)
+        generations = [d["completion"] for d in details]
     model = _scored(cfg, space, refs, generations, nll, tokens)
     scored = {}
     for name, b in baselines.items():
@@ -70,14 +71,16 @@ def evaluate(cfg, space, splits, y: dict, predictor, baselines: dict) -> tuple[d
     result["beats_baselines"] = beats_baselines(result, key)
     result.update(gate(result, cfg))
     result["samples"] = _samples(cfg, test, generations, baselines)
-    return result, generations or [""] * len(test)
+    return result, details  # each generation and how it ended, for the drift reference (None for plain text)
 
 
 def _samples(cfg, test, generations, baselines: dict) -> list[dict]:
     """Side-by-side test generations for the report: prompt, reference, the untuned model's, the tuned model's."""
     if generations is None:
         return []
-    n = min(cfg.task.samples_in_report, len(generations))
+    first_of_prompt: dict[str, int] = {}  # one sample per distinct prompt (the split keeps repeated prompts together)
+    for k, p in enumerate(test.texts):
+        first_of_prompt.setdefault(p, k)
     base = (baselines.get("base_zero_shot") or {}).get("generations")
     return [{"prompt": test.texts[k], "reference": test.labels[k], "base_zero_shot": base[k] if base else None,
-             "model": generations[k]} for k in range(n)]
+             "model": generations[k]} for k in list(first_of_prompt.values())[: cfg.task.samples_in_report]]

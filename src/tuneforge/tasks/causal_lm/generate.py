@@ -119,8 +119,9 @@ def stop_ids(tokenizer, model_dir: Path | None = None) -> list[int]:
 
 
 class CompletionPredictor:
-    """A fine-tuned (or base) causal LM with its tokenizer and the run's prompt settings: `complete(messages)`,
-    `predict(texts)` (serving's and predict's shape: {"completion": ...} per text)."""
+    """A fine-tuned (or base) causal LM with its tokenizer and the run's prompt settings: `complete_ids(prompts)`,
+    `predict(texts)` (serving's and predict's shape: {"completion", "finish_reason", "completion_tokens",
+    "max_tokens"} per text; finish_reason "length" when max_tokens ran out before a stop token)."""
 
     def __init__(self, model, tokenizer, settings: dict, device, precision: str = "fp32", stops: list[int] | None = None):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
@@ -136,12 +137,16 @@ class CompletionPredictor:
         from tuneforge.artifacts import SETTINGS_KEY
         from tuneforge.tasks.causal_lm.model import load_causal_lm, load_lm_tokenizer
 
+        from tuneforge.models.device import resolve_device, resolve_precision
+
         model_dir = Path(model_dir)
+        device = resolve_device(device)
+        precision, _ = resolve_precision(precision, device)  # auto: bf16 on a bf16 GPU or a fast-bf16 CPU
         settings = json.loads((model_dir / "config.json").read_text()).get(SETTINGS_KEY, {})
         tokenizer = load_lm_tokenizer(model_dir)
         model = load_causal_lm(model_dir).to(device)
         model.eval()
-        return cls(model, tokenizer, settings, torch.device(device), precision, stop_ids(tokenizer, model_dir))
+        return cls(model, tokenizer, settings, device, precision, stop_ids(tokenizer, model_dir))
 
     @property
     def labels(self):
@@ -156,12 +161,27 @@ class CompletionPredictor:
             return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         return self.prompt_of([{"role": "user", "content": text}])
 
-    def complete_ids(self, prompts: list[list[int]], max_new_tokens: int | None = None, batch_size: int = 16) -> list[str]:
-        max_new = max_new_tokens or int(self.settings.get("max_new_tokens") or 64)
+    @property
+    def max_new_tokens(self) -> int:
+        return int(self.settings.get("max_new_tokens") or 64)
+
+    def fit_prompt(self, prompt: list[int]) -> list[int]:
+        """The prompt's last max_length tokens (the run's), as generation for predict and evaluation sees it."""
         limit = int(self.settings.get("max_length") or 0)
-        prompts = [p[-limit:] if limit and len(p) > limit else p for p in prompts]
-        ids = generate_ids(self.model, prompts, self.pad_id, self.stops, max_new, batch_size, self.precision)
-        return [self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+        return prompt[-limit:] if limit and len(prompt) > limit else prompt
+
+    def complete_details(self, prompts: list[list[int]], max_new_tokens: int | None = None,
+                         batch_size: int = 16) -> list[dict]:
+        """Greedy completions with how each ended: stop token, or max_new_tokens ("length")."""
+        max_new = max_new_tokens or self.max_new_tokens
+        ids = generate_ids(self.model, [self.fit_prompt(p) for p in prompts], self.pad_id, self.stops, max_new,
+                           batch_size, self.precision)
+        return [{"completion": self.tokenizer.decode(x, skip_special_tokens=True).strip(),
+                 "finish_reason": "length" if len(x) >= max_new else "stop", "completion_tokens": len(x),
+                 "max_tokens": max_new} for x in ids]
+
+    def complete_ids(self, prompts: list[list[int]], max_new_tokens: int | None = None, batch_size: int = 16) -> list[str]:
+        return [d["completion"] for d in self.complete_details(prompts, max_new_tokens, batch_size)]
 
     def predict(self, texts: list[str], batch_size: int = 16) -> list[dict]:
-        return [{"completion": c} for c in self.complete_ids([self.text_prompt(t) for t in texts], batch_size=batch_size)]
+        return self.complete_details([self.text_prompt(t) for t in texts], batch_size=batch_size)

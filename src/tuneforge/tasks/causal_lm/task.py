@@ -13,7 +13,8 @@ from tuneforge.errors import DataError
 from tuneforge.tasks.base import TaskDefaults
 from tuneforge.tasks.causal_lm.encoding import Encoded
 
-NO_COMPLETION = "(empty)"  # serving: a completion that came back empty
+NO_COMPLETION = "(empty)"  # drift and serving: a completion that came back empty
+TRUNCATED = "(truncated)"  # ... one that ran out of max_tokens before a stop token
 AUTO_MAX_NEW_TOKENS_CAP = 256
 AUTO_MAX_LENGTH_CAP = 1024  # packed rows; attention costs grow with the row, a model's limit may be lower
 MIN_PACKED_ROW = 256        # short examples pack better into rows of at least this many tokens
@@ -207,18 +208,43 @@ class CausalLMTask(TaskDefaults):
 
         return evaluate(cfg, space, splits, y, predictor, baselines)
 
-    def reference_profile(self, predictor, texts: list[str], outputs: list[str]) -> dict:
-        from tuneforge.drift import profile
+    def reference_profile(self, predictor, texts: list[str], outputs: list[dict] | None) -> dict:
+        """The test split's prompts and greedy generations as serving observes completions (see observe): prompt
+        length, how a completion ended ((empty), (truncated) or neither) and its length as a share of max_tokens.
+        Plain text has no generations at training time: its reference watches the input length only."""
+        from tuneforge.drift import NO_LABEL, logged_label, profile
 
-        return profile([len(t) for t in texts], [NO_COMPLETION if not o else "" for o in outputs], [1.0] * len(texts),
-                       [NO_COMPLETION])
+        if outputs is None:
+            p = profile([len(t) for t in texts], [""] * len(texts), [1.0] * len(texts), [])
+            return {"n": p["n"], "length": p["length"]}
+        observed = [self.observe(o) for o in outputs]
+        p = profile([len(t) for t in texts], [logged_label(labs) for labs, _ in observed], [c for _, c in observed],
+                    self.label_names(predictor))
+        p.pop("count")  # one label at most per completion: nothing to count
+        return p
 
     # --- serving and predict ---
     def label_names(self, predictor) -> list[str]:
-        return [NO_COMPLETION]
+        from tuneforge.drift import NO_LABEL
+
+        return [NO_COMPLETION, TRUNCATED, NO_LABEL]
 
     def observe(self, result: dict) -> tuple[list[str], float]:
-        return ([] if result["completion"] else [NO_COMPLETION]), 1.0
+        """(labels, confidence) of a completion for metrics, the request log and drift: (empty) or (truncated), else
+        none; the confidence is completion tokens / max_tokens, so the signal follows the output length."""
+        if not result["completion"]:
+            labels = [NO_COMPLETION]
+        elif result.get("finish_reason") == "length":
+            labels = [TRUNCATED]
+        else:
+            labels = []
+        return labels, min(1.0, result.get("completion_tokens", 0) / max(1, result.get("max_tokens") or 1))
+
+    def mount_routes(self, app, ctx) -> None:
+        """The OpenAI API: /v1/chat/completions, /v1/completions and /v1/models, on a batching generation engine."""
+        from tuneforge.tasks.causal_lm.serve import mount
+
+        mount(app, ctx)
 
     def prediction_table(self, texts: list[str], results: list[dict]) -> tuple[list[str], list[list[str]]]:
         return ["completion"], [[r["completion"]] for r in results]
