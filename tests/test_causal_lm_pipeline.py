@@ -289,3 +289,68 @@ def test_text_run_audit_reports_the_texts_cut_into_chunks(text_run):
     assert truncation["texts_chunked"] == expected
     assert sum(truncation["chunks"].values()) == sum(pieces[len(r["text"].split())] for r in rows)
     assert f"{expected} training texts longer than 32 tokens are cut into consecutive chunks" in truncation["summary"]
+
+
+def test_interrupted_lora_run_resumes_to_the_same_weights(tmp_path, tiny_llama_dir, monkeypatch):
+    """Ctrl-C at step 5 of a packed LoRA run, then --resume: the same merged weights as a run never stopped."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tuneforge.pipeline import run
+    from tuneforge.training import loop
+
+    data = _write_jsonl(tmp_path / "pairs.jsonl", pair_rows(120))
+    lora = {"method": "lora", "epochs": 2, "checkpoint_every": 1, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
+    run(_config(data, tiny_llama_dir, tmp_path / "straight", **lora))
+    real_step, calls = loop._optimizer_step, {"n": 0}
+
+    def interrupt_at_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_optimizer_step", interrupt_at_5)
+    cfg = _config(data, tiny_llama_dir, tmp_path / "resumed", **lora)
+    with pytest.raises(loop.TrainingInterrupted, match="--resume"):
+        run(cfg)
+    assert not (tmp_path / "resumed" / "run.json").exists()
+    monkeypatch.setattr(loop, "_optimizer_step", real_step)
+    run(cfg, resume=True)
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_trains_to_the_same_loss(tiny_llama_dir):
+    """train.gradient_checkpointing recomputes activations: the same loss and gradients, less memory."""
+    import torch
+
+    from tuneforge.config import TrainConfig
+    from tuneforge.models.load import apply_method
+    from tuneforge.tasks.causal_lm.encoding import encode_chat, pack
+    from tuneforge.tasks.causal_lm.generate import packed_loss
+    from tuneforge.tasks.causal_lm.model import load_causal_lm, load_lm_tokenizer
+    from tuneforge.training.loop import TrainData, training_batch
+
+    tok = load_lm_tokenizer(tiny_llama_dir)
+    rows = pair_rows(6)
+    examples = [encode_chat(tok, [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}],
+                            True) for r in rows]
+    ids, labels, positions = pack(examples, 64)
+    grads = []
+    for checkpointing in (False, True):
+        model = apply_method(load_causal_lm(tiny_llama_dir, seed=0), TrainConfig(
+            method="lora", learning_rate=1e-3, gradient_checkpointing=checkpointing, lora={"r": 4, "alpha": 8, "dropout": 0.0}),
+            "CAUSAL_LM", "all-linear")
+        model.train()
+        assert model.base_model.model.is_gradient_checkpointing is checkpointing
+        batch = training_batch(TrainData(ids, labels, positions), list(range(len(ids))), 2, torch.device("cpu"))
+        loss = packed_loss(model, batch)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(g, grads[1][1][name], rtol=1e-4, atol=1e-6)

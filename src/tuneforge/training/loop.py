@@ -99,6 +99,16 @@ def training_batch(data: TrainData, idx: np.ndarray, pad_id: int, device) -> dic
     return batch
 
 
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
 def epochs_for(n_rows: int, cfg: TrainConfig, world: int = 1) -> float:
     """train.epochs, or (when null) the passes that give about `target_steps` steps on data of this size."""
     if cfg.epochs is not None:
@@ -213,6 +223,7 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
         return bool(patience) and c["bad_evals"] >= patience
 
     stopped_early = False
+    step_rng = _rng_state()  # the random state at the last step boundary: what an interruption's checkpoint keeps
     try:
         set_train_mode(raw)
         while c["step"] < total and not stopped_early:
@@ -236,6 +247,7 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
                 _optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
                 c["train_seconds"] += time.perf_counter() - t0
                 c["step"] += 1
+                step_rng = _rng_state()
                 c["batch_pos"] = pos + cfg.grad_accum
                 if progress:
                     progress(c["step"], total, None)
@@ -255,7 +267,8 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
                 c["epoch"] += 1
                 c["batch_pos"] = 0
     except KeyboardInterrupt:
-        optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is redone on resume
+        optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is redone on resume ...
+        _set_rng_state(step_rng)  # ... with the dropout draws it had the first time
         checkpoint()
         raise TrainingInterrupted(f"training interrupted at step {c['step']} of {total}; a checkpoint is saved in {checkpoint_dir}",
                                   fix="run the same command again with --resume to continue") from None
