@@ -27,6 +27,7 @@ TUNEFORGE_TEST_HOLD_FILE), so a test can queue requests and release them into on
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 import time
 from collections import deque
@@ -36,6 +37,8 @@ from typing import Callable
 import torch
 
 from tuneforge.models.infer import autocast
+
+log = logging.getLogger("tuneforge.serve")
 
 
 @dataclass
@@ -124,12 +127,12 @@ def visible_text(decoder: Decoder, row: Row, final: bool) -> tuple[str, bool]:
     if final:
         return raw.strip(), False
     text = raw.lstrip()
-    while True:  # trailing whitespace (stripped at the end) and partial UTF-8 characters wait
+    while True:  # trailing whitespace (stripped at the end), partial UTF-8 characters and a stop's beginning wait
         shorter = text.rstrip().rstrip("\ufffd")
+        shorter = shorter[: len(shorter) - _stop_prefix(shorter, row.params.stop)]
         if shorter == text:
-            break
+            return text, False
         text = shorter
-    return text[: len(text) - _stop_prefix(text, row.params.stop)], False
 
 
 def _send(row: Row, text: str) -> None:
@@ -160,7 +163,10 @@ def _finish(decoder: Decoder | None, row: Row, reason: str, text: str | None = N
         result["error"] = error
     row.result = result
     if row.on_done:
-        row.on_done(result)
+        try:
+            row.on_done(result)
+        except Exception:  # the caller's bookkeeping failing must not fail the other rows of the wave
+            log.exception("a generation callback failed")
 
 
 def _advance(decoder: Decoder, row: Row, token: int) -> None:
@@ -246,8 +252,7 @@ def prefill(decoder: Decoder, rows: list[Row], on_forward: Callable[[int], None]
     for r in rows:
         r.cached = len(r.prompt)
     wave = Wave(rows, cache, mask, _choose(logits, rows), _plain_layers(cache) is not None)
-    for r, token in zip(rows, wave.pending):
-        _advance(decoder, r, token)
+    _advance_all(decoder, wave)
     return compact(wave)
 
 
@@ -263,9 +268,14 @@ def step(decoder: Decoder, wave: Wave, on_forward: Callable[[int], None] | None 
     for r in rows:
         r.cached += 1
     wave.pending = _choose(logits, rows)
-    for r, token in zip(rows, wave.pending):
-        _advance(decoder, r, token)
+    _advance_all(decoder, wave)
     return compact(wave)
+
+
+def _advance_all(decoder: Decoder, wave: Wave) -> None:
+    for r, token in zip(wave.rows, wave.pending):
+        if not r.cancelled:  # a row whose client left gets nothing more; compact() drops it
+            _advance(decoder, r, token)
 
 
 def compact(wave: Wave) -> Wave | None:

@@ -203,7 +203,8 @@ class CausalLMTask(TaskDefaults):
 
         return CompletionPredictor.load(model_dir, device, precision)
 
-    def evaluate(self, cfg, space: LMSpace, splits, y: dict, predictor, baselines: dict) -> tuple[dict, list[str]]:
+    def evaluate(self, cfg, space: LMSpace, splits, y: dict, predictor,
+                 baselines: dict) -> tuple[dict, list[dict] | None]:
         from tuneforge.tasks.causal_lm.evaluate import evaluate
 
         return evaluate(cfg, space, splits, y, predictor, baselines)
@@ -212,7 +213,7 @@ class CausalLMTask(TaskDefaults):
         """The test split's prompts and greedy generations as serving observes completions (see observe): prompt
         length, how a completion ended ((empty), (truncated) or neither) and its length as a share of max_tokens.
         Plain text has no generations at training time: its reference watches the input length only."""
-        from tuneforge.drift import NO_LABEL, logged_label, profile
+        from tuneforge.drift import logged_label, profile
 
         if outputs is None:
             p = profile([len(t) for t in texts], [""] * len(texts), [1.0] * len(texts), [])
