@@ -1,13 +1,16 @@
-"""The one place the stages are wired: config -> data -> model -> train -> evaluate -> artifacts.
+"""The one place the stages are wired: prepare (data, audit, tokens) -> fit (baselines, train) -> finalize
+(export, test evaluation, artifacts). A search prepares once and fits once per trial.
 
     tuneforge run examples/sentiment.yaml
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -43,28 +46,69 @@ def _check_resume_config(out: Path, cfg: RunConfig) -> None:
                           fix=f"resume with the same config (saved in {saved_path}), or start over with --overwrite")
 
 
+@dataclass
+class Prepared:
+    """What every training of the same data shares (a run, or each trial of a search): the data read, cleaned,
+    audited, split and tokenised once, the model found, the baselines scored once."""
+    cfg: RunConfig
+    task: object
+    data: object
+    model_dir: Path
+    conversion: dict | None
+    tokenizer: object
+    space: object
+    audit: dict
+    max_length: int
+    max_length_why: str
+    ids: dict
+    y: dict
+    console: Console
+    durations: dict = field(default_factory=dict)
+    t_start: float = field(default_factory=time.perf_counter)
+    baselines: dict | None = None
+
+
+@dataclass
+class Fitted:
+    """One training: the trained model (best validation weights), the loop's result and the plan it followed."""
+    model: object
+    result: object
+    estimate: dict
+    plan: dict
+    select: tuple[str, str]
+    info: dict
+
+
 def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None) -> dict:
     """Run the whole job; returns the content of metrics.json. Raises TuneforgeError on bad input."""
-    from accelerate import Accelerator
-
-    from tuneforge.models.device import resolve_device, resolve_precision
-    from tuneforge.models.infer import pad_id_of
-    from tuneforge.models.load import apply_method, export_adapter, export_model
-    from tuneforge.models.resolve import describe, resolve_model_info
-    from tuneforge.tasks import get_task
-    from tuneforge.training import cost
-    from tuneforge.training.loop import TrainData, default_loss, epochs_for, patience_for, plan_steps, train
-
     # under torchrun / accelerate launch every process runs this; only rank 0 talks and writes
     console = console or Console(quiet=int(os.environ.get("RANK", "0")) != 0)
     out = Path(cfg.output.dir)
-    durations: dict[str, float] = {}
     t_start = time.perf_counter()
-
     # --- everything that can reject the input happens before the output directory is touched ---
     artifacts.check_output_dir(out, resume=resume, overwrite=cfg.output.overwrite)
     if resume:
         _check_resume_config(out, cfg)
+    prep = prepare(cfg, console)
+    prep.t_start = t_start
+    accelerator, precision, why = make_accelerator(cfg)
+    if not resume and accelerator.is_main_process:  # under torchrun, one process writes the output
+        artifacts.reset_output_dir(out)
+        artifacts.write_text(out / "config.yaml", dump_config(cfg))  # the resolved config; --resume checks against it
+        artifacts.write_json(out / "audit.json", prep.audit)
+    accelerator.wait_for_everyone()
+    fitted = fit(prep, cfg, accelerator, precision, why, out=out, resume=resume)
+    if not accelerator.is_main_process:
+        return {}
+    return finalize(prep, cfg, fitted, accelerator, precision, out=out, resume=resume)
+
+
+def prepare(cfg: RunConfig, console: Console) -> Prepared:
+    """Data, model reference, tokenizer, audit (stops on a blocking finding) and encoding: nothing is written."""
+    from tuneforge.models.resolve import resolve_model_info
+    from tuneforge.tasks import get_task
+
+    durations: dict[str, float] = {}
     task = get_task(cfg.task.type)
     with _stage(durations, "data"):
         data = task.prepare(cfg)
@@ -84,32 +128,51 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
                   f"{sum(data.report['removed_counts'].values())} rows {data.report['removed_counts'] or ''}")
     with _stage(durations, "tokenize"):
         ids, y = task.encode(cfg, tokenizer, space, splits, max_length)
+    return Prepared(cfg, task, data, model_dir, conversion, tokenizer, space, audit_report, max_length, max_length_why,
+                    ids, y, console, durations)
+
+
+def make_accelerator(cfg: RunConfig):
+    """(Accelerator, precision, why) for this hardware and train.precision."""
+    from accelerate import Accelerator
+
+    from tuneforge.models.device import resolve_device, resolve_precision
 
     device = resolve_device("auto")
     precision, why = resolve_precision(cfg.train.precision, device)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu")
+    return accelerator, precision, why
+
+
+def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *, out: Path, resume: bool = False,
+        progress=None) -> Fitted:
+    """Load the pre-trained model, score the baselines on it (once per Prepared), apply the method, estimate the
+    cost and train with `cfg.train` (a search's trial passes its own). `progress(step, total, row)` is called at
+    every step and evaluation (default: the progress bar)."""
+    from tuneforge.models.infer import pad_id_of
+    from tuneforge.models.load import apply_method
+    from tuneforge.models.resolve import describe
+    from tuneforge.training import cost
+    from tuneforge.training.loop import TrainData, default_loss, epochs_for, patience_for, plan_steps, train
+
+    task, console, durations, ids, y = prep.task, prep.console, prep.durations, prep.ids, prep.y
     with _stage(durations, "load_model"):
-        model = task.load_model(model_dir, space, cfg.train.seed)
-    info = describe(model_dir)
+        model = task.load_model(prep.model_dir, prep.space, cfg.train.seed)
+    info = describe(prep.model_dir)
     method = cfg.train.method
     if method == "frozen" and info["layers"]:
         n = info["layers"] // 2 if cfg.train.frozen_layers is None else cfg.train.frozen_layers
         method += f" (embeddings + {n} of {info['layers']} layers fixed)"
     console.print(f"[bold]model[/] {cfg.model.name} ({info['architecture']}, {info['parameters'] / 1e6:.1f}M parameters) "
-                  f"from {model_dir}; method {method}; lr {cfg.train.learning_rate:g}; precision {precision} ({why})")
-
-    main_process = accelerator.is_main_process  # under torchrun, one process writes the output
-    if not resume and main_process:
-        artifacts.reset_output_dir(out)
-        artifacts.write_text(out / "config.yaml", dump_config(cfg))  # the resolved config; --resume checks against it
-        artifacts.write_json(out / "audit.json", audit_report)
-    accelerator.wait_for_everyone()
-    pad_id = pad_id_of(tokenizer)
+                  f"from {prep.model_dir}; method {method}; lr {cfg.train.learning_rate:g}; precision {precision} ({why})")
+    pad_id = pad_id_of(prep.tokenizer)
     model.to(accelerator.device)
 
     # --- baselines, before any weight changes (a probe may use the pre-trained encoder) ---
-    with _stage(durations, "baselines"):  # one process scores the test split, so only it needs them
-        baselines = task.baselines(cfg, space, splits, ids, y, model, pad_id, precision) if main_process else {}
+    if prep.baselines is None:
+        with _stage(durations, "baselines"):  # one process scores the test split, so only it needs them
+            prep.baselines = task.baselines(cfg, prep.space, prep.data.splits, ids, y, model, pad_id, precision) \
+                if accelerator.is_main_process else {}
 
     model = apply_method(model, cfg.train, task.peft_task_type, task.lora_targets())
     loss_fn = task.training_loss() or default_loss
@@ -122,50 +185,64 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
                             group_by_length=cfg.train.group_by_length, total_steps=total, grad_accum=cfg.train.grad_accum,
                             eval_rows_tokens=sum(map(len, ids["val"])), n_evals=max(1, total // eval_every),
                             infer_tokens=sum(map(len, ids["test"])), pad_id=pad_id, precision=precision,
-                            seconds_so_far=time.perf_counter() - t_start, positions=train_data.positions, loss_fn=loss_fn)
+                            seconds_so_far=time.perf_counter() - prep.t_start, positions=train_data.positions, loss_fn=loss_fn)
     epochs_why = "train.epochs" if cfg.train.epochs is not None else \
         f"by data size: ~{cfg.train.target_steps} steps, at most {cfg.train.max_auto_epochs:g} epochs"
     console.print(f"[bold]plan[/] {epochs:g} epochs ({epochs_why}) = {total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}, "
                   f"validation every {eval_every} steps, early stopping after {patience or 'no'} evaluations without gain; "
-                  f"max_length {max_length} ({max_length_why})")
+                  f"max_length {prep.max_length} ({prep.max_length_why})")
     console.print(f"[bold]estimate[/] whole run {_fmt_s(est['seconds_total'])}: spent so far {_fmt_s(est['seconds_so_far'])} "
                   f"(data, audit, baselines) + training {_fmt_s(est['seconds_train'])} + evaluation {_fmt_s(est['seconds_eval'])} "
                   f"+ export and report {_fmt_s(est['seconds_export_and_report'])} ({est['trainable_parameters'] / 1e6:.1f}M trainable); "
                   f"peak memory ~{est['peak_memory_bytes'] / 2**30:.1f} GiB on {est['device']}")
 
     # --- train ---
-    with _stage(durations, "train"), _progress(console) as progress:
-        validate = task.validator(cfg, space, tokenizer, max_length, ids["val"], y["val"], pad_id, precision)
-        select = task.selection(cfg)
+    validate = task.validator(cfg, prep.space, prep.tokenizer, prep.max_length, ids["val"], y["val"], pad_id, precision)
+    select = task.selection(cfg)
+    with _stage(durations, "train"), (contextlib.nullcontext(progress) if progress else _progress(console)) as report:
         result = train(model, train_data, validate, cfg.train, cfg.eval,
                        accelerator=accelerator, precision=precision, pad_id=pad_id,
-                       checkpoint_dir=out / artifacts.CHECKPOINT, resume=resume, progress=progress,
+                       checkpoint_dir=out / artifacts.CHECKPOINT, resume=resume, progress=report,
                        loss_fn=loss_fn, select=select)
     console.print(f"[bold]trained[/] {result.steps} steps, {result.samples_per_second:.1f} rows/s "
                   f"({result.tokens / max(result.train_seconds, 1e-9):.0f} tokens/s); best validation "
                   f"{select[0].removeprefix('val_')} {result.best_metric:.4f} at step {result.best_step}"
                   + (" (stopped early)" if result.stopped_early else ""))
-    if not main_process:
-        return {}
+    plan = {"train.epochs": epochs, "model.max_length": prep.max_length, "total_steps": total, "eval_every": eval_every,
+            "train.early_stopping_patience": patience}
+    return Fitted(accelerator.unwrap_model(model), result, est, plan, select, info)
 
+
+def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precision: str, *, out: Path,
+             resume: bool = False, extra_metrics: dict | None = None) -> dict:
+    """Export the trained model, evaluate the export on the test split (the only time test labels are read), and
+    write metrics, reports and run.json (last: its presence marks a finished run). Returns metrics.json's content."""
+    from tuneforge.evaluation.card import build_card
+    from tuneforge.evaluation.report import build_report
+    from tuneforge.models.load import export_adapter, export_model
+    from tuneforge.training import cost
+
+    task, durations, splits, space = prep.task, prep.durations, prep.data.splits, prep.space
+    result, est, raw = fitted.result, fitted.estimate, fitted.model
     # --- export, then evaluate the exported model exactly as a user will load it ---
     with _stage(durations, "export"):
         staging = out / "model.tmp"
-        raw = accelerator.unwrap_model(model)
-        export_model(raw, tokenizer, staging)
-        _record_settings(staging, task.settings(cfg, max_length, space))
-        task.export(cfg, staging, tokenizer, space)
+        export_model(raw, prep.tokenizer, staging)
+        _record_settings(staging, task.settings(cfg, prep.max_length, space))
+        task.export(cfg, staging, prep.tokenizer, space)
         artifacts.replace_dir(staging, out / "model")
         if cfg.output.keep_adapter:
             export_adapter(raw, out / "adapter")
     with _stage(durations, "evaluate"):
         predictor = task.load_predictor(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
-        metrics, test_outputs = task.evaluate(cfg, space, splits, y, predictor, baselines)
+        metrics, test_outputs = task.evaluate(cfg, space, splits, prep.y, predictor, prep.baselines)
         artifacts.write_json(out / "model" / PROFILE_FILE, task.reference_profile(predictor, splits.test.texts, test_outputs))
-    metrics["validation"] = {"metric": select[0].removeprefix("val_"), "best": result.best_metric, "best_step": result.best_step,
-                             "history": result.history, "stopped_early": result.stopped_early}
-    durations["total"] = round(time.perf_counter() - t_start, 2)
+    metrics["validation"] = {"metric": fitted.select[0].removeprefix("val_"), "best": result.best_metric,
+                             "best_step": result.best_step, "history": result.history, "stopped_early": result.stopped_early}
+    metrics.update(extra_metrics or {})
+    durations["total"] = round(time.perf_counter() - prep.t_start, 2)
     # early stopping can end a run before its planned steps: the estimate, restated for the steps run
+    total = fitted.plan["total_steps"]
     est["seconds_total_for_steps_run"] = est["seconds_total"] - (est["seconds_train"] + est["seconds_validation"]) \
         * (1 - result.steps / total)
     metrics["cost"] = {"estimated": est, "actual": {"seconds_total": durations["total"], "seconds_train": result.train_seconds,
@@ -174,31 +251,28 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
                                                      "peak_memory_bytes": cost.peak_memory_bytes(accelerator.device)}}
 
     # --- artifacts; run.json last: its presence marks a finished run ---
+    data = prep.data
     run_info = {
         "data": {"files": data.report["files"], "splits": {k: v["sha256"] for k, v in data.report["splits"].items()}},
         "task": {"type": task.name, "model_class": task.model_class},
-        "model": {"reference": cfg.model.name, "path": str(model_dir), **info, "converted": conversion},
+        "model": {"reference": cfg.model.name, "path": str(prep.model_dir), **fitted.info, "converted": prep.conversion},
         "seed": {"split": cfg.data.seed, "train": cfg.train.seed},
-        "precision": precision, "resolved": {"train.epochs": epochs, "model.max_length": max_length, "total_steps": total,
-                                          "eval_every": eval_every, "train.early_stopping_patience": patience},
+        "precision": precision, "resolved": fitted.plan,
         "hardware": artifacts.hardware(), "versions": artifacts.library_versions(),
         "durations_s": durations, "resumed": resume, "steps": result.steps,
     }
     artifacts.write_json(out / "metrics.json", metrics)
     artifacts.write_json(out / "data_report.json", data.report)
     artifacts.write_json(out / artifacts.FINISHED_MARKER, run_info)
-    from tuneforge.evaluation.card import build_card
-    from tuneforge.evaluation.report import build_report
-
     with _stage(durations, "report"):
         build_card(out)
         build_report(out)
     shutil.rmtree(out / artifacts.CHECKPOINT, ignore_errors=True)
-    durations["total"] = round(time.perf_counter() - t_start, 2)  # the whole run, report included
+    durations["total"] = round(time.perf_counter() - prep.t_start, 2)  # the whole run, report included
     metrics["cost"]["actual"]["seconds_total"] = durations["total"]
     artifacts.write_json(out / "metrics.json", metrics)
     artifacts.write_json(out / artifacts.FINISHED_MARKER, run_info)
-    _print_summary(console, task, metrics, est, durations, out)
+    _print_summary(prep.console, task, metrics, est, durations, out)
     return metrics
 
 
