@@ -152,6 +152,14 @@ class CompletionPredictor:
     def labels(self):
         return []
 
+    def cast_weights(self) -> None:
+        """Hold the weights in the serving precision. Autocast alone re-casts every fp32 weight at every forward:
+        for token-by-token decoding that cast was half of each step (measured with SmolLM2 on a 2-core EPYC
+        with avx512_bf16: 140 ms per token against 68 for fp32 `generate`)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if dtype is not None and next(self.model.parameters()).dtype != dtype:
+            self.model.to(dtype)
+
     def prompt_of(self, messages: list[dict]) -> list[int]:
         return prompt_ids(self.tokenizer, with_system(messages, self.settings.get("system_prompt")), self.template)
 

@@ -198,7 +198,9 @@ def precision_check(predictor, run_dir, prompts: list[str] | None = None) -> dic
     ids = [predictor.fit_prompt(predictor.text_prompt(p)) for p in prompts]
     max_tokens = min(predictor.max_new_tokens, 64)
     outputs = {}
-    for precision in (predictor.precision, "fp32"):
+    for precision in ("fp32", predictor.precision):  # fp32 first, while the weights still are
+        if precision != "fp32":
+            predictor.cast_weights()
         rows = [Row(p, Params(max_tokens)) for p in ids]
         outputs[precision] = [r["completion"] for r in generate_rows(Decoder.of(predictor, precision), rows)]
     equal = sum(a == b for a, b in zip(outputs[predictor.precision], outputs["fp32"]))
@@ -291,6 +293,7 @@ def mount(app: FastAPI, ctx) -> None:
                 if check["equal"] < check["of"]:
                     log.warning("bf16 changes %d of %d greedy test outputs; serving in bf16 anyway (pass --precision fp32 "
                                 "to serve exactly what the evaluation measured)", check["of"] - check["equal"], check["of"])
+        predictor.cast_weights()  # bf16 / fp16 weights, not autocast at every decoding step
         metrics = LMMetrics(ctx.metrics.registry)
         hold = os.environ.get(HOLD_FILE_ENV)
         engine = Engine(Decoder.of(predictor), settings.max_batch_size, settings.max_wait_ms, on_forward=metrics.batch.observe,
