@@ -255,7 +255,7 @@ def test_early_stopping_and_gradient_accumulation(base_config, write_csv):
 
 
 def test_same_code_runs_under_torchrun_with_two_processes(base_config, write_csv, tmp_path):
-    """Two CPU processes (gloo): each trains on its share of the batches, rank 0 alone writes the run."""
+    """Two CPU processes (gloo): each trains on its share of every batch, rank 0 alone writes the run."""
     import os
     import subprocess
     import sys
@@ -275,7 +275,8 @@ def test_same_code_runs_under_torchrun_with_two_processes(base_config, write_csv
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((tmp_path / "ddp" / "run.json").read_text())
-    # 48 training rows at batch 8 = 6 batches; two processes take 3 each, so 3 steps per epoch
-    assert info["steps"] == 6
+    # 48 training rows at batch 8 = 6 batches an epoch; each process takes half of every batch, so the global
+    # batch and the steps are what one process trains: 6 a epoch, 12 in all
+    assert info["steps"] == 12
     assert proc.stdout.count("test split: model vs baselines") == 1
     assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()

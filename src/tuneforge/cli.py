@@ -1,7 +1,9 @@
 """Command line: parse arguments, load the config once, dispatch. Heavy libraries load only when needed.
 
     tuneforge run examples/sentiment.yaml
+    tuneforge run examples/sentiment.yaml --nproc 2      # 2 data-parallel processes (torchrun)
     tuneforge run --data reviews.csv --text-column text --label-column label
+    tuneforge tune examples/sentiment.yaml --trials 20   # hyperparameter search, then the best as a run
     tuneforge predict runs/sentiment --text "a gorgeous, moving film"
     tuneforge models
     tuneforge --version
@@ -33,6 +35,25 @@ def _run_parser(sub) -> None:
     p.add_argument("--epochs", type=float, help="passes over the training data")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in the output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in the output directory")
+    from tuneforge.training.launch import add_launch_arguments
+
+    add_launch_arguments(p)
+
+
+def _tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="search hyperparameters (Optuna), then train and evaluate the best like `run`",
+                       description="Search the config's train.* keys (tune.space, or the task's default space): the data "
+                       "is prepared once, trials are judged on validation, the best is evaluated on the test split once.")
+    p.add_argument("config", help="YAML config (see examples/); its tune: section sets the search")
+    p.add_argument("--trials", type=int, help="trials in the whole study, earlier ones included (tune.trials, default 20)")
+    p.add_argument("--timeout", type=float, metavar="MIN", help="start no trial after MIN minutes (tune.timeout_minutes)")
+    p.add_argument("--storage", help="study storage: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB, shared by "
+                   "every process started with it (default OUTPUT/study.sqlite)")
+    p.add_argument("--study", help="study name in the storage (default: the output directory's name)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search: finished trials are kept, "
+                   "trials left running by a stopped process are failed and retried")
+    p.add_argument("--output", help="output directory (default: the config's output.dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run or search in the output directory")
 
 
 def version_text() -> str:
@@ -74,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_VersionAction, help="print the tuneforge, torch and transformers versions and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
+    _tune_parser(sub)
     p = sub.add_parser("audit", help="audit the data (leakage, duplicates, label errors, truncation, balance) before training",
                        description="Audit from a YAML config, or from flags without one. Exit code 3 on a blocking finding.")
     p.add_argument("config", nargs="?", help="YAML config (see examples/)")
@@ -169,9 +191,33 @@ def _config_from_args(args):
 
 
 def cmd_run(args) -> int:
+    from tuneforge.training.launch import launch, wants_launch
+
+    if wants_launch(args):
+        _config_from_args(args)  # a bad config or flag fails here, once, before any process starts
+        return launch(args, args.argv)
     from tuneforge.pipeline import run
 
     run(_config_from_args(args), resume=args.resume)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from tuneforge.config import load_config, parse_config
+
+    if args.trials is not None and args.trials < 1:
+        from tuneforge.errors import ConfigError
+
+        raise ConfigError(f"--trials is {args.trials}: it must be at least 1", fix="pass --trials N with N >= 1")
+    raw = load_config(args.config).model_dump(exclude_unset=True)
+    for (section, key), value in {("tune", "trials"): args.trials, ("tune", "timeout_minutes"): args.timeout,
+                                  ("tune", "storage"): args.storage, ("tune", "study"): args.study,
+                                  ("output", "dir"): args.output, ("output", "overwrite"): args.overwrite or None}.items():
+        if value is not None:
+            raw.setdefault(section, {})[key] = value
+    from tuneforge.tuning.search import tune
+
+    tune(parse_config(raw, args.config), resume=args.resume)
     return 0
 
 
@@ -389,17 +435,32 @@ def cmd_models(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from tuneforge.training.launch import record_exit, record_start
+
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "audit": cmd_audit, "predict": cmd_predict, "report": cmd_report,
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--nproc` runs again in each process
+    handler = {"run": cmd_run, "tune": cmd_tune, "audit": cmd_audit, "predict": cmd_predict, "report": cmd_report,
                "serve": cmd_serve, "monitor": cmd_monitor,
                "models": cmd_models}[args.command]
+    interrupted = record_start()  # in a process `--nproc` started: its pid, so that Ctrl-C reaches it
+    first = "LOCAL_RANK" not in os.environ or os.environ.get("RANK") == "0"  # not a torchrun process, or its rank 0
     try:
-        return handler(args)
+        return record_exit(handler(args))
     except TuneforgeError as err:
-        print(f"error: {err.message}", file=sys.stderr)
-        if err.fix:
-            print(f"fix: {err.fix}", file=sys.stderr)
-        return err.exit_code
+        # several processes end alike on an error (rank 0 sent or found it): rank 0 alone prints it
+        if first:
+            print(f"error: {err.message}", file=sys.stderr)
+            if err.fix:
+                print(f"fix: {err.fix}", file=sys.stderr)
+        return record_exit(err.exit_code, err.message, err.fix)
+    except BaseException:
+        if not interrupted:
+            raise
+        if first:
+            print("error: interrupted", file=sys.stderr)
+        return record_exit(130, "interrupted")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from tuneforge.errors import ConfigError
 
@@ -100,6 +100,22 @@ class LoraConfig(_Section):
                                              "[all-linear] = every linear layer but the output head.")
 
 
+class DistributedConfig(_Section):
+    """train.distributed: how several processes (`tuneforge run --nproc N`, or torchrun) share one training. The
+    recipe does not change with the number of processes: each optimizer step's batch of `batch_size` rows is split
+    across them."""
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every process holds the whole model and optimizer, gradients are averaged (CPU: "
+        "gloo, GPUs: NCCL); fsdp: weights, gradients and optimizer state sharded across GPUs (Accelerate's FSDP2; "
+        "GPUs only: Accelerate 1.15 does not shard CPU processes).")
+    fsdp_sharding: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard", description="fsdp: full_shard frees each unit's gathered weights after its forward (least "
+        "memory); shard_grad_op keeps them until the backward (less communication).")
+    fsdp_wrap: list[str] | None = Field(
+        None, description="fsdp: transformer layer classes sharded as one unit each, e.g. [LlamaDecoderLayer]; "
+        "null = the model's own (`_no_split_modules`).")
+
+
 class TrainConfig(_Section):
     method: Literal["full", "frozen", "lora"] = Field(
         "frozen", description="full: every weight; frozen: embeddings and the lowest `frozen_layers` "
@@ -136,6 +152,7 @@ class TrainConfig(_Section):
         "auto", description="auto: bf16 where the CPU has AMX/avx512_bf16 or the GPU supports it, else fp32.")
     seed: int = Field(42)
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps; 0 = no limit.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -210,6 +227,85 @@ class OutputConfig(_Section):
                                "format) beside the merged model, for serving many adapters on one base model.")
 
 
+# train.* keys a search may not vary: the seed is the search's own (every trial trains with the config's), and the
+# rest change speed or memory, not the model; nested sections other than lora (distributed) are process layout
+_NOT_TUNABLE = {"seed", "precision", "checkpoint_every", "checkpoint_minutes", "gradient_checkpointing", "target_modules"}
+
+
+def tunable_keys() -> list[str]:
+    """The dotted config keys `tune.space` may name: train.* and train.lora.* scalars. Data, model, eval and
+    output stay fixed: the data is prepared and tokenised once for every trial, and eval.metric is what chooses."""
+    keys = []
+    for name, field in TrainConfig.model_fields.items():
+        if name == "lora":
+            keys += [f"train.lora.{n}" for n in LoraConfig.model_fields if n not in _NOT_TUNABLE]
+        elif name not in _NOT_TUNABLE and not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            keys.append(f"train.{name}")
+    return keys
+
+
+class ParamRange(_Section):
+    """A numeric range of `tune.space`: integers when low, high (and step) are integers, else floats."""
+    low: int | float
+    high: int | float
+    log: bool = Field(False, description="Sample on a log scale (learning rates); needs low > 0.")
+    step: int | float | None = Field(None, gt=0, description="Only multiples of step above low; not with log.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ParamRange":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high}); a single value is a list: [{self.low}]")
+        if self.log and self.low <= 0:
+            raise ValueError("log: true needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high, self.step or 1))
+
+
+# a range (a mapping) or a list of choices; told apart by shape so an error names only the one meant
+_SpaceSpec = Annotated[Union[Annotated[ParamRange, Tag("range")], Annotated[list[Union[bool, int, float, str, None]], Tag("choices")]],
+                       Discriminator(lambda v: "choices" if isinstance(v, (list, tuple)) else "range")]
+
+
+class TuneConfig(_Section):
+    """`tuneforge tune`: an Optuna search over train.* keys; ignored by `tuneforge run`."""
+    trials: int = Field(20, ge=1, description="Trials in the whole study (finished ones from earlier or other "
+                        "processes count); the first runs the config's own values.")
+    timeout_minutes: float | None = Field(None, gt=0, description="Start no trial after this long (a running one "
+                                          "finishes); the best so far is then trained and evaluated.")
+    storage: str | None = Field(None, description="Study storage: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB "
+                                "(several processes or machines share one study); null = OUTPUT/study.sqlite.")
+    study: str | None = Field(None, description="Study name in the storage; null = the output directory's name.")
+    seed: int | None = Field(None, description="Seed of the sampler (TPE); null = train.seed.")
+    pruning: bool = Field(True, description="Stop unpromising trials early: MedianPruner on the validation metric "
+                          "at each evaluation, after 3 finished trials and `prune_warmup` evaluations.")
+    prune_warmup: int = Field(4, ge=0, description="Evaluations every trial gets before it may be pruned (one epoch "
+                              "at the default 4 per epoch: the first evaluations, in warm-up, say little).")
+    space: dict[str, _SpaceSpec] | None = Field(
+        None, description="Dotted config key -> {low, high, log, step} or a list of choices; null = the task's "
+        "default (learning rate, epochs, frozen layers or LoRA rank, weight decay, warm-up).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, values: Any) -> Any:
+        space = values.get("space") if isinstance(values, dict) else None
+        if isinstance(space, dict):
+            valid = tunable_keys()
+            unknown = [k for k in space if k not in valid]
+            if unknown:
+                near = difflib.get_close_matches(unknown[0], valid, n=1)
+                raise ValueError(f"tune.space: unknown key(s) {', '.join(unknown)}." + (f" Did you mean '{near[0]}'?" if near else "")
+                                 + f" Valid keys: {', '.join(valid)}")
+            empty = [k for k, v in space.items() if isinstance(v, list) and not v]
+            if empty:
+                raise ValueError(f"tune.space: {', '.join(empty)} list no choices")
+        return values
+
+
 class RunConfig(_Section):
     task: TaskConfig = Field(default_factory=ClassificationTaskConfig)
     data: DataConfig
@@ -218,6 +314,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -233,7 +330,8 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
-        for check in (_check_lora_method, _check_keep_labels, _check_task_eval, _check_keep_adapter):
+        for check in (_check_lora_method, _check_keep_labels, _check_task_eval, _check_keep_adapter,
+                      _check_distributed):
             check(self)
         return self
 
@@ -283,6 +381,13 @@ def _check_keep_adapter(cfg: RunConfig) -> None:
         raise ValueError("output.keep_adapter needs train.method: lora (only LoRA trains an adapter)")
 
 
+def _check_distributed(cfg: RunConfig) -> None:
+    d = cfg.train.distributed
+    if d.strategy != "fsdp" and (d.fsdp_wrap is not None or d.fsdp_sharding != "full_shard"):
+        raise ValueError("train.distributed.fsdp_* is set but train.distributed.strategy is not 'fsdp': "
+                         "set strategy: fsdp or remove the fsdp_* keys")
+
+
 def _check_keep_labels(cfg: RunConfig) -> None:
     if cfg.data.keep_labels is not None and len(set(cfg.data.keep_labels)) < 2:
         raise ValueError("data.keep_labels must name at least two labels")
@@ -290,6 +395,8 @@ def _check_keep_labels(cfg: RunConfig) -> None:
 
 def _section_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     """The valid keys at a location of the schema, for 'did you mean' messages."""
+    if loc[:2] == ("tune", "space") and "range" in loc[:-1]:  # a range of the search space (a mapping, not a section)
+        return list(ParamRange.model_fields)
     for part in loc[:-1]:
         if isinstance(part, int):
             continue

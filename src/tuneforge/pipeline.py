@@ -81,17 +81,25 @@ class Fitted:
 
 def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None) -> dict:
     """Run the whole job; returns the content of metrics.json. Raises TuneforgeError on bad input."""
-    # under torchrun / accelerate launch every process runs this; only rank 0 talks and writes
+    # under torchrun (`--nproc N`) every process runs this; only rank 0 reads the data, talks and writes
     console = console or Console(quiet=int(os.environ.get("RANK", "0")) != 0)
     out = Path(cfg.output.dir)
     t_start = time.perf_counter()
-    # --- everything that can reject the input happens before the output directory is touched ---
-    artifacts.check_output_dir(out, resume=resume, overwrite=cfg.output.overwrite)
-    if resume:
-        _check_resume_config(out, cfg)
-    prep = prepare(cfg, console)
+
+    def checked_prepare() -> Prepared:
+        # --- everything that can reject the input happens before the output directory is touched ---
+        artifacts.check_output_dir(out, resume=resume, overwrite=cfg.output.overwrite)
+        if resume:
+            _check_resume_config(out, cfg)
+        return prepare(cfg, console)
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the process group first: rank 0 prepares, the others receive
+        accelerator, precision, why = make_accelerator(cfg)
+        prep = prepare_shared(cfg, console, accelerator, checked_prepare)
+    else:
+        prep = checked_prepare()
+        accelerator, precision, why = make_accelerator(cfg)
     prep.t_start = t_start
-    accelerator, precision, why = make_accelerator(cfg)
     if not resume and accelerator.is_main_process:  # under torchrun, one process writes the output
         artifacts.reset_output_dir(out)
         artifacts.write_text(out / "config.yaml", dump_config(cfg))  # the resolved config; --resume checks against it
@@ -132,15 +140,55 @@ def prepare(cfg: RunConfig, console: Console) -> Prepared:
                     ids, y, console, durations)
 
 
+def prepare_shared(cfg: RunConfig, console: Console, accelerator, make=None) -> Prepared:
+    """`make()` (default: prepare) on rank 0 only, its result sent to the other processes: the data is read, audited
+    and tokenised once. The others load the tokenizer themselves (from model_dir: cheap) and get no near-duplicate
+    graph (only the audit reads it). An error on rank 0 is raised on every process (rank 0 alone prints it)."""
+    import dataclasses
+
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.tasks import get_task
+    from tuneforge.training.distributed import broadcast_from_main, error_payload, raise_shared
+
+    make = make or (lambda: prepare(cfg, console))
+    payload = None
+    if accelerator.is_main_process:
+        try:
+            prep = make()
+        except TuneforgeError as err:
+            broadcast_from_main(accelerator, error_payload(err))
+            raise
+        payload = {f.name: getattr(prep, f.name) for f in dataclasses.fields(Prepared)
+                   if f.name not in ("cfg", "task", "tokenizer", "console", "t_start")}
+        if dataclasses.is_dataclass(prep.data) and hasattr(prep.data, "duplicates"):
+            payload["data"] = dataclasses.replace(prep.data, duplicates=None)
+    payload = broadcast_from_main(accelerator, payload)
+    raise_shared(payload)
+    if accelerator.is_main_process:
+        return prep
+    task = get_task(cfg.task.type)
+    return Prepared(cfg=cfg, task=task, tokenizer=task.load_tokenizer(payload["model_dir"]), console=console, **payload)
+
+
 def make_accelerator(cfg: RunConfig):
-    """(Accelerator, precision, why) for this hardware and train.precision."""
+    """(Accelerator, precision, why) for this hardware, train.precision and train.distributed. Under torchrun
+    Accelerate starts the process group: gloo on CPU, NCCL on GPUs."""
     from accelerate import Accelerator
 
     from tuneforge.models.device import resolve_device, resolve_precision
+    from tuneforge.training.distributed import accelerator_kwargs, check_processes
 
     device = resolve_device("auto")
     precision, why = resolve_precision(cfg.train.precision, device)
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu")
+    kwargs = accelerator_kwargs(cfg.train.distributed, device)
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps one mixed-precision state per process and refuses a second Accelerator with another
+    # precision: runs one after another in one process (a search's trials, a notebook, the tests) start afresh;
+    # the distributed state (the process group) is kept
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu", **kwargs)
+    check_processes(cfg.train.batch_size, accelerator.num_processes, device)
     return accelerator, precision, why
 
 
@@ -177,18 +225,22 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
     model = apply_method(model, cfg.train, task.peft_task_type, task.lora_targets())
     loss_fn = task.training_loss() or default_loss
     train_data = TrainData(ids["train"], y["train"], getattr(y["train"], "positions", None))
-    per_epoch, total, eval_every = plan_steps(len(ids["train"]), cfg.train, accelerator.num_processes)
-    epochs = epochs_for(len(ids["train"]), cfg.train, accelerator.num_processes)
+    world = accelerator.num_processes
+    per_epoch, total, eval_every = plan_steps(len(ids["train"]), cfg.train)  # the same for any number of processes
+    epochs = epochs_for(len(ids["train"]), cfg.train)
     patience = patience_for(cfg.train, per_epoch, eval_every)
     with _stage(durations, "estimate"):
         est = cost.estimate(model, train_data.ids, train_data.targets, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                             group_by_length=cfg.train.group_by_length, total_steps=total, grad_accum=cfg.train.grad_accum,
                             eval_rows_tokens=sum(map(len, ids["val"])), n_evals=max(1, total // eval_every),
                             infer_tokens=sum(map(len, ids["test"])), pad_id=pad_id, precision=precision,
-                            seconds_so_far=time.perf_counter() - prep.t_start, positions=train_data.positions, loss_fn=loss_fn)
+                            seconds_so_far=time.perf_counter() - prep.t_start, positions=train_data.positions, loss_fn=loss_fn,
+                            world=world)
     epochs_why = "train.epochs" if cfg.train.epochs is not None else \
         f"by data size: ~{cfg.train.target_steps} steps, at most {cfg.train.max_auto_epochs:g} epochs"
-    console.print(f"[bold]plan[/] {epochs:g} epochs ({epochs_why}) = {total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}, "
+    split = "" if world == 1 else (f" (each batch split across {world} processes, {cfg.train.distributed.strategy}: "
+                                   f"{-(-cfg.train.batch_size // world)} rows or fewer each)")
+    console.print(f"[bold]plan[/] {epochs:g} epochs ({epochs_why}) = {total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}{split}, "
                   f"validation every {eval_every} steps, early stopping after {patience or 'no'} evaluations without gain; "
                   f"max_length {prep.max_length} ({prep.max_length_why})")
     console.print(f"[bold]estimate[/] whole run {_fmt_s(est['seconds_total'])}: spent so far {_fmt_s(est['seconds_so_far'])} "
@@ -209,8 +261,26 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
                   f"{select[0].removeprefix('val_')} {result.best_metric:.4f} at step {result.best_step}"
                   + (" (stopped early)" if result.stopped_early else ""))
     plan = {"train.epochs": epochs, "model.max_length": prep.max_length, "total_steps": total, "eval_every": eval_every,
-            "train.early_stopping_patience": patience}
-    return Fitted(accelerator.unwrap_model(model), result, est, plan, select, info)
+            "train.early_stopping_patience": patience, "processes": world}
+    return Fitted(_trained_model(prep, cfg, accelerator, model), result, est, plan, select, info)
+
+
+def _trained_model(prep: Prepared, cfg: RunConfig, accelerator, model):
+    """The trained model as one piece, for export: FSDP gathers the full weights from the shards onto rank 0 (every
+    process takes part) and loads them into a fresh copy of the model; the other processes get None."""
+    from tuneforge.training.distributed import full_state_dict, is_sharded
+
+    if not is_sharded(accelerator):
+        return accelerator.unwrap_model(model)
+    from tuneforge.models.load import apply_method
+
+    state = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return None
+    whole = apply_method(prep.task.load_model(prep.model_dir, prep.space, cfg.train.seed), cfg.train,
+                         prep.task.peft_task_type, prep.task.lora_targets())
+    whole.load_state_dict(state)
+    return whole.eval()
 
 
 def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precision: str, *, out: Path,
@@ -260,6 +330,9 @@ def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precis
         "precision": precision, "resolved": fitted.plan,
         "hardware": artifacts.hardware(), "versions": artifacts.library_versions(),
         "durations_s": durations, "resumed": resume, "steps": result.steps,
+        "distributed": {"processes": accelerator.num_processes, "strategy": cfg.train.distributed.strategy,
+                        "sharded": _sharded(accelerator), "backend": str(accelerator.state.backend or "none"),
+                        "threads_per_process": _threads()},
     }
     artifacts.write_json(out / "metrics.json", metrics)
     artifacts.write_json(out / "data_report.json", data.report)
@@ -370,6 +443,18 @@ def _progress(console: Console):
 
     with progress:
         yield update
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _sharded(accelerator) -> bool:
+    from tuneforge.training.distributed import is_sharded
+
+    return is_sharded(accelerator)  # FSDP on; Accelerate ignores an FSDP plugin in a single process
 
 
 def _print_summary(console: Console, task, metrics: dict, est: dict, durations: dict, out: Path) -> None:

@@ -159,6 +159,10 @@ def build_report(out: Path) -> Path:
         details.insert(1 if m.get("significance") else 0,
                        "<h2>Learning curves</h2>" + _img(plot_learning_curves(m["validation"]["history"], key), "loss and validation metric"))
     parts += details
+    if (out / "search.json").is_file():  # the run is a search's best trial (tuneforge tune)
+        from tuneforge.tuning.report import search_section
+
+        parts.append(search_section(out))
     parts.append("<h2>Data</h2>" + _table(["split", "rows", "classes / types", "sha256"],
                  [[k, v["rows"], ", ".join(f"{c}: {n}" for c, n in v["class_counts"].items()), v["sha256"][:16]] for k, v in data["splits"].items()]))
     if audit:

@@ -1,6 +1,6 @@
 """What most tasks do alike, as defaults a task inherits and overrides where it differs (the causal LM
-measures its own lengths, picks its own max_length, LoRA targets, loss and selection, adds to the export, and
-mounts the OpenAI API when served)."""
+measures its own lengths, picks its own max_length, LoRA targets, loss, selection and search space, adds to the
+export, and mounts the OpenAI API when served)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,6 +27,23 @@ class TaskDefaults:
     def selection(self, cfg) -> tuple[str, str]:
         """The validation key that picks the best step, and whether higher or lower is better."""
         return f"val_{cfg.eval.metric}", "max"
+
+    def search_space(self, cfg, n_layers: int | None) -> dict:
+        """What `tuneforge tune` searches when the config has no tune.space: dotted key -> {low, high, log, step}
+        or a list of choices. Ranges are widened to hold the config's own values (trial 0 runs them)."""
+        t = cfg.train
+        space = {
+            # log-uniform, a factor of 5 either way of the config's rate (by default the method's)
+            "train.learning_rate": {"low": t.learning_rate / 5, "high": min(t.learning_rate * 5, 0.5), "log": True},
+            "train.epochs": {"low": 1, "high": max(1, int(t.max_auto_epochs))},
+            "train.weight_decay": [0.0, 0.01, 0.1],
+            "train.warmup_ratio": [0.0, 0.06, 0.1],
+        }
+        if t.method == "frozen" and n_layers and n_layers > 1:
+            space["train.frozen_layers"] = {"low": 0, "high": n_layers - 1}
+        if t.method == "lora":
+            space["train.lora.r"] = [8, 16, 32]
+        return space
 
     def export(self, cfg, model_dir: Path, tokenizer, space) -> None:
         """Anything the task adds to the exported model directory."""

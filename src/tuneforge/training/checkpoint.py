@@ -36,7 +36,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(directory: Path, *, trainable: dict, best: dict | None, optimizer, scheduler, counters: dict) -> None:
+def save_checkpoint(directory: Path, *, trainable: dict, best: dict | None, optimizer, scheduler, counters: dict,
+                    rank_rng: dict | None = None) -> None:
+    """`rank_rng`: with several processes, each one's random state (`torch.rank<r>`, `cuda.rank<r>`), so that each
+    resumes its own dropout stream."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -48,6 +51,7 @@ def save_checkpoint(directory: Path, *, trainable: dict, best: dict | None, opti
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    rng.update(rank_rng or {})
     save_file(rng, str(tmp / "rng.safetensors"))
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     (tmp / "state.json").write_text(json.dumps({"counters": counters, "optimizer": opt_meta, "scheduler": sched}, indent=1))
@@ -58,8 +62,9 @@ def save_checkpoint(directory: Path, *, trainable: dict, best: dict | None, opti
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(directory: Path, *, optimizer, scheduler) -> tuple[dict, dict | None, dict]:
-    """(trainable weights, best weights or None, counters); restores optimizer, scheduler and RNG in place."""
+def load_checkpoint(directory: Path, *, optimizer, scheduler, rank: int = 0) -> tuple[dict, dict | None, dict]:
+    """(trainable weights, best weights or None, counters); restores optimizer, scheduler and RNG in place (the
+    random state this process `rank` saved, where the run had several)."""
     if not (directory / "state.json").is_file():
         raise OutputError(f"no checkpoint to resume from in {directory}",
                           fix="run without --resume to start a new run")
@@ -70,9 +75,12 @@ def load_checkpoint(directory: Path, *, optimizer, scheduler) -> tuple[dict, dic
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), meta["optimizer"]))
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     rng = load_file(str(directory / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
+    if rank == 0 or f"torch.rank{rank}" in rng:  # a process the saved run did not have keeps its own fresh stream
+        torch.set_rng_state(rng.get(f"torch.rank{rank}", rng["torch"]))
     if torch.cuda.is_available():
-        states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
-        if states:
+        states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda") and "." not in k)]
+        if f"cuda.rank{rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], torch.cuda.current_device())
+        elif states and rank == 0:
             torch.cuda.set_rng_state_all(states)
     return trainable, best, meta["counters"]

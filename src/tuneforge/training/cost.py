@@ -83,8 +83,11 @@ def estimate(model, *args, **kwargs) -> dict:
 def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: int, seed: int, group_by_length: bool,
               total_steps: int, grad_accum: int, eval_rows_tokens: int, n_evals: int, infer_tokens: int,
               pad_id: int, precision: str, seconds_so_far: float = 0.0, positions: list | None = None,
-              loss_fn=default_loss) -> dict:
+              loss_fn=default_loss, world: int = 1) -> dict:
     """Estimated seconds and peak memory of the whole run; `model` is left with zero gradients.
+
+    With `world` processes each computes its 1/world slice of every batch, measured here with this process's own
+    threads (cores / world on CPU); the gradient all-reduce is not counted (its share grows with the processes).
 
     Parts: what the run has spent already (data, audit, baselines: measured), training (warm-up steps
     times the planned padded tokens), evaluation (validation passes at the training precision, the final
@@ -116,7 +119,7 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     model.zero_grad(set_to_none=True)
     per_token_at = np.interp(widths, [w for w, _ in measured], [c for _, c in measured])
     per_token = float(per_token_at[typical])
-    steps_seconds = float((padded * per_token_at).mean()) * grad_accum * total_steps
+    steps_seconds = float((padded * per_token_at).mean()) * grad_accum * total_steps / world
     steps_seconds += _optimizer_seconds(model) * total_steps
     per_token_fp32_infer = min(_forward_seconds(model, data, batches[typical], pad_id, device)
                                for _ in range(repeats)) / padded[typical]

@@ -1,9 +1,10 @@
 """The training loop, written out plainly: length-grouped batches, AdamW with warm-up, mixed precision,
 evaluation on validation only, early stopping, checkpoints and resume.
 
-The same code runs on one CPU, one GPU, or many processes under `torchrun` / `accelerate launch`:
-Accelerate places the model, wraps it for DDP and applies autocast; each process takes its share of
-the batches.
+The same code runs on one CPU, one GPU, or many processes under `torchrun` / `tuneforge run --nproc N`:
+Accelerate places the model, wraps it for DDP (or FSDP) and applies autocast. The recipe does not depend on the
+number of processes: every process draws the same batches of `train.batch_size` rows and takes its slice of each,
+so the steps per epoch and the rows per optimizer step are those of one process.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from tuneforge.config import EvalConfig, TrainConfig
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.models.infer import collate
 from tuneforge.models.load import load_trainable_state, set_train_mode, trainable_state
 from tuneforge.training.checkpoint import load_checkpoint, save_checkpoint
@@ -71,6 +72,33 @@ def make_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gro
     return batches
 
 
+def loss_units(targets) -> np.ndarray:
+    """What the loss averages over, per row: the row itself (one target per row: a class, or a multi-hot row whose
+    labels all count alike), or its labelled tokens (a target per token, -100 = none), as token classification's
+    loss and the causal LM's packed loss average over labelled tokens (a packed row's first label is always -100)."""
+    if isinstance(targets, np.ndarray):
+        return np.ones(len(targets))
+    return np.array([sum(1 for t in row if t != -100) for row in targets], dtype=float)
+
+
+def rank_slice(idx: np.ndarray, units: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, float]:
+    """This process's rows of a batch, and the weight of its mean loss.
+
+    Rows are dealt out in turn (rank r takes rows r, r+world, ...: length-grouped batches stay balanced). DDP (and
+    FSDP) average the gradients over the processes, so a process's mean loss is weighted by its share of the batch's
+    loss units times `world`: the average then equals the gradient of the whole batch's mean loss, what one process
+    computes, exactly, also when the batch does not split evenly (the last batch of an epoch, or batch_size not a
+    multiple of the processes). With equal slices of rows the weight is 1. A process whose slice holds no units (the
+    last batch has fewer rows than processes) still runs one row, weighted 0, so that it joins the gradient all-reduce."""
+    if world == 1:
+        return idx, 1.0
+    mine = idx[rank::world]
+    total, share = units[idx].sum(), units[mine].sum() if len(mine) else 0.0
+    if share == 0 or total == 0:
+        return idx[int(np.argmax(units[idx]))][None], 0.0
+    return mine, float(share * world / total)
+
+
 def training_batch(data: TrainData, idx: np.ndarray, pad_id: int, device) -> dict[str, torch.Tensor]:
     """Inputs padded to the batch's widest row; targets stacked (one per row) or, when each row has a
     target per token (a list per row), padded with -100, the label the loss ignores.
@@ -109,11 +137,24 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def epochs_for(n_rows: int, cfg: TrainConfig, world: int = 1) -> float:
-    """train.epochs, or (when null) the passes that give about `target_steps` steps on data of this size."""
+def _rank_rng_states(accelerator) -> dict[str, torch.Tensor]:
+    """Every process's random state, gathered on all (rank 0 saves them): `torch.rank<r>`, `cuda.rank<r>`."""
+    import torch.distributed as dist
+
+    mine = {"torch": torch.get_rng_state()}
+    if accelerator.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(accelerator.device)
+    states = [None] * accelerator.num_processes
+    dist.all_gather_object(states, mine)
+    return {f"{k}.rank{r}": v for r, s in enumerate(states) for k, v in s.items()}
+
+
+def epochs_for(n_rows: int, cfg: TrainConfig) -> float:
+    """train.epochs, or (when null) the passes that give about `target_steps` steps on data of this size (the same for
+    any number of processes: they split each batch)."""
     if cfg.epochs is not None:
         return cfg.epochs
-    per_epoch = math.ceil(max(1, math.ceil(n_rows / cfg.batch_size) // world) / cfg.grad_accum)
+    per_epoch = math.ceil(math.ceil(n_rows / cfg.batch_size) / cfg.grad_accum)
     return float(min(cfg.max_auto_epochs, max(1, math.ceil(cfg.target_steps / per_epoch))))
 
 
@@ -124,11 +165,11 @@ def patience_for(cfg: TrainConfig, per_epoch: int, eval_every: int) -> int:
     return max(3, math.ceil(2 * per_epoch / eval_every))
 
 
-def plan_steps(n_rows: int, cfg: TrainConfig, world: int = 1) -> tuple[int, int, int]:
-    """(steps per epoch, total steps, evaluate every N steps)."""
-    batches = max(1, math.ceil(n_rows / cfg.batch_size) // world)
+def plan_steps(n_rows: int, cfg: TrainConfig) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, evaluate every N steps); the same for any number of processes."""
+    batches = max(1, math.ceil(n_rows / cfg.batch_size))
     per_epoch = math.ceil(batches / cfg.grad_accum)
-    total = max(1, math.ceil(epochs_for(n_rows, cfg, world) * per_epoch))
+    total = max(1, math.ceil(epochs_for(n_rows, cfg) * per_epoch))
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     every = cfg.eval_every or max(1, math.ceil(per_epoch / 4))  # the 4th lands on the epoch's end
@@ -164,14 +205,25 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
     `validate(model)` is the task's: it scores the model on the validation split and returns
     {"val_loss": ..., "val_<eval.metric>": ...}; the test split never reaches the loop. `select` is the
     task's (key of that row, "max" or "min") that picks the best step: by default (val_<eval.metric>, max).
-    `loss_fn(model, batch)` is the task's training loss (default: the model's own)."""
+    `loss_fn(model, batch)` is the task's training loss (default: the model's own).
+
+    With several processes each takes its slice of every batch (`rank_slice`), has its own dropout stream, and all
+    stop together on Ctrl-C. FSDP (GPUs) saves no checkpoints: its weights are sharded across the processes."""
+    from tuneforge.training.distributed import AgreedStop, check_processes, is_sharded, seed_rank
+
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch, total, eval_every = plan_steps(len(train_data.ids), cfg, world)
+    check_processes(cfg.batch_size, world, accelerator.device)
+    per_epoch, total, eval_every = plan_steps(len(train_data.ids), cfg)
     patience = patience_for(cfg, per_epoch, eval_every)
     optimizer, scheduler = build_optimizer(model, cfg, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     raw = accelerator.unwrap_model(model)
+    sharded = is_sharded(accelerator)
+    if sharded and resume:
+        raise ConfigError("--resume is not available with train.distributed.strategy fsdp: its checkpoints would need "
+                          "the sharded weights gathered", fix="start the run over, or train it with strategy: ddp")
+    seed_rank(cfg.seed, rank)
     metric_key, mode = select or (f"val_{ecfg.metric}", "max")
     sign = -1.0 if mode == "min" else 1.0
 
@@ -179,9 +231,10 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
          "samples": 0, "tokens": 0, "train_seconds": 0.0, "history": [], "loss_sum": 0.0, "loss_n": 0}
     best = None
     if resume:
-        state, best, c = load_checkpoint(checkpoint_dir, optimizer=optimizer, scheduler=scheduler)
+        state, best, c = load_checkpoint(checkpoint_dir, optimizer=optimizer, scheduler=scheduler, rank=rank)
         load_trainable_state(raw, state)
     lengths = [len(x) for x in train_data.ids]
+    lengths_arr, units = np.asarray(lengths), loss_units(train_data.targets)
 
     last_checkpoint = time.monotonic()
 
@@ -200,16 +253,27 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
     def checkpoint() -> None:
         nonlocal last_checkpoint
         last_checkpoint = time.monotonic()
+        if sharded:
+            return
+        rng = None
+        if world > 1:
+            rng = _rank_rng_states(accelerator)  # every process's own stream, for an exact resume
+            c["loss_sum"] = _mean_loss_sum()  # the same on all, so rank 0's counters resume every process
         if accelerator.is_main_process:
             save_checkpoint(checkpoint_dir, trainable=trainable_state(raw), best=best, optimizer=optimizer,
-                            scheduler=scheduler, counters=c)
+                            scheduler=scheduler, counters=c, rank_rng=rng)
         accelerator.wait_for_everyone()
+
+    def _mean_loss_sum() -> float:
+        """The processes' weighted slice losses add up (over processes, / world) to the batches' mean losses."""
+        return float(accelerator.reduce(torch.tensor([c["loss_sum"]], device=device), "sum").item()) / world
 
     def run_eval() -> bool:
         """Evaluate, keep the best weights; True when early stopping says stop."""
         nonlocal best
+        loss_sum = _mean_loss_sum() if world > 1 else c["loss_sum"]
         row = {"step": c["step"], "epoch": round(c["step"] / per_epoch, 3), "lr": scheduler.get_last_lr()[0],
-               "train_loss": c["loss_sum"] / max(c["loss_n"], 1)}
+               "train_loss": loss_sum / max(c["loss_n"], 1)}
         row.update(validate(raw))
         c["loss_sum"], c["loss_n"] = 0.0, 0
         c["history"].append(row)
@@ -224,26 +288,28 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
 
     stopped_early = False
     step_rng = _rng_state()  # the random state at the last step boundary: what an interruption's checkpoint keeps
+    stop = AgreedStop().install() if world > 1 else None  # several processes: Ctrl-C is taken at a step boundary
+    agreed = False
     try:
         set_train_mode(raw)
         while c["step"] < total and not stopped_early:
+            # the same batches on every process; each takes its slice of each batch
             batches = make_batches(lengths, cfg.batch_size, cfg.seed, c["epoch"], cfg.group_by_length)
-            batches = batches[: len(batches) // world * world][rank::world] if world > 1 else batches
             for pos in range(c["batch_pos"], len(batches), cfg.grad_accum):
                 t0 = time.perf_counter()
                 group = batches[pos : pos + cfg.grad_accum]
                 for k, idx in enumerate(group):
-                    batch = training_batch(train_data, idx, pad_id, device)
+                    mine, weight = rank_slice(idx, units, rank, world)
+                    batch = training_batch(train_data, mine, pad_id, device)
                     sync = k == len(group) - 1
                     ctx = accelerator.no_sync(model) if (world > 1 and not sync) else contextlib.nullcontext()
                     with ctx, accelerator.autocast():
                         loss = loss_fn(model, batch)
-                    accelerator.backward(loss / cfg.grad_accum)
-                    c["loss_sum"] += float(loss.detach())
+                    accelerator.backward((loss * weight if world > 1 else loss) / cfg.grad_accum)
+                    c["loss_sum"] += float(loss.detach()) * weight
                     c["loss_n"] += 1
-                    c["samples"] += len(idx) * world
-                    c["tokens"] += int(batch["attention_mask"].sum() if "attention_mask" in batch else
-                                       sum(len(train_data.ids[i]) for i in idx)) * world
+                    c["samples"] += len(idx)  # the whole batch: every process counts the same
+                    c["tokens"] += int(lengths_arr[idx].sum())
                 _optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
                 c["train_seconds"] += time.perf_counter() - t0
                 c["step"] += 1
@@ -263,15 +329,26 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
                     checkpoint()
                 if c["step"] >= total or stopped_early:
                     break
+                if stop is not None and stop.agreed():  # a signal reached some process: all stop after this step
+                    agreed = True
+                    raise KeyboardInterrupt
             else:
                 c["epoch"] += 1
                 c["batch_pos"] = 0
     except KeyboardInterrupt:
+        where = f"training interrupted at step {c['step']} of {total}"
+        if world > 1 and not agreed:  # a second signal: the processes are not at the same step, nothing is saved
+            raise TrainingInterrupted(f"{where}, at once: no checkpoint saved", fix="run the command again") from None
+        if sharded:
+            raise TrainingInterrupted(f"{where}; FSDP runs keep no checkpoint", fix="run the command again") from None
         optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is redone on resume ...
         _set_rng_state(step_rng)  # ... with the dropout draws it had the first time
         checkpoint()
-        raise TrainingInterrupted(f"training interrupted at step {c['step']} of {total}; a checkpoint is saved in {checkpoint_dir}",
+        raise TrainingInterrupted(f"{where}; a checkpoint is saved in {checkpoint_dir}",
                                   fix="run the same command again with --resume to continue") from None
+    finally:
+        if stop is not None:
+            stop.restore()
 
     if not c["history"] or c["history"][-1]["step"] != c["step"]:
         run_eval()

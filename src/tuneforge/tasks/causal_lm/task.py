@@ -160,6 +160,16 @@ class CausalLMTask(TaskDefaults):
     def selection(self, cfg) -> tuple[str, str]:
         return "val_loss", "min"
 
+    def search_space(self, cfg, n_layers: int | None) -> dict:
+        """LoRA's rate, rank and scale, and few passes: an LLM memorises small data within 1-3 epochs."""
+        space = {"train.learning_rate": {"low": 1e-4, "high": 1e-3, "log": True},
+                 "train.epochs": {"low": 1, "high": 3},
+                 "train.warmup_ratio": [0.0, 0.06, 0.1]}
+        if cfg.train.method == "lora":
+            # alpha searched on its own: alpha / r is the adapters' scale, so r alone would change it too
+            space |= {"train.lora.r": [8, 16, 32], "train.lora.alpha": [16, 32, 64]}
+        return space
+
     def settings(self, cfg, max_length: int, space: LMSpace | None = None) -> dict:
         return {"task": self.name, "max_length": max_length, "chat_template": cfg.task.chat_template,
                 "system_prompt": cfg.task.system_prompt, "format": space.kind if space else "pair",

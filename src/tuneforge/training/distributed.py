@@ -1,0 +1,132 @@
+"""What several training processes share (torchrun, or `tuneforge run --nproc N`): the Accelerator's strategy (DDP,
+or FSDP on GPUs), rank 0's prepared data sent to the others, a per-rank random stream, an interruption every process
+agrees on, and the full weights gathered for export."""
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import torch
+
+from tuneforge.config import DistributedConfig
+from tuneforge.errors import ConfigError, TuneforgeError
+
+
+def check_processes(batch_size: int, world: int, device: torch.device) -> None:
+    """Each optimizer step splits one batch of `batch_size` rows across the processes: there must be a row for each."""
+    if world > 1 and batch_size < world:
+        raise ConfigError(f"train.batch_size {batch_size} is smaller than the {world} processes: each optimizer step splits "
+                          f"one batch of {batch_size} rows across them",
+                          fix=f"set train.batch_size to at least {world} (a multiple of {world} splits evenly), or start fewer processes")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cuda" and local > torch.cuda.device_count():
+        raise ConfigError(f"{local} processes on this machine but it has {torch.cuda.device_count()} GPUs",
+                          fix=f"start one process per GPU: --nproc {torch.cuda.device_count()}")
+
+
+def accelerator_kwargs(dcfg: DistributedConfig, device: torch.device) -> dict:
+    """The Accelerator's arguments for train.distributed: none for DDP (Accelerate wraps the model when torchrun
+    started several processes: gloo on CPU, NCCL on GPUs), an FSDP plugin for fsdp."""
+    if dcfg.strategy != "fsdp":
+        return {}
+    if device.type != "cuda":
+        # Accelerate 1.15 turns FSDP on only for GPU processes: on CPU processes it would silently train with DDP
+        raise ConfigError("train.distributed.strategy fsdp needs GPUs: Accelerate shards models only across GPU processes "
+                          "(on CPU it would silently fall back to plain data parallelism)",
+                          fix="use strategy: ddp on CPU (each process holds the whole model), or run on GPUs")
+    return {"fsdp_plugin": fsdp_plugin(dcfg)}
+
+
+def fsdp_plugin(dcfg: DistributedConfig):
+    """Accelerate's FSDP2 plugin: each transformer layer a sharded unit, no CPU offload, and the full state dict
+    gathered on rank 0 for export."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=dcfg.fsdp_sharding == "full_shard",
+        auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=dcfg.fsdp_wrap,
+        cpu_offload=False, state_dict_type="FULL_STATE_DICT")
+
+
+def is_sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def broadcast_from_main(accelerator, obj):
+    """Rank 0's `obj` on every process (pickled; the others pass None)."""
+    import torch.distributed as dist
+
+    box = [obj if accelerator.is_main_process else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class SharedError(TuneforgeError):
+    """An error rank 0 raised, raised again on the other processes (rank 0 alone prints it)."""
+
+    def __init__(self, message: str, fix: str | None, exit_code: int):
+        super().__init__(message, fix=fix)
+        self.exit_code = exit_code
+
+
+def error_payload(err: TuneforgeError) -> dict:
+    return {"error": {"message": err.message, "fix": err.fix, "exit_code": err.exit_code}}
+
+
+def raise_shared(payload) -> None:
+    if isinstance(payload, dict) and "error" in payload:
+        e = payload["error"]
+        raise SharedError(e["message"], e["fix"], e["exit_code"])
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """A random stream of each process's own (dropout masks differ per rank, as they differ per row in one process);
+    rank 0 keeps the stream one process would have."""
+    if rank:
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+
+
+class AgreedStop:
+    """Ctrl-C / SIGTERM during training with several processes: the signal only sets a flag; at each step boundary the
+    processes agree (any flag stops all), so every one stops after the same step and rank 0 can save a checkpoint.
+    A second signal interrupts at once. The flag travels over a CPU (gloo) group, so a GPU run does not wait on it."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.flag = False
+        self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        self.previous = {}
+
+    def install(self) -> "AgreedStop":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def agreed(self) -> bool:
+        import torch.distributed as dist
+
+        t = torch.tensor([int(self.flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        self.flag = self.flag or bool(t.item())
+        return bool(t.item())
+
+
+def full_state_dict(accelerator, model) -> dict:
+    """FSDP: the whole model's weights gathered from the shards (every process takes part; rank 0 gets them, on CPU)."""
+    return accelerator.get_state_dict(model)

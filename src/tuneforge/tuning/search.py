@@ -1,0 +1,395 @@
+"""`tuneforge tune`: a hyperparameter search over a run's config. The data is read, cleaned, audited, split and
+tokenised once and the baselines scored once; each trial trains with its own train.* values and is judged on
+validation only; the best trial's model is then exported and evaluated on the test split, once, as a normal run.
+
+    tuneforge tune examples/sentiment.yaml --trials 20
+    tuneforge tune CONFIG --storage postgresql://USER@HOST/DB --study NAME   # on N machines at once: one study
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import shutil
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tuneforge import artifacts
+from tuneforge.config import RunConfig, dump_config
+from tuneforge.errors import ConfigError, OutputError
+from tuneforge.tuning.space import default_params, fmt_value, resolve_space, spec_json, suggest, trial_config
+from tuneforge.tuning.study import check_resumable, claim, counts, open_storage, open_study, redact, retry
+
+STUDY_FILE = "study.sqlite"  # the default storage, inside the output directory
+MARKER = "tune.json"  # an unfinished search lives here (its study and storage)
+SEARCH_FILE = "search.json"  # every trial, for the report (rebuilt without the storage)
+LOCK = ".finalizing"  # taken by the one worker that trains and writes the final run
+
+
+@dataclass
+class Search:
+    """What one worker holds across its trials."""
+    cfg: RunConfig
+    prep: object
+    space: dict
+    source: str
+    accelerator: object
+    precision: str
+    why: str
+    out: Path
+    study: object
+    storage: object
+    storage_url: str
+    key: str  # the validation row's key that chooses, e.g. val_macro_f1
+    direction: str
+    seed: int
+    console: Console
+    deadline: float | None
+    bar: object = None
+    kept: tuple | None = None  # (trial number, Fitted, durations) of the best trial run in this process
+
+
+def make_pruner(tune_cfg):
+    """MedianPruner: a trial stops when its best validation so far is worse than the median of the finished trials
+    at the same evaluation. It needs no notion of budget, copes with trials of different lengths (epochs and batch
+    size are searched), and with 3 trials to compare against it works from a search of ~10 trials on; successive
+    halving would cut at fixed rungs of steps that mean different amounts of data for different batch sizes."""
+    import optuna
+
+    if not tune_cfg.pruning:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=tune_cfg.prune_warmup)
+
+
+def _sampler_factory(total: int):
+    import optuna
+
+    # a third of the budget (at most Optuna's 10) explores at random before TPE models the results
+    startup = min(10, max(2, total // 3))
+    return lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+
+def tune(cfg: RunConfig, *, resume: bool = False, console: Console | None = None) -> dict | None:
+    """Search, then train and evaluate the best config into output.dir; returns metrics.json's content, or None
+    when other processes still run trials of the shared study (the last one to finish writes the run)."""
+    import optuna
+
+    from tuneforge.models.resolve import describe
+    from tuneforge.pipeline import make_accelerator, prepare
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    console = console or Console()
+    out, tc = Path(cfg.output.dir), cfg.tune
+    name = tc.study or out.resolve().name
+    url = tc.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
+    # --- everything that can reject the input happens before the output directory is touched ---
+    _check_output(out, name, resume=resume, overwrite=cfg.output.overwrite, shared=tc.storage is not None)
+    storage = open_storage(url) if tc.storage is not None or (resume and (out / STUDY_FILE).is_file()) else None
+    if resume:
+        check_resumable(storage, name, redact(url))
+        _check_extends(out, storage, name, tc.trials)
+    prep = prepare(cfg, console)
+    accelerator, precision, why = make_accelerator(cfg)
+    if accelerator.num_processes > 1:
+        raise ConfigError("tuneforge tune trains each trial in one process",
+                          fix="start several `tuneforge tune` workers on one --storage instead of torchrun")
+    n_layers = describe(prep.model_dir)["layers"]
+    space, source = resolve_space(cfg, prep.task, n_layers)
+    space, defaults = default_params(cfg, space, n_train=len(prep.ids["train"]), n_layers=n_layers,
+                                     widen=tc.space is None)
+    key, mode = prep.task.selection(cfg)
+    direction = "maximize" if mode == "max" else "minimize"
+
+    # --- the output directory, then the study ---
+    if cfg.output.overwrite and not resume:
+        artifacts.reset_output_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:  # a worker that died while writing the final run left its lock
+        shutil.rmtree(out / LOCK, ignore_errors=True)
+    artifacts.write_json(out / MARKER, {"study": name, "storage": redact(url)})
+    artifacts.write_json(out / "audit.json", prep.audit)
+    storage = storage or open_storage(url)
+    meta = {"trials": tc.trials, "space": spec_json(space), "metric": key, "direction": direction, "source": source}
+    study = open_study(storage, name, direction=direction, meta=meta, defaults=defaults, pruner=make_pruner(tc),
+                       resume=resume, console=console)
+    s = Search(cfg, prep, space, source, accelerator, precision, why, out, study, storage, url, key, direction,
+               tc.seed if tc.seed is not None else cfg.train.seed, console,
+               time.monotonic() + 60 * tc.timeout_minutes if tc.timeout_minutes else None)
+    console.print(f"[bold]search[/] study {name} in {redact(url)}: {tc.trials} trials over {', '.join(space)} ({source}); "
+                  f"chosen by validation {key.removeprefix('val_')} ({mode}); "
+                  + ("median pruning" if tc.pruning else "no pruning") + "; trial 0 runs the config's own values")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        timed_out = _search(s)
+        return _finish(s, timed_out, resume)
+
+
+def _check_output(out: Path, name: str, *, resume: bool, overwrite: bool, shared: bool) -> None:
+    if out.is_file():
+        raise OutputError(f"output path {out} is a file", fix="choose a directory with --output / output.dir")
+    if not out.exists() or resume or overwrite:
+        return
+    if (out / artifacts.FINISHED_MARKER).is_file():
+        raise OutputError(f"{out} already holds a finished run", fix="pass --overwrite to replace it, --resume with a "
+                          "larger --trials to extend its search, or choose another --output")
+    if (out / MARKER).is_file():
+        import json
+
+        theirs = json.loads((out / MARKER).read_text()).get("study")
+        if shared and theirs == name:
+            return  # another worker of the same shared study writes its trials here too
+        raise OutputError(f"{out} holds an unfinished search (study {theirs!r})",
+                          fix="pass --resume to continue it, or --overwrite to start over")
+    if any(out.iterdir()):
+        raise OutputError(f"{out} is not empty and holds no tuneforge search", fix="choose an empty or new --output directory")
+
+
+def _check_extends(out: Path, storage, name: str, total: int) -> None:
+    """--resume of a search that finished is an error unless a larger --trials gives it more to do."""
+    if not (out / artifacts.FINISHED_MARKER).is_file():
+        return
+    c = counts(storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False))
+    if c["WAITING"] == 0 and c["RUNNING"] == 0 and c["COMPLETE"] + c["PRUNED"] >= total:
+        raise OutputError(f"nothing to resume: the search in {out} finished its {c['COMPLETE'] + c['PRUNED']} trials",
+                          fix="pass a larger --trials to extend it, or --overwrite to start over")
+
+
+def _search(s: Search) -> bool:
+    """Claim and run trials until no slot is left, the total is reached or the timeout passes (True)."""
+    make_sampler = _sampler_factory(s.cfg.tune.trials)
+    with _progress(s) as s.bar:
+        try:
+            while True:
+                if s.deadline is not None and time.monotonic() > s.deadline:
+                    s.console.print(f"[bold]search[/] timeout of {s.cfg.tune.timeout_minutes:g} min reached: no new trial starts")
+                    return True
+                c = counts(s.study.get_trials(deepcopy=False))
+                if c["COMPLETE"] + c["PRUNED"] + c["RUNNING"] >= s.cfg.tune.trials:
+                    return False
+                trial = claim(s.study, s.storage, s.seed, make_sampler)
+                if trial is None:
+                    return False
+                _run_trial(s, trial)
+        finally:
+            _write_results(s)
+
+
+def _run_trial(s: Search, trial) -> None:
+    import optuna
+
+    from tuneforge.pipeline import fit
+    from tuneforge.training.loop import TrainingInterrupted
+
+    Pruned, Failed, Complete = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
+    params = suggest(trial, s.space)
+    shown = ", ".join(f"{k.removeprefix('train.')} {fmt_value(v)}" for k, v in params.items())
+    t0 = time.perf_counter()
+    try:
+        cfg = trial_config(s.cfg, params, source=f"trial {trial.number}")
+    except ConfigError as err:  # a combination the schema's cross-checks refuse: reported, pruned, not run
+        reason = " ".join(err.message.splitlines()[1:]).strip(" -") or err.message
+        trial.set_user_attr("note", f"invalid combination: {reason}")
+        s.study.tell(trial, state=Pruned)
+        _report(s, trial.number, "PRUNED", None, shown, t0, f"invalid combination: {reason}")
+        return
+    tdir = s.out / "trials" / str(trial.number)
+    tdir.mkdir(parents=True, exist_ok=True)
+    artifacts.write_text(tdir / "config.yaml", dump_config(cfg))
+    evaluations = 0
+
+    def progress(step: int, total: int, row: dict | None) -> None:
+        nonlocal evaluations
+        s.bar(info=f"trial {trial.number}: step {step}/{total}")
+        if row is None:
+            return
+        trial.report(float(row[s.key]), evaluations)  # step = the evaluation's index: comparable across batch sizes
+        evaluations += 1
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at evaluation {evaluations} (step {step} of {total}): validation "
+                                     f"{s.key.removeprefix('val_')} {row[s.key]:.4f}")
+
+    shown_console, s.prep.console = s.prep.console, Console(quiet=True)  # one line per trial, not each trial's plan
+    try:
+        fitted = fit(s.prep, cfg, s.accelerator, s.precision, s.why, out=tdir, progress=progress)
+    except optuna.TrialPruned as err:
+        trial.set_user_attr("note", str(err))
+        s.study.tell(trial, state=Pruned)
+        _report(s, trial.number, "PRUNED", None, shown, t0, str(err))
+        return
+    except (KeyboardInterrupt, TrainingInterrupted):
+        trial.set_user_attr("note", "interrupted; retried with the same values")
+        s.study.tell(trial, state=Failed)
+        retry(s.study, trial, same_params=True)
+        raise TrainingInterrupted(f"search interrupted in trial {trial.number}; the finished trials are kept in the study",
+                                  fix="run the same command again with --resume to continue") from None
+    except Exception as err:
+        trial.set_user_attr("note", f"failed: {type(err).__name__}: {err}"[:500])
+        s.study.tell(trial, state=Failed)
+        retry(s.study, trial, same_params=False)
+        raise
+    finally:
+        s.prep.console = shown_console
+        s.accelerator.free_memory()  # the accelerator keeps every prepared model and optimizer otherwise
+        shutil.rmtree(tdir / artifacts.CHECKPOINT, ignore_errors=True)
+    value = fitted.result.best_metric
+    artifacts.write_json(tdir / "history.json", {"params": params, "best": value, "best_step": fitted.result.best_step,
+                                                 "history": fitted.result.history})
+    if not math.isfinite(value):
+        trial.set_user_attr("note", f"validation {s.key} is {value}")
+        s.study.tell(trial, state=Pruned)
+        _report(s, trial.number, "PRUNED", None, shown, t0, f"validation {s.key} is {value}")
+        return
+    s.study.tell(trial, value, state=Complete)
+    if s.study.best_trial.number == trial.number:  # keep its model: the final run then needs no retraining
+        fitted.model.to("cpu")
+        s.kept = (trial.number, fitted, dict(s.prep.durations))
+    _report(s, trial.number, "COMPLETE", value, shown, t0, "")
+
+
+def _report(s: Search, number: int, state: str, value, shown: str, t0: float, note: str) -> None:
+    trials = s.study.get_trials(deepcopy=False)
+    c = counts(trials)
+    try:
+        best = s.study.best_trial
+        best_text = f"best {best.value:.4f} (trial {best.number})"
+    except ValueError:
+        best_text = "no trial complete yet"
+    metric = s.key.removeprefix("val_")
+    outcome = f"validation {metric} {value:.4f}" if value is not None else note
+    s.console.print(f"[bold]trial {number}[/] {state.lower()}: {outcome}; {shown}; {time.perf_counter() - t0:.0f} s")
+    s.bar(finished=c["COMPLETE"] + c["PRUNED"], best=best_text)
+    _write_results(s)
+
+
+@contextmanager
+def _progress(s: Search):
+    """A bar over the study's trials (those of every process), the best value so far and the trial in progress."""
+    progress = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=s.console)
+    c = counts(s.study.get_trials(deepcopy=False))
+    task = progress.add_task("search", total=s.cfg.tune.trials, completed=c["COMPLETE"] + c["PRUNED"], best="", info="")
+
+    def update(**fields) -> None:
+        if "finished" in fields:
+            fields["completed"] = fields.pop("finished")
+        progress.update(task, **fields)
+
+    with progress:
+        yield update
+
+
+def _finish(s: Search, timed_out: bool, resume: bool) -> dict | None:
+    """Train (or keep) the best trial's model and write OUT as a finished run, unless other processes still run
+    trials (the last to finish writes it) or another worker already does."""
+    import optuna
+
+    trials = s.study.get_trials(deepcopy=False)
+    c = counts(trials)
+    running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    if running:
+        s.console.print(f"[bold]search[/] trials {', '.join(map(str, running))} still run in other processes; the process "
+                        f"that finishes the last trial trains the best and writes its output directory")
+        return None
+    if c["COMPLETE"] == 0:
+        raise OutputError(f"no trial of study {s.study.study_name!r} completed ({c['PRUNED']} pruned, {c['FAIL']} failed): "
+                          "nothing to choose from", fix="widen tune.space, set tune.pruning: false, or check the trials' "
+                          f"notes in {s.out / 'trials.csv'}")
+    try:
+        os.mkdir(s.out / LOCK)
+    except FileExistsError:
+        s.console.print(f"[bold]search[/] another process trains the best trial into {s.out}")
+        return None
+    return _train_best(s, resume, timed_out)
+
+
+def _train_best(s: Search, resume: bool, timed_out: bool) -> dict:
+    from tuneforge.pipeline import finalize, fit
+
+    best = s.study.best_trial
+    cfg = trial_config(s.cfg, best.params, output_dir=str(s.out), source=f"trial {best.number}")
+    prep, metric = s.prep, s.key.removeprefix("val_")
+    if s.kept and s.kept[0] == best.number:
+        fitted, retrained = s.kept[1], False
+        prep.durations.update(s.kept[2])
+        s.console.print(f"[bold]search[/] best: trial {best.number}, validation {metric} {best.value:.4f}; its model, "
+                        "trained in this process, is the final one")
+    else:  # it ran in another process (or before --resume): the same config and seed train it again
+        s.console.print(f"[bold]search[/] best: trial {best.number}, validation {metric} {best.value:.4f}; it ran in "
+                        "another process, so it is trained again with the same config and seed")
+        fitted, retrained = fit(prep, cfg, s.accelerator, s.precision, s.why, out=s.out), True
+    artifacts.write_text(s.out / "config.yaml", dump_config(cfg))
+    _write_best_yaml(s, cfg, best)
+    summary = _summary(s, s.study.get_trials(deepcopy=False)) | {
+        "retrained": retrained, "final_validation": fitted.result.best_metric, "finished": True, "timed_out": timed_out}
+    _write_results(s, summary)
+    return finalize(prep, cfg, fitted, s.accelerator, s.precision, out=s.out, resume=resume,
+                    extra_metrics={"search": summary})
+
+
+def _write_best_yaml(s: Search, cfg: RunConfig, best) -> None:
+    """OUT/best.yaml: `tuneforge run` takes it as it is; it writes to OUT/best-run, not over this run."""
+    raw = yaml.safe_load(dump_config(cfg))
+    raw.pop("tune", None)
+    raw["output"]["dir"], raw["output"]["overwrite"] = str(s.out / "best-run"), False
+    path = s.out / "best.yaml"
+    header = (f"# tuneforge run {path}\n# trial {best.number} of study {s.study.study_name}: the best validation "
+              f"{s.key.removeprefix('val_')} ({best.value:.4f}) of the search in {s.out}\n")
+    artifacts.write_text(path, header + yaml.safe_dump(raw, sort_keys=False))
+
+
+def _summary(s: Search, trials) -> dict:
+    """metrics.json's `search`: how many trials chose the model, which one won and by what."""
+    import optuna
+
+    c = counts(trials)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = (max if s.direction == "maximize" else min)(complete, key=lambda t: t.value) if complete else None
+    marked = [t for t in trials if t.user_attrs.get("defaults")]
+    defaults = next((t for t in marked if t.state == optuna.trial.TrialState.COMPLETE), marked[0] if marked else None)
+    return {
+        "study": s.study.study_name, "storage": redact(s.storage_url), "planned": s.cfg.tune.trials,
+        "trials": c["COMPLETE"] + c["PRUNED"] + c["FAIL"], "complete": c["COMPLETE"], "pruned": c["PRUNED"],
+        "failed": c["FAIL"], "trials_that_chose_it": c["COMPLETE"] + c["PRUNED"],
+        "best_trial": best.number if best else None, "best_value": best.value if best else None,
+        "best_params": dict(best.params) if best else None,
+        "defaults_trial": defaults.number if defaults else None,
+        "defaults_value": defaults.value if defaults and defaults.state == optuna.trial.TrialState.COMPLETE else None,
+        "defaults_params": dict(defaults.params) if defaults else None,
+        "chosen_by": f"validation {s.key.removeprefix('val_')}", "direction": s.direction,
+        "space": spec_json(s.space), "space_source": s.source, "sampler": "TPE", "seed": s.seed,
+        "pruner": "median" if s.cfg.tune.pruning else "none", "finished": False,
+    }
+
+
+def _write_results(s: Search, summary: dict | None = None) -> None:
+    """OUT/trials.csv and OUT/search.json, rewritten after every trial (a running search can be watched)."""
+    from optuna.distributions import distribution_to_json
+
+    trials = [t for t in s.study.get_trials(deepcopy=False) if t.state.name != "WAITING"]
+    rows = []
+    for t in trials:
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else None
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params),
+                     "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
+                     "intermediate": sorted(t.intermediate_values.items()), "duration_s": duration,
+                     "defaults": bool(t.user_attrs.get("defaults")), "retry_of": t.user_attrs.get("retry_of"),
+                     "note": t.user_attrs.get("note", "")})
+    artifacts.write_json(s.out / SEARCH_FILE, {"summary": summary or _summary(s, trials), "trials": rows})
+    keys = list(s.space)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["number", "state", "value", *keys, "duration_s", "note"])
+    for r in rows:
+        writer.writerow([r["number"], r["state"], "" if r["value"] is None else r["value"],
+                         *[r["params"].get(k, "") for k in keys],
+                         "" if r["duration_s"] is None else round(r["duration_s"], 2), r["note"]])
+    artifacts.write_text(s.out / "trials.csv", buf.getvalue())
