@@ -117,33 +117,12 @@ def as_examples(pairs: list[tuple[str, str]], source: str):
                     {"messages": messages, "text": [""] * len(pairs), "kind": ["pair"] * len(pairs)})
 
 
-# --- the tiny model of the smoke test (as tests/conftest.py's tiny_llama_dir) ---
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-LM_WORDS = ("what about tell me the a of is and say please answer topic cats dogs birds fish trees rain sun moon "
-            "fur bark wings fins leaves wet hot night day system you are helpful user assistant").split()
-
-
+# --- the tiny model of the smoke test: the tests' own (tests/tiny_models.py) ---
 def tiny_llama_dir(path: Path) -> Path:
-    """A 2-layer Llama (hidden 32) with a word-level tokenizer and a ChatML chat template."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import build_tiny_llama
 
-    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(LM_WORDS)) + [str(i) for i in range(60)])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
-                                   pad_token="</s>", additional_special_tokens=["<|im_start|>"], model_max_length=256)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=4, pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return path
+    return build_tiny_llama(path)
 
 
 # --- comparisons ---
