@@ -38,7 +38,9 @@ The contenders:
                            --cb-max-memory-percent). A contender that will not start or answer here is recorded with its
                            error text instead of figures.
 Then a soak of --soak chat requests at 16 clients against tuneforge (streaming and not, alternately): errors and the
-server's RSS (/proc/PID/status VmRSS) after every 100 requests. The results JSON is rewritten after every level.
+server's RSS (/proc/PID/status VmRSS) after every 100 requests, and its trend after the warm-up (the first 40% of the
+requests, in which the KV cache's working set, up to ~150 MB for 16 rows of SmolLM2, is first reached): the least-squares
+slope in MB per 100 requests over the rest. The results JSON is rewritten after every level.
 """
 from __future__ import annotations
 
@@ -467,7 +469,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=None, help="rounds of every level on every server (default 3; --smoke 2)")
     ap.add_argument("--max-tokens", type=int, default=None, help="max_tokens of every request (default 64; --smoke 16)")
     ap.add_argument("--soak", type=int, default=None, help="chat requests of the soak against tuneforge, 0 for none "
-                    "(default 500; --smoke 64)")
+                    "(default 2000; --smoke 64)")
     ap.add_argument("--soak-clients", type=int, default=16)
     ap.add_argument("--level-seconds", type=float, default=300, help="no new request starts after this, per level")
     ap.add_argument("--request-timeout", type=float, default=600)
@@ -487,7 +489,7 @@ def main() -> int:
     pick = lambda value, real, tiny: value if value is not None else (tiny if smoke else real)  # noqa: E731
     levels = [int(x) for x in pick(args.levels, "1,8,32", "1,8").split(",")]
     rpc, min_requests = pick(args.requests_per_client, 3, 2), pick(args.min_requests, 8, 4)
-    rounds, args.max_tokens, soak = pick(args.rounds, 3, 2), pick(args.max_tokens, 64, 16), pick(args.soak, 500, 64)
+    rounds, args.max_tokens, soak = pick(args.rounds, 3, 2), pick(args.max_tokens, 64, 16), pick(args.soak, 2000, 64)
     threads = pick(args.threads, None, 1)
     out_path = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "tuneforge_llm_serve_smoke.json" \
         if smoke else DEFAULT_OUT
@@ -628,10 +630,21 @@ def _soak(results, proc, url, model, prompts, total, key, args, save, tokenizer)
                        "streamed": "every other request", "wall_s": round(time.perf_counter() - t0, 1),
                        "tokens_per_s": s["tokens_per_s"], "latency_p50_ms": s["latency_p50_ms"],
                        "latency_p99_ms": s["latency_p99_ms"], "rss_mb_first": rss[0], "rss_mb_last": rss[-1],
-                       "rss_mb_every_100": rss, "server_alive": proc.poll() is None,
+                       "rss_mb_every_100": rss, **_rss_trend(rss), "server_alive": proc.poll() is None,
                        **({"first_error": errors[0]} if errors else {})}
     save()
     print("soak " + json.dumps(results["soak"]), flush=True)
+
+
+def _rss_trend(rss: list) -> dict:
+    """RSS after the warm-up (the first 40% of the soak) and its least-squares slope, MB per 100 requests, after it."""
+    rss = [r for r in rss if r is not None]
+    tail = rss[int(len(rss) * 0.4):]
+    if len(tail) < 3:
+        return {}
+    slope = float(np.polyfit(np.arange(len(tail)), tail, 1)[0])
+    return {"rss_mb_after_warmup": tail[0], "rss_mb_max_after_warmup": max(tail),
+            "rss_mb_per_100_after_warmup": round(slope, 1)}
 
 
 def print_table(results: dict) -> None:
@@ -660,7 +673,9 @@ def print_table(results: dict) -> None:
     if results.get("soak"):
         k = results["soak"]
         print(f"soak: {k['requests']} requests at {k['clients']} clients, {k['errors']} errors, p99 {k['latency_p99_ms']} ms, "
-              f"RSS {k['rss_mb_first']} -> {k['rss_mb_last']} MB")
+              f"RSS {k['rss_mb_first']} -> {k['rss_mb_last']} MB"
+              + (f" ({k['rss_mb_after_warmup']} MB after the warm-up, {k['rss_mb_per_100_after_warmup']:+} MB per 100 "
+                 f"requests since)" if "rss_mb_after_warmup" in k else ""))
 
 
 if __name__ == "__main__":
