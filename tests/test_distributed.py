@@ -68,6 +68,16 @@ if os.environ.get("RANK") is not None and os.environ.get("TF_TRACE"):
 
     _pipeline.audit_data = _counted("audit", _pipeline.audit_data)
     _Task.baselines = _counted("baselines", _Task.baselines)
+
+if os.environ.get("RANK") is not None and os.environ.get("TF_PRUNE_TRIAL"):  # the search prunes this trial (rank 0 decides)
+    import optuna as _optuna
+    import tuneforge.tuning.search as _search
+
+    class _PruneOne(_optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return trial.number == int(os.environ["TF_PRUNE_TRIAL"])
+
+    _search.make_pruner = lambda tune_cfg: _PruneOne()
 '''
 
 
@@ -80,8 +90,10 @@ def _write_config(tmp_path: Path, base_config, name: str, data: Path, **sections
 
 
 def _cli(args: list[str], tmp_path: Path, *, trace: Path | None = None, data: Path | None = None, out: Path | None = None,
-         timeout: float = 120) -> subprocess.CompletedProcess:
+         timeout: float = 120, prune_trial: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if prune_trial is not None:
+        env["TF_PRUNE_TRIAL"] = str(prune_trial)
     if trace is not None:
         hook = tmp_path / "hook"
         hook.mkdir(exist_ok=True)
@@ -208,6 +220,65 @@ def test_causal_lm_slices_weighted_by_labelled_tokens_match_one_process(tmp_path
     h1, h2 = m1["validation"]["history"], m2["validation"]["history"]
     for key in ("train_loss", "val_loss"):
         np.testing.assert_allclose([h[key] for h in h2], [h[key] for h in h1], atol=1e-4)
+
+
+def test_a_search_with_two_processes_runs_the_trials_of_one_and_rank_1_writes_nothing(tmp_path, tiny_model_dir, base_config,
+                                                                                    write_csv, monkeypatch):
+    """`tune --nproc 2`: every trial trained data-parallel; rank 0 draws the values, sends them and decides pruning.
+    Without dropout (fp32) the processes follow one process's search: the same values drawn from the same results,
+    the same trial pruned at the same evaluation, the same best."""
+    import csv
+
+    import optuna
+
+    from tuneforge.tuning import search
+
+    model = tmp_path / "nodrop"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+    data = write_csv(make_rows(80))
+    sections = {"model": {"name": str(model), "max_length": 32}, "audit": {"label_issues": False},
+                "train": {"method": "full", "epochs": 2, "precision": "fp32", "eval_every": 2},
+                "tune": {"trials": 3, "space": {"train.learning_rate": {"low": 1e-3, "high": 2e-2, "log": True},
+                                                "train.warmup_ratio": [0.0, 0.06]}}}
+    one = _write_config(tmp_path, base_config, "one", data, **sections)
+    two = _write_config(tmp_path, base_config, "two", data, **sections)
+
+    class PruneOne(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return trial.number == 1
+
+    from accelerate.state import AcceleratorState
+
+    from tuneforge.config import load_config
+
+    AcceleratorState._reset_state(True)
+    monkeypatch.setattr(search, "make_pruner", lambda tune_cfg: PruneOne())
+    search.tune(load_config(one))
+    trace = tmp_path / "trace.txt"
+    proc = _cli(["tune", str(two), "--nproc", "2"], tmp_path, trace=trace, data=data, out=tmp_path / "two",
+                prune_trial=1, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def trials(out):
+        with open(out / "trials.csv") as f:
+            return list(csv.DictReader(f))
+
+    t1, t2 = trials(tmp_path / "one"), trials(tmp_path / "two")
+    assert [r["state"] for r in t2] == [r["state"] for r in t1] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert "pruned at evaluation 1" in t2[1]["note"]
+    for a, b in zip(t1, t2):
+        assert (a["train.learning_rate"], a["train.warmup_ratio"]) == (b["train.learning_rate"], b["train.warmup_ratio"])
+        if a["value"]:
+            assert abs(float(a["value"]) - float(b["value"])) < 1e-6
+    s1, s2 = (json.loads((tmp_path / d / "metrics.json").read_text())["search"] for d in ("one", "two"))
+    assert s1["best_trial"] == s2["best_trial"]
+    run2 = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run2["distributed"]["processes"] == 2
+    calls = [line.split(" ", 2) for line in trace.read_text().splitlines()]
+    assert {rank for rank, what, *_ in calls if what == "write"} == {"0"}  # rank 1 wrote nothing
+    assert sum(1 for _, what, *_ in calls if what == "audit") == 1 and "Traceback" not in proc.stderr
 
 
 def test_fsdp_on_cpu_processes_is_a_clear_error(tmp_path, base_config, write_csv):

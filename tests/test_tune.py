@@ -191,11 +191,33 @@ def test_default_spaces_come_from_the_task_and_hold_the_config_values(base_confi
     assert lm_space["train.lora.r"] == [8, 16, 32] and lm_space["train.epochs"].high == 3
 
 
-def test_pruner_is_median_after_three_trials_or_none():
-    cfg = parse_config({"data": {"path": "x"}, "tune": {"prune_warmup": 2}})
+def test_pruner_is_successive_halving_by_default_median_or_none():
+    pruner = search.make_pruner(parse_config({"data": {"path": "x"}}).tune)
+    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
+    assert (pruner._min_resource, pruner._reduction_factor) == (1, 3)
+    cfg = parse_config({"data": {"path": "x"}, "tune": {"pruner": "median", "prune_warmup": 2}})
     pruner = search.make_pruner(cfg.tune)
     assert isinstance(pruner, optuna.pruners.MedianPruner)
     assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (3, 2)
+
+
+def test_successive_halving_keeps_the_top_third_at_each_rung():
+    """Trial 0 runs to the end; a later trial below the best at evaluation 1 (the first rung) is pruned there, one
+    above it goes on: a search's weak trials cost two evaluations of training."""
+    study = optuna.create_study(direction="maximize", pruner=search.make_pruner(parse_config({"data": {"path": "x"}}).tune))
+    curves = {0: [0.5, 0.6, 0.7, 0.8], 1: [0.4, 0.5, 0.9, 0.9], 2: [0.6, 0.7, 0.8, 0.9]}
+    stopped = {}
+    for number, curve in curves.items():
+        trial = study.ask()
+        for step, value in enumerate(curve):
+            trial.report(value, step)
+            if trial.should_prune():
+                stopped[number] = step
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, curve[-1])
+    assert stopped == {1: 1}
     assert isinstance(search.make_pruner(parse_config({"data": {"path": "x"}, "tune": {"pruning": False}}).tune),
                       optuna.pruners.NopPruner)
 

@@ -1,10 +1,12 @@
 """The output directory: its states (empty, unfinished, finished), atomic writes, and run provenance."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import shutil
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -12,13 +14,20 @@ from tuneforge.errors import OutputError
 
 CHECKPOINT = "checkpoint"
 FINISHED_MARKER = "run.json"
+LOCK_FILE = ".tuneforge.lock"  # held by the one process writing the folder (lock.py); never part of the run
 SETTINGS_KEY = "tuneforge"  # extra block in model/config.json: the task's settings (max_length, ...); transformers ignores it
 
 
 def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a run (or unrelated files) before any work starts."""
     if resume:
-        if not (out / CHECKPOINT / "state.json").is_file():
+        # CHECKPOINT.old: a save killed between its two renames leaves the previous checkpoint there, complete
+        # (training/checkpoint.py: trusted_checkpoint)
+        if not any((out / name / "state.json").is_file() for name in (CHECKPOINT, CHECKPOINT + ".old")):
+            if (out / "config.yaml").is_file() and not (out / FINISHED_MARKER).is_file():
+                # a run stopped before its first checkpoint (train.checkpoint_minutes): plain `run` refuses its folder
+                raise OutputError(f"nothing to resume in {out}: the run stopped before its first checkpoint",
+                                  fix="start it over with --overwrite")
             raise OutputError(f"nothing to resume in {out}: no checkpoint", fix="run without --resume to start a new run")
         return
     if not out.exists() or overwrite:
@@ -29,32 +38,103 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise OutputError(f"{out} already holds a finished run", fix="pass --overwrite to replace it, or choose another --output")
     if (out / CHECKPOINT).exists() or (out / "config.yaml").is_file():
         raise OutputError(f"{out} holds an unfinished run", fix="pass --resume to continue it, or --overwrite to start over")
-    if any(p.name != "audit.json" for p in out.iterdir()):
+    if any(p.name not in ("audit.json", LOCK_FILE) for p in out.iterdir()):
         raise OutputError(f"{out} is not empty and holds no tuneforge run", fix="choose an empty or new --output directory")
 
 
 def reset_output_dir(out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    """Empty `out` for a new run, keeping the lock file of the process that holds it."""
+    with writing(out):
+        if out.is_file() or out.is_symlink():
+            out.unlink()
+        for p in out.iterdir() if out.exists() else ():
+            if p.name == LOCK_FILE:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+
+
+# --- every artifact is written under a temporary name and renamed into place: a reader (or a run killed half-way)
+# sees the old version or the new one, never half of one; an OS error becomes an OutputError naming the file ---
+
+@contextmanager
+def writing(path: Path):
+    """Turn an OS error while writing `path` (disk full, permissions, a read-only mount) into an OutputError."""
+    try:
+        yield
+    except OSError as err:
+        where = path.parent
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = (f"disk full? free space on the disk holding {where} (`df -h {where}`), then run the command "
+                   "again (an interrupted run: with --resume, its checkpoint is kept)")
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"make {where} writable (permissions, a read-only mount), or choose another --output"
+        else:
+            fix = f"check the disk holding {where}, then run the command again"
+        raise OutputError(f"cannot write {path}: {err.strerror or err}", fix=fix) from err
+
+
+def _put(tmp: Path, data: bytes) -> None:
+    """`data` into `tmp`, on disk (fsync) before the rename makes it visible."""
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(path):
+        try:
+            _put(tmp, data)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str).encode("utf-8"))
 
 
 def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes(path, text.encode("utf-8"))
 
 
 def replace_dir(staging: Path, final: Path) -> None:
+    """`staging`, complete, in place of `final`: the old `final` is renamed aside first and removed last, so a
+    crash in between leaves it whole as FINAL.old (recover_dir puts it back)."""
+    old = final.with_name(final.name + ".old")
+    recover_dir(final)
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
-        shutil.rmtree(final)
+        final.rename(old)
     staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> None:
+    """Put FINAL.old back where a replace_dir was killed between its two renames."""
+    old = final.with_name(final.name + ".old")
+    if old.is_dir() and not final.exists():
+        old.rename(final)
+
+
+@contextmanager
+def staged_dir(final: Path):
+    """A folder the block builds under FINAL.tmp (the block creates it), renamed into place whole when the block
+    ends without error, removed when it fails; an OS error becomes an OutputError naming `final`."""
+    staging = final.with_name(final.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with writing(final):
+            yield staging
+            replace_dir(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def run_task_type(out: Path) -> str:

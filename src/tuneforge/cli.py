@@ -54,6 +54,9 @@ def _tune_parser(sub) -> None:
                    "trials left running by a stopped process are failed and retried")
     p.add_argument("--output", help="output directory (default: the config's output.dir)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run or search in the output directory")
+    from tuneforge.training.launch import add_launch_arguments
+
+    add_launch_arguments(p)  # --nproc N: every trial data-parallel over N processes, as `run --nproc N` trains
 
 
 def version_text() -> str:
@@ -135,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 on a bf16 GPU or an AMX CPU, fp16 on an older GPU, else fp32")
     p.add_argument("--max-texts", type=int, default=64, help="texts per request")
     p.add_argument("--max-chars", type=int, default=10_000, help="characters per text")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size (413 above it)")
+    p.add_argument("--body-timeout-s", type=float, default=30.0,
+                   help="how long a client may take to send its request body, stalled or trickling (408 after it)")
     p.add_argument("--monitor-url", help="request log: sqlite:///PATH or postgresql://... (default: OUTPUT/monitor.sqlite)")
     p.add_argument("--log-text", action="store_true", help="also store raw texts in the request log")
     p = sub.add_parser("monitor", help="print the drift report of a served run's request log")
@@ -191,14 +197,20 @@ def _config_from_args(args):
 
 
 def cmd_run(args) -> int:
+    from tuneforge.lock import output_lock
     from tuneforge.training.launch import launch, wants_launch
 
+    command = "tuneforge " + " ".join(getattr(args, "argv", sys.argv[1:]))
     if wants_launch(args):
-        _config_from_args(args)  # a bad config or flag fails here, once, before any process starts
-        return launch(args, args.argv)
+        cfg = _config_from_args(args)  # a bad config or flag fails here, once, before any process starts
+        with output_lock(Path(cfg.output.dir), command, skip=args.node_rank > 0):  # its processes inherit it
+            return launch(args, args.argv)
     from tuneforge.pipeline import run
+    from tuneforge.runlog import run_log
 
-    run(_config_from_args(args), resume=args.resume)
+    cfg = _config_from_args(args)
+    with output_lock(Path(cfg.output.dir), command), run_log(Path(cfg.output.dir)) as console:
+        run(cfg, resume=args.resume, console=console)
     return 0
 
 
@@ -215,26 +227,40 @@ def cmd_tune(args) -> int:
                                   ("output", "dir"): args.output, ("output", "overwrite"): args.overwrite or None}.items():
         if value is not None:
             raw.setdefault(section, {})[key] = value
+    from tuneforge.runlog import run_log
+    from tuneforge.training.launch import launch, wants_launch
     from tuneforge.tuning.search import tune
 
-    tune(parse_config(raw, args.config), resume=args.resume)
+    from tuneforge.lock import output_lock
+
+    cfg = parse_config(raw, args.config)  # a bad config or flag fails here, once, before any process starts
+    # workers of one study on external storage may share the output directory: they hold its lock together
+    lock = output_lock(Path(cfg.output.dir), "tuneforge " + " ".join(getattr(args, "argv", sys.argv[1:])),
+                       shared=cfg.tune.storage is not None, skip=getattr(args, "node_rank", 0) > 0)
+    if wants_launch(args):
+        with lock:
+            return launch(args, args.argv)
+    with lock, run_log(Path(cfg.output.dir)) as console:
+        tune(cfg, resume=args.resume, console=console)
     return 0
 
 
 def cmd_audit(args) -> int:
-    from rich.console import Console
-
     from tuneforge import artifacts
     from tuneforge.errors import AuditBlocked
     from tuneforge.pipeline import audit_only, check_audit
 
+    from tuneforge.runlog import run_log
+
+    from tuneforge.lock import output_lock
+
     cfg = _config_from_args(args)
-    console = Console()
     out = Path(cfg.output.dir)
-    report = audit_only(cfg, console)
-    out.mkdir(parents=True, exist_ok=True)
-    artifacts.write_json(out / "audit.json", report)
-    console.print(f"[bold]audit[/] written to {out / 'audit.json'}")
+    with output_lock(out, "tuneforge " + " ".join(getattr(args, "argv", sys.argv[1:]))), run_log(out) as console:
+        report = audit_only(cfg, console)
+        out.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(out / "audit.json", report)
+        console.print(f"[bold]audit[/] written to {out / 'audit.json'}")
     try:
         check_audit(report)
     except AuditBlocked as err:
@@ -337,13 +363,16 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"no API key: environment variable {args.api_key_env} is empty",
                           fix=f"export {args.api_key_env}=SECRET (clients send 'Authorization: Bearer SECRET'), or pass --no-auth")
     for flag, value in (("--max-tokens-cap", args.max_tokens_cap), ("--max-prompt-tokens", args.max_prompt_tokens),
-                        ("--max-batch-size", args.max_batch_size)):
+                        ("--max-batch-size", args.max_batch_size), ("--max-body-bytes", args.max_body_bytes)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} is {value}: it must be at least 1", fix=f"pass {flag} N with N >= 1")
+    if not args.body_timeout_s > 0:
+        raise ConfigError(f"--body-timeout-s is {args.body_timeout_s}: it must be above 0", fix="pass --body-timeout-s 30")
     settings = ServeSettings(run_dir=out, api_key=None if args.no_auth else key, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, max_texts=args.max_texts, max_chars=args.max_chars,
                              monitor_url=args.monitor_url, log_text=args.log_text, max_tokens_cap=args.max_tokens_cap,
-                             max_prompt_tokens=args.max_prompt_tokens)
+                             max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
+                             body_timeout_s=args.body_timeout_s)
     RequestLog(log_url(out, settings.monitor_url)).close()  # a bad URL fails here, before the server starts
     _log_to_stderr()
     app = create_app(settings, run_predictor(out, device, args.precision), reference=load_reference(out))

@@ -38,6 +38,10 @@ class DataConfig(_Section):
         "normalised folds case, punctuation and whitespace (copies that differ only so would leak across splits).")
     drop_invalid: bool = Field(
         False, description="Drop rows with missing (null/NaN) text or label instead of stopping with an error.")
+    max_text_chars: int = Field(
+        100_000, ge=100, description="Texts (a prompt, completion, message or sentence) longer than this many characters "
+        "are cut to it before tokenising, and the audit lists them (long_texts): one 10 MB cell would otherwise cost "
+        "seconds and memory in tokenising and the near-duplicate check, to be truncated to max_length tokens anyway.")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of rows held out for validation.")
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of rows held out for test (ignored with test_path).")
     seed: int = Field(42, description="Seed of the split (kept apart from the training seed so the test split stays frozen).")
@@ -90,6 +94,9 @@ class ModelConfig(_Section):
         None, ge=8, le=8192, description="Inputs longer than this many tokens are truncated; null = by the data: "
         "enough for 98% of the training texts (a multiple of 32), at most 512 and the model's limit. Batches are "
         "padded to their own longest row, so a larger limit costs only on the long rows.")
+    trust_remote_code: bool = Field(
+        False, description="Run the Python code a model folder ships (config.json auto_map). Off: such a model is "
+        "refused, naming its code files; read them first. On: the run says so before loading.")
 
 
 class LoraConfig(_Section):
@@ -281,10 +288,16 @@ class TuneConfig(_Section):
                                 "(several processes or machines share one study); null = OUTPUT/study.sqlite.")
     study: str | None = Field(None, description="Study name in the storage; null = the output directory's name.")
     seed: int | None = Field(None, description="Seed of the sampler (TPE); null = train.seed.")
-    pruning: bool = Field(True, description="Stop unpromising trials early: MedianPruner on the validation metric "
-                          "at each evaluation, after 3 finished trials and `prune_warmup` evaluations.")
-    prune_warmup: int = Field(4, ge=0, description="Evaluations every trial gets before it may be pruned (one epoch "
-                              "at the default 4 per epoch: the first evaluations, in warm-up, say little).")
+    pruning: bool = Field(True, description="Stop unpromising trials early, from the validation metric reported at "
+                          "each evaluation (`pruner` says how).")
+    pruner: Literal["halving", "median"] = Field(
+        "halving", description="halving: successive halving (Optuna's SuccessiveHalvingPruner, reduction factor 3): "
+        "at evaluations prune_warmup+1, 3x that, 9x that, ... a trial goes on only if it is in the top third of the "
+        "trials that reached the same evaluation, so most trials cost a fraction of a run (the demo's 20-trial "
+        "search: see the README); median: MedianPruner, a trial stops when its best so far is below the median of "
+        "the finished trials at the same evaluation, after 3 finished trials and prune_warmup evaluations (gentler, "
+        "slower).")
+    prune_warmup: int = Field(1, ge=0, description="Evaluations every trial gets before it may be pruned.")
     space: dict[str, _SpaceSpec] | None = Field(
         None, description="Dotted config key -> {low, high, log, step} or a list of choices; null = the task's "
         "default (learning rate, epochs, frozen layers or LoRA rank, weight decay, warm-up).")

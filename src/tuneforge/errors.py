@@ -49,3 +49,14 @@ class AuditBlocked(TuneforgeError):
     """The data audit found a blocking problem (leakage between splits); training would give false scores."""
 
     exit_code = 3
+
+
+def shown(value, limit: int = 60) -> str:
+    """A data value as a message quotes it: its repr, cut to `limit` characters (a 10 MB cell or a list nested
+    900 deep stays one short line)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlist, r.maxdict = 3, limit, limit, 6, 4
+    text = r.repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -113,7 +113,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
 
 def prepare(cfg: RunConfig, console: Console) -> Prepared:
     """Data, model reference, tokenizer, audit (stops on a blocking finding) and encoding: nothing is written."""
-    from tuneforge.models.resolve import resolve_model_info
+    from tuneforge.models.resolve import check_model_files, resolve_model_info
     from tuneforge.tasks import get_task
 
     durations: dict[str, float] = {}
@@ -123,6 +123,8 @@ def prepare(cfg: RunConfig, console: Console) -> Prepared:
     splits = data.splits
     with _stage(durations, "model_convert"):
         model_dir, conversion = resolve_model_info(cfg.model.name)
+    for note in check_model_files(model_dir, cfg.model.trust_remote_code):
+        console.print(f"[bold]model[/] {note}")
     if conversion and not conversion.get("cached"):
         console.print(f"[bold]model[/] converted {conversion['source']} to safetensors in {conversion['seconds']:.1f} s "
                       f"(cached in {model_dir}; later runs reuse it)")
@@ -205,7 +207,7 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
 
     task, console, durations, ids, y = prep.task, prep.console, prep.durations, prep.ids, prep.y
     with _stage(durations, "load_model"):
-        model = task.load_model(prep.model_dir, prep.space, cfg.train.seed)
+        model = task.load_model(prep.model_dir, prep.space, cfg.train.seed, cfg.model.trust_remote_code)
     info = describe(prep.model_dir)
     method = cfg.train.method
     if method == "frozen" and info["layers"]:
@@ -277,8 +279,8 @@ def _trained_model(prep: Prepared, cfg: RunConfig, accelerator, model):
     state = full_state_dict(accelerator, model)
     if not accelerator.is_main_process:
         return None
-    whole = apply_method(prep.task.load_model(prep.model_dir, prep.space, cfg.train.seed), cfg.train,
-                         prep.task.peft_task_type, prep.task.lora_targets())
+    whole = apply_method(prep.task.load_model(prep.model_dir, prep.space, cfg.train.seed, cfg.model.trust_remote_code),
+                         cfg.train,                         prep.task.peft_task_type, prep.task.lora_targets())
     whole.load_state_dict(state)
     return whole.eval()
 
@@ -296,13 +298,16 @@ def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precis
     result, est, raw = fitted.result, fitted.estimate, fitted.model
     # --- export, then evaluate the exported model exactly as a user will load it ---
     with _stage(durations, "export"):
-        staging = out / "model.tmp"
-        export_model(raw, prep.tokenizer, staging)
-        _record_settings(staging, task.settings(cfg, prep.max_length, space))
-        task.export(cfg, staging, prep.tokenizer, space)
-        artifacts.replace_dir(staging, out / "model")
+        with artifacts.staged_dir(out / "model") as staging:  # model/ appears whole, or not at all
+            export_model(raw, prep.tokenizer, staging)
+            _record_settings(staging, task.settings(cfg, prep.max_length, space))
+            task.export(cfg, staging, prep.tokenizer, space)
         if cfg.output.keep_adapter:
-            export_adapter(raw, out / "adapter")
+            try:
+                with artifacts.writing(out / "adapter"):
+                    export_adapter(raw, out / "adapter")  # staged in adapter.tmp and renamed
+            finally:
+                shutil.rmtree(out / "adapter.tmp", ignore_errors=True)
     with _stage(durations, "evaluate"):
         predictor = task.load_predictor(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
         metrics, test_outputs = task.evaluate(cfg, space, splits, prep.y, predictor, prep.baselines)
@@ -336,15 +341,15 @@ def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precis
     }
     artifacts.write_json(out / "metrics.json", metrics)
     artifacts.write_json(out / "data_report.json", data.report)
-    artifacts.write_json(out / artifacts.FINISHED_MARKER, run_info)
-    with _stage(durations, "report"):
-        build_card(out)
-        build_report(out)
-    shutil.rmtree(out / artifacts.CHECKPOINT, ignore_errors=True)
+    with _stage(durations, "report"):  # from the files above and run_info (run.json is not written yet)
+        build_card(out, run=run_info)
+        build_report(out, run=run_info)
     durations["total"] = round(time.perf_counter() - prep.t_start, 2)  # the whole run, report included
     metrics["cost"]["actual"]["seconds_total"] = durations["total"]
     artifacts.write_json(out / "metrics.json", metrics)
-    artifacts.write_json(out / artifacts.FINISHED_MARKER, run_info)
+    artifacts.write_json(out / artifacts.FINISHED_MARKER, run_info)  # last: a run that failed before keeps ...
+    for name in (artifacts.CHECKPOINT, artifacts.CHECKPOINT + ".old"):  # ... its checkpoint: --resume finishes it
+        shutil.rmtree(out / name, ignore_errors=True)
     _print_summary(prep.console, task, metrics, est, durations, out)
     return metrics
 
@@ -369,7 +374,7 @@ def audit_data(cfg: RunConfig, task, data, tokenizer, model_dir: Path, console: 
     lengths = task.token_lengths(cfg, tokenizer, data)
     max_length, why = task.max_length(cfg, lengths["train"], tokenizer, model_dir)
     report = audit(data.splits, data.report["removed"], lengths, max_length, cfg.audit, data.duplicates,
-                   task.audit_sections(cfg, data, tokenizer, max_length))
+                   task.audit_sections(cfg, data, tokenizer, max_length), data.report.get("long_texts"))
     _print_audit(console, report)
     return report, max_length, why
 

@@ -1,9 +1,10 @@
 """Data audit: know the data before spending compute.
 
 Generic checks, each with a severity (info / warning / blocking) and the rows involved: duplicates
-within a split, leakage between splits, truncation against the tokenizer and outlier inputs; each task
-adds its own (classification: class balance and likely label errors, tasks/classification/audit.py). Rows are 0-based data
-rows of the file they come from. Rows that cleaning removed are listed once, under `cleaning`.
+within a split, leakage between splits, truncation against the tokenizer, outlier inputs and texts cut to
+data.max_text_chars on reading; each task adds its own (classification: class balance and likely label errors,
+tasks/classification/audit.py). Rows are 0-based data rows of the file they come from. Rows that cleaning
+removed are listed once, under `cleaning`.
 """
 from __future__ import annotations
 
@@ -108,10 +109,23 @@ def outliers(splits: Splits) -> dict:
     return {"severity": "warning" if rows else "info", "rows": rows, "median_chars": median}
 
 
+def long_texts(cuts: list[dict]) -> dict:
+    """Texts longer than data.max_text_chars, cut to it on reading (`cuts`: the data report's long_texts, each
+    {file, row, field, chars, kept}): the model never sees their tail, and one such row could stall a run."""
+    if not cuts:
+        return {"severity": "info", "rows": [], "summary": "none over data.max_text_chars"}
+    shown = ", ".join(f"row {c['row']} ({c['field']}, {c['chars']:,} chars)" for c in cuts[:5])
+    more = f" and {len(cuts) - 5} more" if len(cuts) > 5 else ""
+    return {"severity": "warning", "rows": cuts[:500], "count": len(cuts),
+            "summary": f"{len(cuts)} texts over data.max_text_chars, cut to it before tokenising: {shown}{more}"}
+
+
 def audit(splits: Splits, removed: list[dict], token_lengths: dict[str, np.ndarray] | None, max_length: int,
-          cfg: AuditConfig, duplicates_graph: DuplicateGraph | None = None, task_sections: dict | None = None) -> dict:
+          cfg: AuditConfig, duplicates_graph: DuplicateGraph | None = None, task_sections: dict | None = None,
+          cut_texts: list[dict] | None = None) -> dict:
     """The generic checks, with the task's own (`task_sections`: name -> section with a severity) among them.
-    `token_lengths`: tokens per row of each split before truncation (None: the truncation check is skipped)."""
+    `token_lengths`: tokens per row of each split before truncation (None: the truncation check is skipped);
+    `cut_texts`: the texts cut to data.max_text_chars on reading (the data report's long_texts)."""
     duplicates, leakage = duplicates_and_leakage(splits, cfg, duplicates_graph)
     report = {
         "leakage": leakage,
@@ -119,6 +133,7 @@ def audit(splits: Splits, removed: list[dict], token_lengths: dict[str, np.ndarr
         "truncation": truncation(splits, token_lengths, max_length) if token_lengths is not None else
         {"severity": "info", "skipped": "no tokenizer"},
         "outliers": outliers(splits),
+        "long_texts": long_texts(cut_texts or []),
         "cleaning": {"severity": "info", "removed": removed, "counts": dict(Counter(r["reason"] for r in removed))},
     }
     report.update(task_sections or {})  # a task's section may replace a generic one (windows instead of truncation)

@@ -38,6 +38,16 @@ class CleanResult:
     examples: Examples
     rows_read: int
     removed: list[dict] = field(default_factory=list)
+    long_texts: list[dict] = field(default_factory=list)  # texts cut to data.max_text_chars (see cut_long)
+
+
+def cut_long(text: str, limit: int, notes: list[dict], file: str, row: int, field: str) -> str:
+    """`text`, or its first `limit` characters when it is longer: the cut is noted in `notes` (the data report's
+    `long_texts`, which the audit lists) so one 10 MB cell cannot stall tokenising."""
+    if len(text) <= limit:
+        return text
+    notes.append({"file": file, "row": row, "field": field, "chars": len(text), "kept": limit})
+    return text[:limit]
 
 
 def _is_null(value) -> bool:

@@ -13,6 +13,8 @@ import importlib.util
 import io
 import json
 import lzma
+import re
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +23,7 @@ from tuneforge.errors import DataError
 
 _DECOMPRESS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
 FORMATS = ("csv", "jsonl", "parquet")
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def resolve_path(ref: str) -> Path:
@@ -63,28 +66,77 @@ def file_sha256(path: Path) -> str:
 
 
 def _read_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read the file ({err.strerror or err})", path=path,
+                        fix="check that the file is readable (permissions) and is a regular file") from None
     _, comp = _strip_compression(path)
     if comp:
         try:
             data = _DECOMPRESS[comp](data)
-        except (OSError, EOFError, lzma.LZMAError) as err:
+        # a cut or corrupt archive: gzip raises zlib.error or EOFError, bz2 ValueError ("ended before the end-of-stream")
+        except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as err:
             raise DataError(f"cannot decompress ({err})", path=path, fix=f"check that the file really is {comp[1:]}-compressed") from None
     return data
 
 
 def _decode(data: bytes, path: Path, encoding: str, header_lines: int) -> str:
     try:
-        return data.decode(encoding)
+        text = data.decode(encoding)
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start)  # 0-based physical line
         raise DataError(
-            f"text is not valid {encoding} (byte 0x{data[err.start]:02x} at line {line + 1})",
+            f"text is not valid {encoding} (byte 0x{data[err.start:err.start + 1].hex() or 'end'} at line {line + 1})",
             path=path, row=max(line - header_lines, 0),
             fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or set data.encoding to its real encoding",
         ) from None
+    except UnicodeError as err:  # codecs such as idna raise the base class, without a position
+        raise DataError(f"text is not valid {encoding} ({err})", path=path,
+                        fix="re-save the file as UTF-8 or set data.encoding to its real encoding") from None
     except LookupError:
         raise DataError(f"unknown encoding '{encoding}'", path=path, fix="set data.encoding to e.g. utf-8 or latin-1") from None
+    return text[1:] if text.startswith("\ufeff") else text  # a byte-order mark (Excel's UTF-8 CSV) is not the first column's name
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of a text file ending in \\n, \\r\\n or a lone \\r (old Mac files), but not at U+2028, U+0085 and
+    the other breaks str.splitlines() knows: JSON allows those raw inside a string."""
+    return _LINE_END.split(text)
+
+
+def parse_json(text: str):
+    """json.loads for untrusted text. Every way it can fail is a ValueError whose message says why in a few words:
+    bad syntax, a number of more than 4,300 digits, nesting deeper than Python's stack, or a \\uD800-\\uDFFF escape
+    standing alone (a lone surrogate: no tokenizer can encode it, nor a terminal print it)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{err.msg}, character {err.pos + 1}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as err:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise ValueError(str(err).split(";")[0]) from None
+    if "\\ud" in text.lower() and _has_lone_surrogate(value):
+        raise ValueError("a \\uD800-\\uDFFF escape stands alone (a lone surrogate is not a character)")
+    return value
+
+
+def _has_lone_surrogate(value) -> bool:
+    stack = [value]
+    while stack:  # not recursive: json.loads accepts nesting close to the recursion limit
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 def _read_csv(text: str, path: Path) -> pd.DataFrame:
@@ -100,13 +152,13 @@ def _read_csv(text: str, path: Path) -> pd.DataFrame:
 
 def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
     records = []
-    for i, line in enumerate(text.splitlines()):
+    for i, line in enumerate(split_lines(text)):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"line {i + 1} is not valid JSON ({err.msg})", path=path, row=len(records),
+            obj = parse_json(line)
+        except ValueError as err:
+            raise DataError(f"line {i + 1} is not valid JSON ({err})", path=path, row=len(records),
                             fix="each line must hold one JSON object") from None
         if not isinstance(obj, dict):
             raise DataError(f"line {i + 1} holds a {type(obj).__name__}, not a JSON object", path=path, row=len(records),
@@ -133,4 +185,8 @@ def read_table(path: Path, fmt: str = "auto", encoding: str = "utf-8") -> pd.Dat
     else:
         text = _decode(_read_bytes(path), path, encoding, header_lines=1 if fmt == "csv" else 0)
         df = _read_csv(text, path) if fmt == "csv" else _read_jsonl(text, path)
+    if df.columns.duplicated().any():  # Parquet allows it; df[name] would then be a table, not a column
+        twice = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
+        raise DataError(f"column names appear twice: {', '.join(twice)}", path=path, column=twice[0],
+                        fix="give every column its own name")
     return df.reset_index(drop=True)

@@ -22,10 +22,12 @@ def _model_index(m: dict, name: str, data_hash: str, task_type: str) -> list[dic
     }]}]
 
 
-def build_card(out: Path) -> Path:
+def build_card(out: Path, run: dict | None = None) -> Path:
+    """OUT/model/README.md from the run's stored JSON (`run`: the run info of one finishing, before run.json)."""
+    from tuneforge import artifacts
     from tuneforge.evaluation.report import load_run
 
-    m, data, run, _ = load_run(out)
+    m, data, run, _ = load_run(out, run)
     key = m["main_metric"]
     test = m["test"]
     from tuneforge.tasks import get_task
@@ -100,5 +102,5 @@ tokenizer = AutoTokenizer.from_pretrained("PATH/TO/model")
 or `tuneforge predict RUN_DIR --text "..."`.
 """
     path = out / "model" / "README.md"
-    path.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body, encoding="utf-8")
+    artifacts.write_text(path, "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body)
     return path

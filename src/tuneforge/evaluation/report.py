@@ -132,19 +132,21 @@ def _load(out: Path, name: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_run(out: Path) -> tuple[dict, dict, dict, dict | None]:
-    """(metrics, data report, run info, audit or None) of a finished run."""
+def load_run(out: Path, run: dict | None = None) -> tuple[dict, dict, dict, dict | None]:
+    """(metrics, data report, run info, audit or None) of a finished run; `run`: the run info of one finishing
+    (its run.json is written after the report)."""
     audit = _load(out, "audit.json") if (out / "audit.json").is_file() else None
-    return _load(out, "metrics.json"), _load(out, "data_report.json"), _load(out, "run.json"), audit
+    return _load(out, "metrics.json"), _load(out, "data_report.json"), run or _load(out, "run.json"), audit
 
 
-def build_report(out: Path) -> Path:
-    """Write OUT/report.html from OUT/metrics.json, data_report.json, run.json and audit.json; the task of
+def build_report(out: Path, run: dict | None = None) -> Path:
+    """Write OUT/report.html from OUT/metrics.json, data_report.json, run.json (or `run`) and audit.json; the task of
     the run supplies its table rows and its own sections (per class or per type, confusion, ...)."""
+    from tuneforge import artifacts
     from tuneforge.artifacts import run_task_type
     from tuneforge.tasks import get_task
 
-    m, data, run, audit = load_run(out)
+    m, data, run, audit = load_run(out, run)
     key = m["main_metric"]
     test = m["test"]
     parts = [f"<h1>tuneforge run: {html.escape(run['model']['reference'])}</h1>",
@@ -186,7 +188,5 @@ td.n{{text-align:right;font-variant-numeric:tabular-nums}}img{{max-width:100%}}f
 .ok{{background:#dcfce7}}.no{{background:#fee2e2}}.warn{{color:#b91c1c}}</style></head><body>
 {''.join(parts)}</body></html>"""
     path = out / "report.html"
-    tmp = path.with_name("report.html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    artifacts.write_text(path, page)
     return path

@@ -24,8 +24,50 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _REQUIREMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # the distribution name a requirement starts with
 
 
+# weights in pickle formats: loading one can run any code it carries, so tuneforge never loads them
+_PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "training_args.bin")
+
+
 def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any((path / w).is_file() for w in _WEIGHTS)
+
+
+def pickle_files(path: Path) -> list[str]:
+    return sorted({f.name for pattern in _PICKLE_PATTERNS for f in path.glob(pattern) if f.is_file()})
+
+
+def _refuse_pickle_only(path: Path) -> None:
+    pickles = pickle_files(path)
+    if (path / "config.json").is_file() and pickles:
+        raise ModelNotFoundError(
+            f"model directory {path} holds only pickle weights ({', '.join(pickles)}): tuneforge loads safetensors "
+            "only, since loading a pickle file can run any code it carries",
+            fix=f"if you trust the file, convert it once: python -c \"from transformers import AutoModel; "
+                f"AutoModel.from_pretrained('{path}').save_pretrained('{path}', safe_serialization=True)\"")
+
+
+def check_model_files(model_dir: Path, trust_remote_code: bool) -> list[str]:
+    """What to tell the user about the model folder before it is loaded; a folder that ships its own Python code
+    (config.json `auto_map`) is refused unless model.trust_remote_code is on."""
+    notes = []
+    try:
+        auto_map = json.loads((model_dir / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError):
+        auto_map = {}
+    if auto_map:
+        code = sorted({str(ref).split("--")[-1].split(".")[0] + ".py" for ref in
+                       (r for v in auto_map.values() for r in (v if isinstance(v, list) else [v])) if ref})
+        if not trust_remote_code:
+            raise ModelNotFoundError(
+                f"model {model_dir} ships its own Python code ({', '.join(code)}, named by auto_map in config.json), "
+                "and tuneforge does not run a model folder's code unless told to",
+                fix="read that code, then set model.trust_remote_code: true in the config; or use a model transformers "
+                    "supports without it")
+        notes.append(f"model.trust_remote_code is on: running the code shipped in {model_dir} ({', '.join(code)})")
+    pickles = pickle_files(model_dir)
+    if pickles:
+        notes.append(f"ignored {', '.join(pickles)} in {model_dir}: pickle files are never loaded, only safetensors")
+    return notes
 
 
 def _dirs_in_package(root: Path, max_depth: int = 3) -> list[Path]:
@@ -75,6 +117,7 @@ def resolve_model_info(ref: str) -> tuple[Path, dict | None]:
             return convert_gguf(ggufs[0])
         if len(inner) + len(ggufs) > 1:
             _several(f"directory {path}", inner + ggufs)
+        _refuse_pickle_only(path)
         raise ModelNotFoundError(
             f"model directory {path} holds no config.json with safetensors weights and no .gguf file",
             fix="point model.name at a directory written by save_pretrained (config.json, model.safetensors, tokenizer) "

@@ -1,5 +1,6 @@
 """The HTTP service: FastAPI, model loaded once in `lifespan`, micro-batched predictions, bearer-key
-auth, request limits, Prometheus metrics, request log and drift monitor.
+auth, request limits (body size, a stalled upload, hostile JSON: each a 4xx), Prometheus metrics, request log and
+drift monitor.
 
     tuneforge serve runs/sentiment --api-key-env TUNEFORGE_API_KEY
 
@@ -44,7 +45,8 @@ class ServeSettings:
     max_wait_ms: float = 10.0                 # under load only; 0 = greedy (see batcher.py)
     max_texts: int = 64                       # per request
     max_chars: int = 10_000                   # per text
-    max_body_bytes: int = 1_000_000
+    max_body_bytes: int = 1_000_000           # 413 above it, by Content-Length or counted as a chunked body arrives
+    body_timeout_s: float = 30.0              # 408 when a client takes longer to send its body (stalled or trickling)
     request_timeout_s: float = 30.0
     monitor_url: str | None = None            # default: sqlite file in the run directory
     retention_days: float = 30.0
@@ -61,6 +63,92 @@ class PredictRequest(BaseModel):
     texts: list[str]
 
 
+class InvalidJSON(ValueError):
+    """A request body that is not JSON a client should send; the message says what is wrong with it."""
+
+
+def _no_constant(name: str):
+    raise InvalidJSON(f"{name} is not a JSON value: send numbers only")
+
+
+def load_json(raw: bytes):
+    """The body as JSON, strictly: NaN / Infinity literals, nesting too deep for the parser, non-UTF-8 bytes and strings
+    holding a lone surrogate (which no tokenizer, log or response can encode) are InvalidJSON, not a 500 later."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise InvalidJSON(f"{err.msg} at character {err.pos}") from None
+    except UnicodeDecodeError:
+        raise InvalidJSON("the body is not UTF-8") from None
+    except RecursionError:
+        raise InvalidJSON("nested too deeply") from None
+    try:
+        json.dumps(data, ensure_ascii=False).encode()  # what a log or a reply will do with its strings
+    except UnicodeEncodeError:
+        raise InvalidJSON("a string holds a lone surrogate (\\ud800-\\udfff): not valid Unicode") from None
+    except RecursionError:
+        raise InvalidJSON("nested too deeply") from None
+    return data
+
+
+def json_body_openapi(model: type[BaseModel]) -> dict:
+    """`openapi_extra` for a route that parses its body itself: the model's JSON schema, its $defs inlined (a $ref
+    into the model's own $defs does not resolve inside the OpenAPI document)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+class BodyLimits:
+    """ASGI middleware: a body over `max_bytes` is a 413, by its Content-Length before any of it is read or counted as
+    it arrives (a chunked upload has no Content-Length); a body not in within `timeout_s` of the route asking for it (a
+    client stalled or trickling a byte at a time) is a 408. Either way the connection is freed and the model never sees
+    the body."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    def _too_big(self) -> HTTPException:
+        return HTTPException(413, f"request body over the limit of {self.max_bytes} bytes (serve --max-body-bytes)")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await JSONResponse({"detail": self._too_big().detail}, 413)(scope, receive, send)
+        received, complete, deadline = 0, False, None
+
+        async def limited_receive():
+            nonlocal received, complete, deadline
+            if complete:  # the body is in: what follows is the wait for a disconnect, which takes as long as it takes
+                return await receive()
+            deadline = deadline or time.monotonic() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s "
+                                         "(serve --body-timeout-s)") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_big()
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def parse_predict_request(raw: bytes) -> PredictRequest:
     """The body read as JSON whatever its Content-Type says (`curl -d` sends application/x-www-form-urlencoded).
 
@@ -69,12 +157,9 @@ def parse_predict_request(raw: bytes) -> PredictRequest:
     if not raw:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
     try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", err.pos), "msg": "JSON decode error",
-                                       "input": {}, "ctx": {"error": err.msg}}]) from None
-    except UnicodeDecodeError:
-        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error (not UTF-8)",
+        data = load_json(raw)
+    except InvalidJSON as err:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {err}",
                                        "input": {}}]) from None
     try:
         # from_attributes: a non-object body reads "Input should be a valid dictionary or object ...", as in FastAPI
@@ -83,8 +168,7 @@ def parse_predict_request(raw: bytes) -> PredictRequest:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]) from None
 
 
-_PREDICT_OPENAPI = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": PredictRequest.model_json_schema()}}}}
+_PREDICT_OPENAPI = json_body_openapi(PredictRequest)
 
 
 class _Metrics:
@@ -193,16 +277,13 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
 
     ctx = ServeContext(settings, authorise, state)
     known_paths: set[str] = set()  # filled on first request, when every route is registered
+    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)  # inside `measure`
 
     @app.middleware("http")
-    async def measure_and_limit(request: Request, call_next):
+    async def measure(request: Request, call_next):
         t0 = time.perf_counter()
         endpoint = request.url.path
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            response = JSONResponse({"detail": f"request body over the limit of {settings.max_body_bytes} bytes"}, 413)
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         if not known_paths:
             known_paths.update(r.path for r in app.routes)
         if "metrics" in state and endpoint in known_paths:

@@ -2,7 +2,9 @@
 
 A checkpoint holds the trainable weights (frozen ones are reloaded from the pre-trained model),
 the best weights so far, the optimizer and scheduler state, RNG states and the loop counters.
-It is written to a temporary folder and renamed, so an interruption never leaves half of one.
+It is written to a temporary folder and renamed, so an interruption never leaves half of one: a process killed
+between the two renames (the old checkpoint aside, the new one in its place) leaves the old one complete beside, and
+--resume takes that (`trusted_checkpoint`). The temporary folder is never read.
 """
 from __future__ import annotations
 
@@ -36,8 +38,21 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(directory: Path, *, trainable: dict, best: dict | None, optimizer, scheduler, counters: dict,
-                    rank_rng: dict | None = None) -> None:
+def save_checkpoint(directory: Path, **state) -> None:
+    """Save (see _save_checkpoint). A write error (disk full) is an OutputError naming the folder; the temporary
+    folder is removed and the previous checkpoint stays complete (as `directory`, or `directory`.old)."""
+    from tuneforge.artifacts import writing
+
+    try:
+        with writing(directory):
+            _save_checkpoint(directory, **state)
+    except BaseException:
+        shutil.rmtree(directory.with_name(directory.name + ".tmp"), ignore_errors=True)
+        raise
+
+
+def _save_checkpoint(directory: Path, *, trainable: dict, best: dict | None, optimizer, scheduler, counters: dict,
+                     rank_rng: dict | None = None) -> None:
     """`rank_rng`: with several processes, each one's random state (`torch.rank<r>`, `cuda.rank<r>`), so that each
     resumes its own dropout stream."""
     tmp = directory.with_name(directory.name + ".tmp")
@@ -56,18 +71,30 @@ def save_checkpoint(directory: Path, *, trainable: dict, best: dict | None, opti
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     (tmp / "state.json").write_text(json.dumps({"counters": counters, "optimizer": opt_meta, "scheduler": sched}, indent=1))
     old = directory.with_name(directory.name + ".old")
-    if directory.exists():
+    if directory.exists():  # complete: only a finished temporary folder is ever renamed to it
+        shutil.rmtree(old, ignore_errors=True)  # left half-deleted by a save killed in its last line
         directory.rename(old)
-    tmp.rename(directory)
+    tmp.rename(directory)  # until this rename the previous checkpoint is `old`, complete
     shutil.rmtree(old, ignore_errors=True)
+
+
+def trusted_checkpoint(directory: Path) -> Path | None:
+    """The complete checkpoint to resume from: `directory`, or `<directory>.old` where a save was killed between
+    its two renames; None when there is none (the temporary folder of a killed save is never trusted)."""
+    for candidate in (directory, directory.with_name(directory.name + ".old")):
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
 
 
 def load_checkpoint(directory: Path, *, optimizer, scheduler, rank: int = 0) -> tuple[dict, dict | None, dict]:
     """(trainable weights, best weights or None, counters); restores optimizer, scheduler and RNG in place (the
     random state this process `rank` saved, where the run had several)."""
-    if not (directory / "state.json").is_file():
+    found = trusted_checkpoint(directory)
+    if found is None:
         raise OutputError(f"no checkpoint to resume from in {directory}",
                           fix="run without --resume to start a new run")
+    directory = found
     meta = json.loads((directory / "state.json").read_text())
     trainable = load_file(str(directory / "trainable.safetensors"))
     best_path = directory / "best.safetensors"

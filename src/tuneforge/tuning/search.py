@@ -4,6 +4,11 @@ validation only; the best trial's model is then exported and evaluated on the te
 
     tuneforge tune examples/sentiment.yaml --trials 20
     tuneforge tune CONFIG --storage postgresql://USER@HOST/DB --study NAME   # on N machines at once: one study
+    tuneforge tune CONFIG --nproc 4                                          # each trial data-parallel (torchrun)
+
+Under torchrun (`--nproc N`) every process trains every trial, each its slice of every batch, as `run --nproc`
+does: rank 0 alone prepares the data, holds the study, draws each trial's values and sends them to the others, and
+decides at each evaluation whether the trial is pruned (all processes then stop it together); the others follow.
 """
 from __future__ import annotations
 
@@ -58,15 +63,22 @@ class Search:
 
 
 def make_pruner(tune_cfg):
-    """MedianPruner: a trial stops when its best validation so far is worse than the median of the finished trials
-    at the same evaluation. It needs no notion of budget, copes with trials of different lengths (epochs and batch
-    size are searched), and with 3 trials to compare against it works from a search of ~10 trials on; successive
-    halving would cut at fixed rungs of steps that mean different amounts of data for different batch sizes."""
+    """The pruner of tune.pruner, judging each trial's validation metric by evaluation index (not step, so trials with
+    other batch sizes or epochs compare).
+
+    halving (default): successive halving; a trial reaching evaluation prune_warmup+1 (then 3x, 9x ... that) goes on
+    only in the top third of the trials that got there. The bulk of a search's trials then cost one or two
+    evaluations' worth of training, which is what lets a 20-trial search stay within a few runs' time. The first
+    trial (the config's own values) meets no competitor and always runs to the end.
+    median: MedianPruner after 3 finished trials and prune_warmup evaluations; it needs no notion of budget and
+    prunes less (a trial must fall below the median), so a search costs more."""
     import optuna
 
     if not tune_cfg.pruning:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=tune_cfg.prune_warmup)
+    if tune_cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=tune_cfg.prune_warmup)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, tune_cfg.prune_warmup), reduction_factor=3)
 
 
 def _sampler_factory(total: int):
@@ -83,30 +95,43 @@ def tune(cfg: RunConfig, *, resume: bool = False, console: Console | None = None
     import optuna
 
     from tuneforge.models.resolve import describe
-    from tuneforge.pipeline import make_accelerator, prepare
+    from tuneforge.pipeline import make_accelerator, prepare, prepare_shared
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     console = console or Console()
     out, tc = Path(cfg.output.dir), cfg.tune
     name = tc.study or out.resolve().name
     url = tc.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
-    # --- everything that can reject the input happens before the output directory is touched ---
-    _check_output(out, name, resume=resume, overwrite=cfg.output.overwrite, shared=tc.storage is not None)
-    storage = open_storage(url) if tc.storage is not None or (resume and (out / STUDY_FILE).is_file()) else None
-    if resume:
-        check_resumable(storage, name, redact(url))
-        _check_extends(out, storage, name, tc.trials)
-    prep = prepare(cfg, console)
-    accelerator, precision, why = make_accelerator(cfg)
-    if accelerator.num_processes > 1:
-        raise ConfigError("tuneforge tune trains each trial in one process",
-                          fix="start several `tuneforge tune` workers on one --storage instead of torchrun")
+    storage = None
+
+    def checked_prepare():
+        # --- everything that can reject the input happens before the output directory is touched ---
+        nonlocal storage
+        _check_output(out, name, resume=resume, overwrite=cfg.output.overwrite, shared=tc.storage is not None)
+        storage = open_storage(url) if tc.storage is not None or (resume and (out / STUDY_FILE).is_file()) else None
+        if resume:
+            check_resumable(storage, name, redact(url))
+            _check_extends(out, storage, name, tc.trials)
+        return prepare(cfg, console)
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the process group first: rank 0 prepares, the others receive
+        accelerator, precision, why = make_accelerator(cfg)
+        prep = prepare_shared(cfg, console, accelerator, checked_prepare)
+    else:
+        prep = checked_prepare()
+        accelerator, precision, why = make_accelerator(cfg)
     n_layers = describe(prep.model_dir)["layers"]
     space, source = resolve_space(cfg, prep.task, n_layers)
     space, defaults = default_params(cfg, space, n_train=len(prep.ids["train"]), n_layers=n_layers,
                                      widen=tc.space is None)
     key, mode = prep.task.selection(cfg)
     direction = "maximize" if mode == "max" else "minimize"
+
+    if not accelerator.is_main_process:  # a follower: trains what rank 0 sends, writes nothing
+        s = Search(cfg, prep, space, source, accelerator, precision, why, out, None, None, url, key, direction,
+                   tc.seed if tc.seed is not None else cfg.train.seed, console, None)
+        _follow(s)
+        return None
 
     # --- the output directory, then the study ---
     if cfg.output.overwrite and not resume:
@@ -125,11 +150,14 @@ def tune(cfg: RunConfig, *, resume: bool = False, console: Console | None = None
                time.monotonic() + 60 * tc.timeout_minutes if tc.timeout_minutes else None)
     console.print(f"[bold]search[/] study {name} in {redact(url)}: {tc.trials} trials over {', '.join(space)} ({source}); "
                   f"chosen by validation {key.removeprefix('val_')} ({mode}); "
-                  + ("median pruning" if tc.pruning else "no pruning") + "; trial 0 runs the config's own values")
+                  + (f"{tc.pruner} pruning" if tc.pruning else "no pruning") + "; trial 0 runs the config's own values")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        timed_out = _search(s)
-        return _finish(s, timed_out, resume)
+        try:
+            timed_out = _search(s)
+            return _finish(s, timed_out, resume)
+        finally:
+            _send(s, None)  # the followers' stop
 
 
 def _check_output(out: Path, name: str, *, resume: bool, overwrite: bool, shared: bool) -> None:
@@ -148,7 +176,7 @@ def _check_output(out: Path, name: str, *, resume: bool, overwrite: bool, shared
             return  # another worker of the same shared study writes its trials here too
         raise OutputError(f"{out} holds an unfinished search (study {theirs!r})",
                           fix="pass --resume to continue it, or --overwrite to start over")
-    if any(out.iterdir()):
+    if any(p.name != artifacts.LOCK_FILE for p in out.iterdir()):
         raise OutputError(f"{out} is not empty and holds no tuneforge search", fix="choose an empty or new --output directory")
 
 
@@ -212,11 +240,12 @@ def _run_trial(s: Search, trial) -> None:
             return
         trial.report(float(row[s.key]), evaluations)  # step = the evaluation's index: comparable across batch sizes
         evaluations += 1
-        if trial.should_prune():
+        if _agree(s, trial.should_prune()):
             raise optuna.TrialPruned(f"pruned at evaluation {evaluations} (step {step} of {total}): validation "
                                      f"{s.key.removeprefix('val_')} {row[s.key]:.4f}")
 
     shown_console, s.prep.console = s.prep.console, Console(quiet=True)  # one line per trial, not each trial's plan
+    _send(s, {"trial": trial.number, "params": params})
     try:
         fitted = fit(s.prep, cfg, s.accelerator, s.precision, s.why, out=tdir, progress=progress)
     except optuna.TrialPruned as err:
@@ -252,6 +281,54 @@ def _run_trial(s: Search, trial) -> None:
         fitted.model.to("cpu")
         s.kept = (trial.number, fitted, dict(s.prep.durations))
     _report(s, trial.number, "COMPLETE", value, shown, t0, "")
+
+
+def _send(s: Search, message: dict | None) -> None:
+    """Rank 0 to the processes following it (none without torchrun): the next trial, the final run, or stop."""
+    if s.accelerator.num_processes > 1:
+        from tuneforge.training.distributed import broadcast_from_main
+
+        broadcast_from_main(s.accelerator, message)
+
+
+def _agree(s: Search, decision: bool) -> bool:
+    """Rank 0's pruning decision, on every process (they stop a trial at the same evaluation)."""
+    if s.accelerator.num_processes == 1:
+        return decision
+    from tuneforge.training.distributed import broadcast_from_main
+
+    return bool(broadcast_from_main(s.accelerator, decision if s.accelerator.is_main_process else None))
+
+
+def _follow(s: Search) -> None:
+    """A process other than rank 0: train each trial rank 0 sends (its slice of each batch), and the final run if
+    rank 0 must retrain the best, until rank 0 says stop."""
+    import optuna
+
+    from tuneforge.pipeline import fit
+    from tuneforge.training.distributed import broadcast_from_main
+    from tuneforge.training.loop import TrainingInterrupted
+
+    while True:
+        message = broadcast_from_main(s.accelerator, None)
+        if message is None:
+            return
+        cfg = trial_config(s.cfg, message["params"], source=f"trial {message.get('trial', 'best')}")
+
+        def progress(step: int, total: int, row: dict | None) -> None:
+            if row is not None and "trial" in message and _agree(s, False):
+                raise optuna.TrialPruned()
+
+        try:
+            fit(s.prep, cfg, s.accelerator, s.precision, s.why, out=s.out / "trials" / str(message.get("trial", "best")),
+                progress=progress)
+        except optuna.TrialPruned:
+            pass
+        except TrainingInterrupted:  # all processes stopped at the same step; rank 0 saves the study and says stop
+            broadcast_from_main(s.accelerator, None)
+            raise
+        finally:
+            s.accelerator.free_memory()
 
 
 def _report(s: Search, number: int, state: str, value, shown: str, t0: float, note: str) -> None:
@@ -324,6 +401,7 @@ def _train_best(s: Search, resume: bool, timed_out: bool) -> dict:
     else:  # it ran in another process (or before --resume): the same config and seed train it again
         s.console.print(f"[bold]search[/] best: trial {best.number}, validation {metric} {best.value:.4f}; it ran in "
                         "another process, so it is trained again with the same config and seed")
+        _send(s, {"params": best.params})
         fitted, retrained = fit(prep, cfg, s.accelerator, s.precision, s.why, out=s.out), True
     artifacts.write_text(s.out / "config.yaml", dump_config(cfg))
     _write_best_yaml(s, cfg, best)
@@ -365,7 +443,7 @@ def _summary(s: Search, trials) -> dict:
         "defaults_params": dict(defaults.params) if defaults else None,
         "chosen_by": f"validation {s.key.removeprefix('val_')}", "direction": s.direction,
         "space": spec_json(s.space), "space_source": s.source, "sampler": "TPE", "seed": s.seed,
-        "pruner": "median" if s.cfg.tune.pruning else "none", "finished": False,
+        "pruner": s.cfg.tune.pruner if s.cfg.tune.pruning else "none", "finished": False,
     }
 
 

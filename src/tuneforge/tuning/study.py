@@ -73,6 +73,7 @@ def open_study(storage, name: str, *, direction: str, meta: dict, defaults: dict
     the RUNNING trials are stale and are failed and retried. The total may grow (a larger --trials), never shrink."""
     import optuna
 
+    pruner = FailedTrialsIgnored(pruner)
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction=direction, pruner=pruner)
         created = True
@@ -110,6 +111,35 @@ def open_study(storage, name: str, *, direction: str, meta: dict, defaults: dict
     return study
 
 
+class FailedTrialsIgnored:
+    """A pruner that judges a trial against the study's trials that did not fail.
+
+    Optuna's successive halving compares a trial with every trial that reached the same rung, failed ones included.
+    A trial that was interrupted (Ctrl-C, or a killed process failed on --resume) is run again from the start as its
+    retry, which reaches the same rungs with the same values: counted twice, it would change the later trials'
+    pruning from what a search never stopped decides. Its retry stands for it; a crashed trial's values count no more
+    than its (absent) final value."""
+
+    def __init__(self, pruner):
+        self.pruner = pruner
+
+    def prune(self, study, trial) -> bool:
+        return self.pruner.prune(_WithoutFailed(study), trial)
+
+
+class _WithoutFailed:
+    """The study as a pruner sees it: everything the same, but its FAIL trials left out of get_trials."""
+
+    def __init__(self, study):
+        self._inner = study
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list:
+        return [t for t in self._inner.get_trials(deepcopy=deepcopy, states=states) if t.state.name != "FAIL"]
+
+
 def _wait_for_meta(study, wait: float) -> dict | None:
     deadline = time.monotonic() + wait
     while True:
@@ -125,7 +155,9 @@ def claim(study, storage, seed: int, make_sampler):
     import optuna
 
     study_id = storage.get_study_id_from_name(study.study_name)
-    for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+    trials = storage.get_all_trials(study_id, deepcopy=False)
+    waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    for frozen in sorted(waiting, key=lambda t: (slot_of(t, trials), t.number)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
         try:
             if not storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING):
@@ -137,6 +169,19 @@ def claim(study, storage, seed: int, make_sampler):
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         return trial
     return None
+
+
+def slot_of(trial, trials) -> int:
+    """The number of the trial a retry replaces, through retries of retries; a trial's own number otherwise.
+
+    Slots are claimed in this order, so a retry runs before the later slots, as its trial did: a search stopped in
+    trial 1 and resumed runs trial 1's values again before trial 2, and trial 2's sampler then sees the same finished
+    trials as in a search never stopped, and draws the same values."""
+    by_number = {t.number: t for t in trials}
+    number = trial.number
+    while (origin := by_number[number].user_attrs.get("retry_of")) is not None and origin in by_number:
+        number = origin
+    return number
 
 
 def note(storage, study, number: int, text: str) -> None:

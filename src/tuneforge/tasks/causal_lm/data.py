@@ -9,9 +9,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneforge.data.clean import Examples, _is_null
-from tuneforge.data.load import detect_format, file_sha256, read_table, resolve_path
-from tuneforge.errors import DataError
+from tuneforge.data.clean import Examples, _is_null, cut_long
+from tuneforge.data.load import detect_format, file_sha256, parse_json, read_table, resolve_path
+from tuneforge.errors import DataError, shown
 
 ROLES = ("system", "user", "assistant")
 KINDS = ("pair", "chat", "text")
@@ -61,7 +61,7 @@ def _string(value, path: Path, row: int, field: str, allow_empty: bool = False) 
         raise DataError(f"{field} is missing (null)", path=path, row=row, column=field,
                         fix="fill it in or remove the row")
     if not isinstance(value, str):
-        raise DataError(f"{field} is a {type(value).__name__} ({str(value)[:40]!r}), not a string", path=path, row=row,
+        raise DataError(f"{field} is a {type(value).__name__} ({shown(value, 40)}), not a string", path=path, row=row,
                         column=field, fix="write the field as a JSON string")
     if not value.strip() and not allow_empty:
         raise DataError(f"{field} is empty", path=path, row=row, column=field,
@@ -72,9 +72,9 @@ def _string(value, path: Path, row: int, field: str, allow_empty: bool = False) 
 def _messages(value, path: Path, row: int, column: str) -> list[dict]:
     if isinstance(value, str):  # CSV cells hold the list as JSON text
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{column} is not a JSON list of messages ({err.msg})", path=path, row=row, column=column,
+            value = parse_json(value)
+        except ValueError as err:
+            raise DataError(f"{column} is not a JSON list of messages ({err})", path=path, row=row, column=column,
                             fix='write [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]') from None
     if hasattr(value, "tolist"):  # Parquet lists arrive as numpy arrays
         value = value.tolist()
@@ -90,8 +90,8 @@ def _messages(value, path: Path, row: int, column: str) -> list[dict]:
         if "role" not in m or _is_null(m.get("role")):
             raise DataError(f"{where} has no role", path=path, row=row, column=f"{where}.role",
                             fix=f"give every message a role: one of {', '.join(ROLES)}")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}.role is {m['role']!r}, not one of {', '.join(ROLES)}", path=path, row=row,
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
+            raise DataError(f"{where}.role is {shown(m['role'])}, not one of {', '.join(ROLES)}", path=path, row=row,
                             column=f"{where}.role", fix=f"use the OpenAI roles: {', '.join(ROLES)}")
         content = _string(m.get("content"), path, row, f"{where}.content", allow_empty=m["role"] == "system")
         out.append({"role": m["role"], "content": content})
@@ -107,8 +107,10 @@ def _messages(value, path: Path, row: int, column: str) -> list[dict]:
     return out
 
 
-def read_conversations(path: Path, task, text_column: str, fmt: str, encoding: str) -> tuple[list[Conversation], str]:
-    """The file's examples and their kind; any bad row stops with its file, row and field."""
+def read_conversations(path: Path, task, text_column: str, fmt: str, encoding: str, max_chars: int | None = None,
+                       long_texts: list[dict] | None = None) -> tuple[list[Conversation], str]:
+    """The file's examples and their kind; any bad row stops with its file, row and field. A prompt, completion,
+    message or text longer than `max_chars` is cut to it, and noted in `long_texts`."""
     df = read_table(path, fmt, encoding)
     kind = detect_kind(list(df.columns), task, text_column, path)
     out = []
@@ -125,7 +127,20 @@ def read_conversations(path: Path, task, text_column: str, fmt: str, encoding: s
             out.append(Conversation(i, kind, [], _string(t, path, i, text_column)))
     if not out:
         raise DataError("the file holds no rows", path=path, fix="point data.path at a file with rows")
+    if max_chars is not None:
+        _cut_long(out, kind, task, text_column, max_chars, long_texts if long_texts is not None else [], str(path))
     return out, kind
+
+
+def _cut_long(convs: list[Conversation], kind: str, task, text_column: str, limit: int, notes: list[dict],
+              source: str) -> None:
+    for c in convs:
+        if kind == "text":
+            c.text = cut_long(c.text, limit, notes, source, c.row, text_column)
+            continue
+        for k, m in enumerate(c.messages):
+            field = (task.prompt_column, task.completion_column)[k] if kind == "pair" else f"{task.messages_column}[{k}].content"
+            m["content"] = cut_long(m["content"], limit, notes, source, c.row, field)
 
 
 def _dedupe(convs: list[Conversation], source: str) -> tuple[list[Conversation], list[dict]]:
@@ -160,10 +175,11 @@ def completion_counts(labels: list[str], max_shown: int = 20) -> dict[str, int]:
 def prepare(cfg):
     from tuneforge.data.prepare import assemble
 
-    parts, files, removed, kinds = [], [], [], []
+    parts, files, removed, kinds, long_texts = [], [], [], [], []
     for ref in [cfg.data.path] + ([cfg.data.test_path] if cfg.data.test_path else []):
         path = resolve_path(ref)
-        convs, kind = read_conversations(path, cfg.task, cfg.data.text_column, cfg.data.format, cfg.data.encoding)
+        convs, kind = read_conversations(path, cfg.task, cfg.data.text_column, cfg.data.format, cfg.data.encoding,
+                                         cfg.data.max_text_chars, long_texts)
         kept, dropped = _dedupe(convs, str(path))
         parts.append(_examples(kept, str(path), kind))
         removed += dropped
@@ -177,5 +193,6 @@ def prepare(cfg):
     counts = Counter(main.labels)
     # closed-set completions (really labels) keep their shares in every split; free text needs no strata
     strata = list(main.labels) if len(counts) <= 20 and min(counts.values()) >= 2 else ["all"] * len(main)
-    return assemble(main, test, files, removed, cfg.data, cfg.audit.near_duplicate_threshold, {"kind": kinds[0]},
+    return assemble(main, test, files, removed, cfg.data, cfg.audit.near_duplicate_threshold,
+                    {"kind": kinds[0], "long_texts": long_texts},
                     completion_counts, strata=strata)

@@ -194,10 +194,13 @@ def _choose(logits: torch.Tensor, rows: list[Row]) -> list[int]:
         p = row.params
         if p.temperature <= 0:
             continue
-        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
+        # shifted so the top logit is 0, and a temperature under 1e-30 (OpenAI allows any above 0) taken as 1e-30: a
+        # tiny one would otherwise turn the logits into inf and the probabilities into NaN, failing the whole wave
+        probs = torch.softmax((logits[i] - logits[i].max()) / max(p.temperature, 1e-30), dim=-1)
         if p.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
-            outside = sorted_p.cumsum(0) - sorted_p >= p.top_p  # the smallest set reaching top_p; the top one always stays
+            outside = sorted_p.cumsum(0) - sorted_p >= p.top_p  # the smallest set reaching top_p
+            outside[0] = False  # the top one always stays (a top_p under float32's smallest, 1e-45, compares as 0)
             sorted_p[outside] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
         if row.generator is None:

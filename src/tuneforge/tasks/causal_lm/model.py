@@ -31,7 +31,7 @@ def load_lm_tokenizer(model_dir: Path):
     return tok
 
 
-def load_causal_lm(model_dir: Path, seed: int | None = None):
+def load_causal_lm(model_dir: Path, seed: int | None = None, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     from tuneforge.models.load import quiet_transformers
@@ -42,7 +42,8 @@ def load_causal_lm(model_dir: Path, seed: int | None = None):
     with quiet_transformers():
         try:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=True,
-                                                         dtype=torch.float32, attn_implementation="sdpa")
+                                                         dtype=torch.float32, attn_implementation="sdpa",
+                                                         trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
             raise ModelNotFoundError(f"cannot load a causal LM from {model_dir} ({err})",
                                      fix="use a Hugging Face causal-LM directory with safetensors weights") from None

@@ -24,8 +24,9 @@ from typing import Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tuneforge.serving.app import InvalidJSON, json_body_openapi, load_json
 from tuneforge.tasks.causal_lm.data import ROLES
 from tuneforge.tasks.causal_lm.engine import Decoder, Engine, Params, Row, generate_rows
 
@@ -48,32 +49,38 @@ class OpenAIError(Exception):
 
 # ------------------------------------------------------------------ requests
 
+def _bounds(default=..., **bounds):
+    """A field's bounds in the OpenAPI schema only: the checks themselves are _params' and _chat_messages', whose
+    messages name the field and the limit (max_tokens' maximum is the server's --max-tokens-cap, set in `mount`)."""
+    return Field(default, json_schema_extra=bounds)
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[dict] | None = None
+    role: str = _bounds(enum=list(ROLES))
+    content: str | list[dict] | None = _bounds(None, minLength=1)
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send more than we use; see _UNSUPPORTED
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    max_tokens: int | None = _bounds(None, minimum=1)
+    temperature: float | None = _bounds(None, minimum=0, maximum=2)
+    top_p: float | None = _bounds(None, exclusiveMinimum=0, maximum=1)
+    seed: int | None = _bounds(None, minimum=-2**63, maximum=2**63 - 1)  # (up to 2**64 - 1 accepted)
+    stop: str | list[str] | None = _bounds(None, minLength=1, maxItems=MAX_STOP_STRINGS)
     stream: bool | None = False
     stream_options: dict | None = None
-    n: int | None = None
+    n: int | None = _bounds(None, minimum=1, maximum=1)
 
 
 class ChatRequest(_Request):
-    messages: list[_Message]
-    max_completion_tokens: int | None = None
+    messages: list[_Message] = _bounds(minItems=1)
+    max_completion_tokens: int | None = _bounds(None, minimum=1)
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: str | list[str] = _bounds(minLength=1, minItems=1, maxItems=1)
 
 
 # parameters that would change the output in ways this server does not do: refused unless left at these values
@@ -85,9 +92,10 @@ _UNSUPPORTED = {"frequency_penalty": (0, None), "presence_penalty": (0, None), "
 
 def _parse(raw: bytes, schema: type[BaseModel]):
     try:
-        data = json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise OpenAIError(400, "could not parse the JSON body of the request: send JSON (Content-Type: application/json)") from None
+        data = load_json(raw) if raw else None
+    except InvalidJSON as err:
+        raise OpenAIError(400, f"could not parse the JSON body of the request ({err}): send JSON "
+                               "(Content-Type: application/json)") from None
     if data is None:
         raise OpenAIError(400, "the request has no JSON body")
     try:
@@ -431,7 +439,16 @@ def mount(app: FastAPI, ctx) -> None:
                             "model": model_id, "choices": [], "usage": _usage(result)})
         yield _sse("[DONE]")
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorise)])
+    def body_openapi(schema: type[BaseModel]) -> dict:
+        """The request's OpenAPI schema, max_tokens at most this server's --max-tokens-cap."""
+        extra = json_body_openapi(schema)
+        fields = extra["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        for name in ("max_tokens", "max_completion_tokens"):
+            if name in fields:
+                fields[name]["maximum"] = settings.max_tokens_cap
+        return extra
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorise)], openapi_extra=body_openapi(ChatRequest))
     async def chat_completions(request: Request):
         body = _parse(await request.body(), ChatRequest)
         check_model(body.model)
@@ -445,7 +462,7 @@ def mount(app: FastAPI, ctx) -> None:
         params = check_length(prompt, params, explicit is not None, "messages")
         return await generate(body, prompt, params, prompt_text(messages), chat=True)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorise)])
+    @app.post("/v1/completions", dependencies=[Depends(authorise)], openapi_extra=body_openapi(CompletionRequest))
     async def completions(request: Request):
         body = _parse(await request.body(), CompletionRequest)
         check_model(body.model)

@@ -144,10 +144,10 @@ class CausalLMTask(TaskDefaults):
         return ids, y
 
     # --- model ---
-    def load_model(self, model_dir: Path, space: LMSpace, seed: int):
+    def load_model(self, model_dir: Path, space: LMSpace, seed: int, trust_remote_code: bool = False):
         from tuneforge.tasks.causal_lm.model import load_causal_lm
 
-        return load_causal_lm(model_dir, seed)
+        return load_causal_lm(model_dir, seed, trust_remote_code)
 
     def lora_targets(self):
         return "all-linear"

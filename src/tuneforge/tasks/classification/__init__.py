@@ -44,10 +44,10 @@ class ClassificationTask(TaskDefaults):
         return ids, {name: space.encode(ex.labels) for name, ex in splits.items()}
 
     # --- model ---
-    def load_model(self, model_dir: Path, space: LabelSpace, seed: int):
+    def load_model(self, model_dir: Path, space: LabelSpace, seed: int, trust_remote_code: bool = False):
         from tuneforge.tasks.classification.model import load_classifier
 
-        return load_classifier(model_dir, space, seed)
+        return load_classifier(model_dir, space, seed, trust_remote_code)
 
     def describe_space(self, space: LabelSpace) -> str:
         return f"{len(space.labels)} labels"

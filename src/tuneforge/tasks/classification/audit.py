@@ -40,7 +40,10 @@ def label_issues(splits: Splits, multi_label: bool, cfg: AuditConfig, seed: int)
     if multi_label or not cfg.label_issues:
         why = "multi-label data" if multi_label else "audit.label_issues is off"
         return {"severity": "info", "skipped": why, "rows": []}
-    from cleanlab.filter import find_label_issues
+    import warnings
+
+    with warnings.catch_warnings():  # importing cleanlab runs warnings.filterwarnings("ignore"): every warning of the
+        from cleanlab.filter import find_label_issues  # process would vanish, the run log's included
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import SGDClassifier
     from sklearn.model_selection import StratifiedKFold, cross_val_predict

@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 
 from tuneforge.config import ClassificationTaskConfig, DataConfig
-from tuneforge.data.clean import _NULL_WORDS, CleanResult, Examples, _is_null, dedupe
+from tuneforge.data.clean import _NULL_WORDS, CleanResult, Examples, _is_null, cut_long, dedupe
 from tuneforge.data.load import detect_format, file_sha256, read_table, resolve_path
 from tuneforge.data.prepare import PreparedData, assemble
-from tuneforge.errors import DataError
+from tuneforge.errors import DataError, shown
 
 
 def _require_columns(df: pd.DataFrame, cfg: DataConfig, path: Path, extra: list[str]) -> None:
@@ -30,7 +30,7 @@ def _text_of(value, i: int, cfg: DataConfig, path: Path) -> str | None:
     if _is_null(value):
         problem = "text is missing (null/NaN)"
     elif not isinstance(value, str):
-        problem = f"text is a {type(value).__name__} ({value!r}), not a string"
+        problem = f"text is a {type(value).__name__} ({shown(value)}), not a string"
     elif value.strip().lower() in _NULL_WORDS:
         problem = f"text is the placeholder {value.strip()!r}, a sign of a missing value exported as text"
     if problem is None:
@@ -43,6 +43,8 @@ def _text_of(value, i: int, cfg: DataConfig, path: Path) -> str | None:
 
 def _label_of(value, i: int, cfg: DataConfig, task: ClassificationTaskConfig, path: Path):
     """str (single-label), tuple of str (multi-label), or None if missing."""
+    if hasattr(value, "tolist") and not isinstance(value, str):  # Parquet lists arrive as numpy arrays
+        value = value.tolist()
     if _is_null(value) or (isinstance(value, str) and not value.strip()):
         return None
     if task.multi_label:
@@ -63,6 +65,7 @@ def clean(df: pd.DataFrame, cfg: DataConfig, task: ClassificationTaskConfig, pat
     extra_values = {c: ["" if _is_null(v) else str(v) for v in df[c].tolist()] for c in extra_columns}
     source = str(path)
     removed: list[dict] = []
+    long_texts: list[dict] = []
     texts, labels, rows = [], [], []
     keep = set(cfg.keep_labels) if cfg.keep_labels else None
 
@@ -74,7 +77,7 @@ def clean(df: pd.DataFrame, cfg: DataConfig, task: ClassificationTaskConfig, pat
         if text is None:
             drop(i, "invalid_text", "missing or non-string text (data.drop_invalid)")
             continue
-        text = text.strip()
+        text = cut_long(text.strip(), cfg.max_text_chars, long_texts, source, i, cfg.text_column)
         label = _label_of(raw_label, i, cfg, task, path)
         if not text:
             drop(i, "empty_text")
@@ -95,7 +98,7 @@ def clean(df: pd.DataFrame, cfg: DataConfig, task: ClassificationTaskConfig, pat
     examples, dup_removed = dedupe(Examples(texts, labels, rows, source, extras), normalised=cfg.dedupe == "normalised")
     removed.extend(dup_removed)
     removed.sort(key=lambda r: r["row"])
-    return CleanResult(examples, rows_read=len(df), removed=removed)
+    return CleanResult(examples, rows_read=len(df), removed=removed, long_texts=long_texts)
 
 
 def check_usable(ex: Examples, removed: list[dict], path: Path, cfg: DataConfig, multi_label: bool) -> None:
@@ -133,14 +136,15 @@ def prepare_data(cfg: DataConfig, task: ClassificationTaskConfig, extra_columns:
     """Table data (a text column and a label column): read, clean, split. `extra_columns` (e.g. eval.slices)
     travel with the rows without being model inputs."""
     main, main_info = _load_clean(cfg.path, cfg, task, list(extra_columns))
-    files, removed = [main_info], list(main.removed)
+    files, removed, long_texts = [main_info], list(main.removed), list(main.long_texts)
     test = None
     if cfg.test_path:
         test_result, test_info = _load_clean(cfg.test_path, cfg, task, list(extra_columns))
         files.append(test_info)
         removed += test_result.removed
+        long_texts += test_result.long_texts
         test = test_result.examples
-    report = {"multi_label": task.multi_label}
+    report = {"multi_label": task.multi_label, "long_texts": long_texts}
     return assemble(main.examples, test, files, removed, cfg, near_duplicate_threshold, report,
                     lambda labels: _class_counts(labels, task.multi_label))
 

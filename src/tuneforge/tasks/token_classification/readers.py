@@ -17,13 +17,14 @@ start of a sentence; in BIOES also `E-X`, or `I-X` after `E-X`) is repaired to `
 """
 from __future__ import annotations
 
-import json
+import bisect
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneforge.data.load import _read_bytes, _read_csv, _decode, _strip_compression, resolve_path
-from tuneforge.errors import ConfigError, DataError
+from tuneforge.data.load import (_decode, _read_bytes, _read_csv, _strip_compression, parse_json, resolve_path,
+                                 split_lines)
+from tuneforge.errors import ConfigError, DataError, shown
 from tuneforge.tasks.token_classification.sentence import Sentence
 
 __all__ = ["read_sentences", "detect_token_format", "detect_scheme", "tokenize_words", "FORMATS", "SCHEMES"]
@@ -165,9 +166,12 @@ def _load_text(path: Path, fmt: str, encoding: str) -> str:
             text = data.decode(encoding)
         except UnicodeDecodeError as err:
             line = data.count(b"\n", 0, err.start) + 1
-            raise DataError(f"line {line}: text is not valid {encoding} (byte 0x{data[err.start]:02x})", path=path,
-                            fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or set the "
-                                "encoding to its real one") from None
+            raise DataError(f"line {line}: text is not valid {encoding} (byte 0x{data[err.start:err.start + 1].hex() or 'end'})",
+                            path=path, fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or set the "
+                                           "encoding to its real one") from None
+        except UnicodeError as err:  # codecs such as idna raise the base class, without a position
+            raise DataError(f"text is not valid {encoding} ({err})", path=path,
+                            fix="re-save the file as UTF-8 or set the encoding to its real one") from None
         except LookupError:
             raise DataError(f"unknown encoding '{encoding}'", path=path,
                             fix="set the encoding to e.g. utf-8 or latin-1") from None
@@ -188,7 +192,7 @@ def _parse_conll(text: str, path: Path) -> list[tuple[_Tagged, list]]:
                                   token_lines=list(lines), kind="conll"), []))
         tokens.clear(), tags.clear(), lines.clear()
 
-    for number, raw in enumerate(text.split("\n"), start=1):
+    for number, raw in enumerate(split_lines(text), start=1):
         if not raw.strip():       # blank, spaces or a lone tab: end of sentence
             flush()
             continue
@@ -197,7 +201,7 @@ def _parse_conll(text: str, path: Path) -> list[tuple[_Tagged, list]]:
             flush()
             continue
         if len(cols) < 2:
-            raise DataError(f"line {number}: token {cols[0]!r} has no tag column (the line holds one column)",
+            raise DataError(f"line {number}: token {shown(cols[0])} has no tag column (the line holds one column)",
                             path=path, fix="write each token and its tag on one line, separated by a tab or spaces "
                                            "(the tag in the last column); separate sentences with a blank line")
         tokens.append(cols[0])
@@ -209,13 +213,13 @@ def _parse_conll(text: str, path: Path) -> list[tuple[_Tagged, list]]:
 
 def _parse_jsonl(text: str, path: Path, columns) -> list:
     items, row = [], 0
-    for number, raw in enumerate(text.split("\n"), start=1):
+    for number, raw in enumerate(split_lines(text), start=1):
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise DataError(f"line {number} is not valid JSON ({err.msg})", path=path, row=row,
+            obj = parse_json(raw)
+        except ValueError as err:
+            raise DataError(f"line {number} is not valid JSON ({err})", path=path, row=row,
                             fix="each line must hold one JSON object") from None
         if not isinstance(obj, dict):
             raise DataError(f"line {number} holds a {type(obj).__name__}, not a JSON object", path=path, row=row,
@@ -277,9 +281,9 @@ def _json_cell(value, path, row, at, column, kind):
     if not value.strip():
         return []
     try:
-        return json.loads(value)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{at}the cell is not valid JSON ({err.msg})", path=path, row=row, column=column,
+        return parse_json(value)
+    except ValueError as err:
+        raise DataError(f"{at}the cell is not valid JSON ({err})", path=path, row=row, column=column,
                         fix='write a JSON list in the cell, e.g. [{"start": 0, "end": 3, "label": "PER"}]') from None
 
 
@@ -292,7 +296,7 @@ def _string_list(value, path, row, at, column, kind) -> list[str]:
                         fix=f"write '{column}' as a JSON list of strings")
     for i, v in enumerate(value):
         if not isinstance(v, str):
-            raise DataError(f"{at}item {i} of '{column}' is a {type(v).__name__} ({v!r}), not a string", path=path,
+            raise DataError(f"{at}item {i} of '{column}' is a {type(v).__name__} ({shown(v)}), not a string", path=path,
                             row=row, column=column, fix=f"write every item of '{column}' as a JSON string")
     return value
 
@@ -303,21 +307,24 @@ def _span_fields(span, k, path, row, at, column):
     if isinstance(span, dict):
         missing = [key for key in ("start", "end", "label") if key not in span]
         if missing:
-            raise DataError(f"{at}span {k} lacks {', '.join(missing)} ({span!r})", path=path, row=row, column=column,
+            raise DataError(f"{at}span {k} lacks {', '.join(missing)} ({shown(span)})", path=path, row=row, column=column,
                             fix='write each span as {"start": 0, "end": 3, "label": "PER"}')
         start, end, label = span["start"], span["end"], span["label"]
     elif isinstance(span, (list, tuple)) and len(span) == 3:
         start, end, label = span
     else:
-        raise DataError(f"{at}span {k} is not an object with start, end and label ({span!r})", path=path, row=row,
+        raise DataError(f"{at}span {k} is not an object with start, end and label ({shown(span)})", path=path, row=row,
                         column=column, fix='write each span as {"start": 0, "end": 3, "label": "PER"}')
     for name, v in (("start", start), ("end", end)):
         if not isinstance(v, int) or isinstance(v, bool):
-            raise DataError(f"{at}span {k}: {name} is {v!r}, not an integer", path=path, row=row, column=column,
+            raise DataError(f"{at}span {k}: {name} is {shown(v)}, not an integer", path=path, row=row, column=column,
                             fix="give start and end as character offsets (integers, end exclusive)")
     if not isinstance(label, str) or not label or any(c.isspace() for c in label):
-        raise DataError(f"{at}span {k}: label {label!r} is not a non-empty name without spaces", path=path, row=row,
+        raise DataError(f"{at}span {k}: label {shown(label)} is not a non-empty name without spaces", path=path, row=row,
                         column=column, fix="give each span a label such as PER or ORG")
+    if label == "O" or _TAG.match(label):  # B-O or B-B-PER would follow: no entity type
+        raise DataError(f"{at}span {k}: label {shown(label)} is a tag, not an entity type", path=path, row=row,
+                        column=column, fix="give the entity type alone (PER, not B-PER; O is the outside tag)")
     return start, end, label
 
 
@@ -358,10 +365,11 @@ def _spans_sentence(text, spans, path, row, line, kind, columns):
 
     tags = ["O"] * len(words)
     repairs = []
+    starts, ends = [s for _, s, _ in words], [e for _, _, e in words]  # both increasing: words do not overlap
     for start, end, label, k in parsed:
-        hit = [i for i, (_, s, e) in enumerate(words) if s < end and e > start]
+        hit = list(range(bisect.bisect_right(ends, start), bisect.bisect_left(starts, end)))  # s < end and e > start
         if not hit:
-            raise DataError(f"{at}span {k} ({label}, {start}-{end}: {text[start:end]!r}) covers no word", path=path,
+            raise DataError(f"{at}span {k} ({label}, {start}-{end}: {shown(text[start:end])}) covers no word", path=path,
                             row=row, column=spans_column, fix="point the span at the entity's words")
         cut = [i for i in (hit[0], hit[-1]) if words[i][1] < start or words[i][2] > end]
         free = [i for i in hit if tags[i] == "O"]
@@ -401,13 +409,13 @@ def _check_tags(it: _Tagged, path: Path, scheme: str) -> None:
         if tag == "O":
             continue
         m = _TAG.match(tag)
-        if m is None or _TAG.match(m.group(2)):  # B-B-PER: a prefix where the type should be
+        if m is None or _TAG.match(m.group(2)) or m.group(2) == "O":  # B-B-PER, B-O: a tag where the type should be
             at, row = _where(it, i)
-            raise DataError(f"{at}token {it.tokens[i]!r} has tag {tag!r}, which is neither O nor PREFIX-TYPE",
+            raise DataError(f"{at}token {shown(it.tokens[i])} has tag {shown(tag)}, which is neither O nor PREFIX-TYPE",
                             path=path, row=row, fix=_TAG_FIX)
         if allowed is not None and m.group(1) not in allowed:
             at, row = _where(it, i)
-            raise DataError(f"{at}token {it.tokens[i]!r} has tag {tag!r}, but the {_SCHEME_TITLE[scheme]} scheme "
+            raise DataError(f"{at}token {shown(it.tokens[i])} has tag {shown(tag)}, but the {_SCHEME_TITLE[scheme]} scheme "
                             f"has no {m.group(1)}- prefix", path=path, row=row,
                             fix="set the scheme to auto (or the file's real one), or fix the tag")
 
@@ -436,7 +444,7 @@ def _to_bio(it: _Tagged, path: Path, scheme: str, strict: bool) -> tuple[list[st
                     reason = f"invalid transition: {tag} {where} (an entity must start with B-{typ})"
                     if strict:
                         at, row = _where(it, i)
-                        raise DataError(f"{at}token {it.tokens[i]!r} is tagged {tag} {where}: invalid in "
+                        raise DataError(f"{at}token {shown(it.tokens[i])} is tagged {tag} {where}: invalid in "
                                         f"{_SCHEME_TITLE[scheme]}, where an entity starts with B-{typ}",
                                         path=path, row=row,
                                         fix=f"tag it B-{typ} (or fix the tag before it), or use strict: false to "

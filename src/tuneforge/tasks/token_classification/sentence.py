@@ -48,3 +48,16 @@ def entities(tags: list[str]) -> list[tuple[str, int, int]]:
         if tag.startswith("B-"):
             start, kind = i, tag[2:]
     return out
+
+
+def cut_sentence(s: Sentence, limit: int) -> Sentence:
+    """`s`, or, when its text is longer than `limit` characters, its words that end within the first `limit`
+    (a first word longer than that, cut to `limit`): a 10 MB sentence must not stall tokenising."""
+    if len(s.text) <= limit:
+        return s
+    keep = sum(1 for _, end in s.offsets if end <= limit)
+    if keep == 0:
+        token = s.tokens[0][:limit]
+        return Sentence([token], s.tags[:1], source=s.source, row=s.row, line=s.line, text=token, offsets=[(0, len(token))])
+    return Sentence(s.tokens[:keep], s.tags[:keep], source=s.source, row=s.row, line=s.line,
+                    text=s.text[:s.offsets[keep - 1][1]], offsets=s.offsets[:keep])

@@ -40,17 +40,18 @@ class TokenClassificationTask(TaskDefaults):
     def prepare(self, cfg):
         from tuneforge.data.prepare import assemble
 
-        main, main_info, removed, repairs = self._read(cfg.data.path, cfg)
+        main, main_info, removed, repairs, long_texts = self._read(cfg.data.path, cfg)
         files = [main_info]
         test = None
         if cfg.data.test_path:
-            test, test_info, test_removed, test_repairs = self._read(cfg.data.test_path, cfg)
+            test, test_info, test_removed, test_repairs, test_long = self._read(cfg.data.test_path, cfg)
             files.append(test_info)
             removed += test_removed
             repairs += test_repairs
+            long_texts += test_long
         # stratify on the sentence's first entity type: rare types reach every split
         strata = [(entities(list(tags)) or [(NO_ENTITY,)])[0][0] for tags in main.labels]
-        report = {"scheme_repairs": repairs, "repairs": len(repairs)}
+        report = {"scheme_repairs": repairs, "repairs": len(repairs), "long_texts": long_texts}
         return assemble(main, test, files, removed, cfg.data, cfg.audit.near_duplicate_threshold, report,
                         _type_counts, strata=strata)
 
@@ -59,14 +60,19 @@ class TokenClassificationTask(TaskDefaults):
         from tuneforge.data.load import file_sha256, resolve_path
         from tuneforge.errors import DataError
         from tuneforge.tasks.token_classification.readers import detect_token_format, read_sentences
+        from tuneforge.tasks.token_classification.sentence import cut_sentence
 
         path = resolve_path(ref)
         fmt = cfg.data.format if cfg.data.format in ("csv", "jsonl") else "auto"
         sentences, repairs = read_sentences(path, fmt=fmt, scheme=cfg.task.scheme, strict=cfg.task.strict,
                                             text_column=cfg.data.text_column, encoding=cfg.data.encoding)
         seen: dict[tuple, int] = {}
-        kept, removed = [], []
+        kept, removed, long_texts = [], [], []
         for s in sentences:
+            if len(s.text) > cfg.data.max_text_chars:  # cut (whole words) before the tokenizer sees it
+                field, chars = (cfg.data.text_column if s.text != " ".join(s.tokens) else "tokens"), len(s.text)
+                s = cut_sentence(s, cfg.data.max_text_chars)
+                long_texts.append({"file": str(path), "row": s.row, "field": field, "chars": chars, "kept": len(s.text)})
             key = (tuple(s.tokens), tuple(s.tags))
             if key in seen:
                 removed.append({"file": str(path), "row": s.row, "reason": "duplicate",
@@ -81,7 +87,7 @@ class TokenClassificationTask(TaskDefaults):
                       {"tokens": [s.tokens for s in kept]})
         info = {"path": str(path), "format": detect_token_format(path, fmt), "sha256": file_sha256(path),
                 "rows_read": len(sentences), "rows_kept": len(kept)}
-        return ex, info, removed, repairs
+        return ex, info, removed, repairs, long_texts
 
     def audit_sections(self, cfg, data, tokenizer, max_length: int) -> dict:
         from tuneforge.tasks.token_classification.audit import sections
@@ -117,7 +123,7 @@ class TokenClassificationTask(TaskDefaults):
         return ids, y
 
     # --- model ---
-    def load_model(self, model_dir: Path, space: LabelSet, seed: int):
+    def load_model(self, model_dir: Path, space: LabelSet, seed: int, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForTokenClassification
 
@@ -129,7 +135,8 @@ class TokenClassificationTask(TaskDefaults):
             try:
                 return AutoModelForTokenClassification.from_pretrained(
                     str(model_dir), num_labels=len(space.tags), id2label=space.id2label, label2id=space.label2id,
-                    local_files_only=True, use_safetensors=True, dtype=torch.float32)
+                    local_files_only=True, use_safetensors=True, dtype=torch.float32,
+                    trust_remote_code=trust_remote_code)
             except (OSError, ValueError) as err:
                 raise ModelNotFoundError(f"cannot load a token classifier from {model_dir} ({err})",
                                          fix="use a Hugging Face encoder directory with safetensors weights") from None
