@@ -280,7 +280,7 @@ def _trained_model(prep: Prepared, cfg: RunConfig, accelerator, model):
     if not accelerator.is_main_process:
         return None
     whole = apply_method(prep.task.load_model(prep.model_dir, prep.space, cfg.train.seed, cfg.model.trust_remote_code),
-                         cfg.train,                         prep.task.peft_task_type, prep.task.lora_targets())
+                         cfg.train, prep.task.peft_task_type, prep.task.lora_targets())
     whole.load_state_dict(state)
     return whole.eval()
 
