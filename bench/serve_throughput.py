@@ -147,6 +147,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every level on both servers, interleaved")
     ap.add_argument("--soak", type=int, default=2000)
     ap.add_argument("--soak-only", action="store_true", help="skip the comparison, only soak tuneforge")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results_serve_throughput.json"),
+                    help="results JSON (default bench/results_serve_throughput.json)")
     args = ap.parse_args()
     run_dir = Path(args.run_dir)
     if not (run_dir / "model" / "model.safetensors").is_file():
@@ -193,7 +195,7 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(10)
     print(json.dumps(results, indent=2))
-    (ROOT / "bench" / "results_serve_throughput.json").write_text(json.dumps(results, indent=2))
+    Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 def _compare(results: dict, urls: dict, texts: list[str], args, predictor) -> None:
