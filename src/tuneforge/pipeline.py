@@ -93,12 +93,7 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
             _check_resume_config(out, cfg)
         return prepare(cfg, console)
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the process group first: rank 0 prepares, the others receive
-        accelerator, precision, why = make_accelerator(cfg)
-        prep = prepare_shared(cfg, console, accelerator, checked_prepare)
-    else:
-        prep = checked_prepare()
-        accelerator, precision, why = make_accelerator(cfg)
+    prep, accelerator, precision, why = prepare_with_accelerator(cfg, console, checked_prepare)
     prep.t_start = t_start
     if not resume and accelerator.is_main_process:  # under torchrun, one process writes the output
         artifacts.reset_output_dir(out)
@@ -140,6 +135,16 @@ def prepare(cfg: RunConfig, console: Console) -> Prepared:
         ids, y = task.encode(cfg, tokenizer, space, splits, max_length)
     return Prepared(cfg, task, data, model_dir, conversion, tokenizer, space, audit_report, max_length, max_length_why,
                     ids, y, console, durations)
+
+
+def prepare_with_accelerator(cfg: RunConfig, console: Console, make) -> tuple[Prepared, object, str, str]:
+    """(prepared data, accelerator, precision, why) for `run` and `tune`: under torchrun the process group comes first
+    and `make()` runs on rank 0 only (prepare_shared); in one process the data is prepared before the accelerator."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        accelerator, precision, why = make_accelerator(cfg)
+        return prepare_shared(cfg, console, accelerator, make), accelerator, precision, why
+    prep = make()
+    return (prep, *make_accelerator(cfg))
 
 
 def prepare_shared(cfg: RunConfig, console: Console, accelerator, make=None) -> Prepared:

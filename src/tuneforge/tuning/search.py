@@ -95,7 +95,7 @@ def tune(cfg: RunConfig, *, resume: bool = False, console: Console | None = None
     import optuna
 
     from tuneforge.models.resolve import describe
-    from tuneforge.pipeline import make_accelerator, prepare, prepare_shared
+    from tuneforge.pipeline import prepare, prepare_with_accelerator
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     console = console or Console()
@@ -114,12 +114,7 @@ def tune(cfg: RunConfig, *, resume: bool = False, console: Console | None = None
             _check_extends(out, storage, name, tc.trials)
         return prepare(cfg, console)
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the process group first: rank 0 prepares, the others receive
-        accelerator, precision, why = make_accelerator(cfg)
-        prep = prepare_shared(cfg, console, accelerator, checked_prepare)
-    else:
-        prep = checked_prepare()
-        accelerator, precision, why = make_accelerator(cfg)
+    prep, accelerator, precision, why = prepare_with_accelerator(cfg, console, checked_prepare)
     n_layers = describe(prep.model_dir)["layers"]
     space, source = resolve_space(cfg, prep.task, n_layers)
     space, defaults = default_params(cfg, space, n_train=len(prep.ids["train"]), n_layers=n_layers,
