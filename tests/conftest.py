@@ -14,6 +14,18 @@ NEGATIVE = "bad awful dull boring weak clumsy tedious flat".split()
 FILLER = "the film movie plot actor story scenes was is a and very quite".split()
 
 
+def stop_process(proc) -> None:
+    """Terminate a server process the test started; kill it if it has not exited 10 s later."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def make_rows(n: int, seed: int = 0) -> list[dict]:
     """Review-like rows whose label follows its sentiment words; `topic` is a column that is not an input."""
     rng = random.Random(seed)

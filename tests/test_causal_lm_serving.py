@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from test_causal_lm_pipeline import pair_rows
+from conftest import stop_process
 
 openai = pytest.importorskip("openai")
 
@@ -80,12 +81,7 @@ def server(lm_run, tmp_path_factory):
                                http_client=openai.DefaultHttpxClient(trust_env=False))
         yield SimpleNamespace(client=client, http=http, hold=hold, log=d / "log.sqlite", run=lm_run)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

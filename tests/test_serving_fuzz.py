@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 
 from tuneforge.serving.app import ServeSettings, create_app, run_predictor
 from tuneforge.serving.monitor import load_reference
+from conftest import stop_process
 
 schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
@@ -333,12 +334,7 @@ def test_slow_stalled_and_huge_clients_on_a_live_server(served_run, tmp_path):
         for s in sockets:
             s.close()
         http.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
     server_log = (tmp_path / "server.log").read_text()
     assert "Traceback" not in server_log and "Exception in ASGI" not in server_log, server_log[-3000:]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import stop_process
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CURL_PREFIX = 'curl -s -H "Authorization: Bearer change-me"'
@@ -61,9 +62,4 @@ def test_readme_curl_example_gets_a_prediction(served_run, tmp_path):
         assert len(body["predictions"]) == 1
         assert body["predictions"][0]["label"] in labels, (body, labels)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
