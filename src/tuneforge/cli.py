@@ -466,7 +466,7 @@ def cmd_models(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from tuneforge.training.launch import record_exit, record_start
+    from tuneforge.training.launch import close_process_group, record_exit, record_start
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--nproc` runs again in each process
@@ -476,20 +476,20 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = record_start()  # in a process `--nproc` started: its pid, so that Ctrl-C reaches it
     first = "LOCAL_RANK" not in os.environ or os.environ.get("RANK") == "0"  # not a torchrun process, or its rank 0
     try:
-        return record_exit(handler(args))
+        return close_process_group(record_exit(handler(args)))
     except TuneforgeError as err:
         # several processes end alike on an error (rank 0 sent or found it): rank 0 alone prints it
         if first:
             print(f"error: {err.message}", file=sys.stderr)
             if err.fix:
                 print(f"fix: {err.fix}", file=sys.stderr)
-        return record_exit(err.exit_code, err.message, err.fix)
+        return close_process_group(record_exit(err.exit_code, err.message, err.fix))
     except BaseException:
         if not interrupted:
             raise
         if first:
             print("error: interrupted", file=sys.stderr)
-        return record_exit(130, "interrupted")
+        return close_process_group(record_exit(130, "interrupted"))
 
 
 if __name__ == "__main__":

@@ -227,3 +227,22 @@ def record_exit(code: int, message: str = "", fix: str | None = None) -> int:
     tmp.write_text(json.dumps({"code": code, "message": message, "fix": fix, "time": time.time()}))
     os.replace(tmp, Path(d, f"exit.{os.environ['RANK']}"))
     return 0
+
+
+def close_process_group(code: int) -> int:
+    """At a planned end (done, a shared error, an agreed interruption): wait for the other processes, then close the
+    process group; returns `code`. Left to interpreter exit, the group's threads can be torn down while still
+    running (`terminate called without an active exception`, SIGABRT), and torchrun reports a crash for an exit the
+    pipeline meant. A crash does not come here: its process group dies with it and torchrun stops the others."""
+    if "torch.distributed" not in sys.modules:
+        return code
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return code
+    try:
+        dist.barrier()  # every process has sent and received all it will: none closes a connection still in use
+    except Exception:  # noqa: BLE001 - another process already gone: nothing left to wait for
+        pass
+    dist.destroy_process_group()
+    return code
