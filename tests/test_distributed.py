@@ -281,15 +281,43 @@ def test_a_search_with_two_processes_runs_the_trials_of_one_and_rank_1_writes_no
     assert sum(1 for _, what, *_ in calls if what == "audit") == 1 and "Traceback" not in proc.stderr
 
 
-def test_fsdp_on_cpu_processes_is_a_clear_error(tmp_path, base_config, write_csv):
-    """Accelerate 1.15 turns FSDP on only for GPU processes; on CPU it would silently train with DDP, so it is refused."""
-    cfg = _write_config(tmp_path, base_config, "out", write_csv(make_rows(60)), train={"distributed": {"strategy": "fsdp"}})
-    proc = _cli(["run", str(cfg), "--nproc", "2"], tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.count("error: train.distributed.strategy fsdp needs GPUs") == 1
-    assert "fix: use strategy: ddp on CPU" in proc.stderr
-    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
-    assert not (tmp_path / "out").exists()
+def test_fsdp_on_two_cpu_processes_shards_the_weights_and_trains_the_recipe_of_one(tmp_path, tiny_model_dir, base_config,
+                                                                                   write_csv):
+    """strategy fsdp on 2 gloo processes: each holds about half of the weights (FSDP2 shards, one unit per BertLayer),
+    the losses follow one process's (no dropout, fp32), and model/ is the whole model, loaded by plain transformers."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = tmp_path / "nodrop"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+    data = write_csv(make_rows(160))
+    sections = {"model": {"name": str(model), "max_length": 32},
+                "train": {"method": "full", "batch_size": 8, "precision": "fp32", "eval_every": 3}}
+    one = _write_config(tmp_path, base_config, "one", data, **sections)
+    two = _write_config(tmp_path, base_config, "two", data, **sections | {
+        "train": sections["train"] | {"distributed": {"strategy": "fsdp", "fsdp_wrap": ["BertLayer"]}}})
+    _one_process(one)
+    proc = _cli(["run", str(two), "--nproc", "2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (m1, r1), (m2, r2) = _results(tmp_path / "one"), _results(tmp_path / "two")
+    d = r2["distributed"]
+    assert (d["processes"], d["strategy"], d["sharded"], d["backend"]) == (2, "fsdp", True, "gloo")
+    assert 0.5 <= d["weights_held_per_process"] < 0.6  # about half of every weight (rank 0 takes the odd rows)
+    assert r1["distributed"]["weights_held_per_process"] == 1.0
+    h1, h2 = m1["validation"]["history"], m2["validation"]["history"]
+    assert r1["steps"] == r2["steps"] and [h["step"] for h in h1] == [h["step"] for h in h2]
+    for key in ("train_loss", "val_loss"):
+        np.testing.assert_allclose([h[key] for h in h2], [h[key] for h in h1], atol=1e-4)
+    assert m1["validation"]["best_step"] == m2["validation"]["best_step"]
+    # the exported weights are the full model's (gathered from the shards), the same as one process trained
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "one" / "model")
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "two" / "model")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-4
+    assert not list((tmp_path / "two").rglob("*.bin")) and not list((tmp_path / "two").rglob("*.pt"))
 
 
 def test_bad_data_under_nproc_is_one_message_and_its_exit_code(tmp_path, base_config, write_csv):
@@ -401,3 +429,27 @@ def test_distributed_config_is_checked():
     assert (plugin.fsdp_version, plugin.reshard_after_forward, plugin.transformer_cls_names_to_wrap) == (2, False, ["BertLayer"])
     assert type(plugin.cpu_offload).__name__ == "OffloadPolicy"  # FSDP2's "no offload" (CPUOffloadPolicy would offload)
     assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
+
+
+def test_fsdp_units_default_to_the_model_layers_not_the_embeddings(tiny_model_dir, tiny_llama_dir):
+    """fsdp_wrap null: BERT lists BertEmbeddings among its _no_split_modules, but Accelerate shards the input embeddings
+    as a unit of their own and torch refuses a weight sharded twice, so the units are its layers; a model naming none
+    is a clear error; a list given is kept."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tuneforge.training.distributed import fsdp_plugin, set_fsdp_units
+
+    def units(model, wrap=None):
+        dcfg = parse_config({"data": {"path": "d.csv"}, "train": {"distributed": {"strategy": "fsdp", "fsdp_wrap": wrap}}})
+        return set_fsdp_units(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=fsdp_plugin(dcfg.train.distributed))), model)
+
+    bert = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    assert "BertEmbeddings" in bert._no_split_modules and units(bert) == ["BertLayer"]
+    assert units(bert, ["BertEmbeddings", "BertLayer"]) == ["BertEmbeddings", "BertLayer"]  # the user's list stands
+    assert units(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)) == ["LlamaDecoderLayer"]
+    bert._no_split_modules = ["BertEmbeddings"]
+    with pytest.raises(ConfigError, match="names no layer class to shard") as err:
+        units(bert)
+    assert "fsdp_wrap" in err.value.fix

@@ -113,14 +113,14 @@ class DistributedConfig(_Section):
     across them."""
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: every process holds the whole model and optimizer, gradients are averaged (CPU: "
-        "gloo, GPUs: NCCL); fsdp: weights, gradients and optimizer state sharded across GPUs (Accelerate's FSDP2; "
-        "GPUs only: Accelerate 1.15 does not shard CPU processes).")
+        "gloo, GPUs: NCCL); fsdp: weights, gradients and optimizer state sharded across the processes (Accelerate's "
+        "FSDP2, on GPUs and on CPU processes).")
     fsdp_sharding: Literal["full_shard", "shard_grad_op"] = Field(
         "full_shard", description="fsdp: full_shard frees each unit's gathered weights after its forward (least "
         "memory); shard_grad_op keeps them until the backward (less communication).")
     fsdp_wrap: list[str] | None = Field(
         None, description="fsdp: transformer layer classes sharded as one unit each, e.g. [LlamaDecoderLayer]; "
-        "null = the model's own (`_no_split_modules`).")
+        "null = the model's own (`_no_split_modules`, less the one holding the input embeddings).")
 
 
 class TrainConfig(_Section):

@@ -77,6 +77,7 @@ class Fitted:
     plan: dict
     select: tuple[str, str]
     info: dict
+    weights_held: float = 1.0  # the share of the model's weights each process held in training (FSDP: about 1/N)
 
 
 def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None) -> dict:
@@ -183,7 +184,7 @@ def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
     from tuneforge.models.device import resolve_device, resolve_precision
-    from tuneforge.training.distributed import accelerator_kwargs, check_processes
+    from tuneforge.training.distributed import accelerator_kwargs, check_processes, shard_cpu_processes
 
     device = resolve_device("auto")
     precision, why = resolve_precision(cfg.train.precision, device)
@@ -195,6 +196,7 @@ def make_accelerator(cfg: RunConfig):
     # the distributed state (the process group) is kept
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu", **kwargs)
+    shard_cpu_processes(accelerator, cfg.train.distributed, precision)
     check_processes(cfg.train.batch_size, accelerator.num_processes, device)
     return accelerator, precision, why
 
@@ -208,6 +210,7 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
     from tuneforge.models.load import apply_method
     from tuneforge.models.resolve import describe
     from tuneforge.training import cost
+    from tuneforge.training.distributed import weights_held
     from tuneforge.training.loop import TrainData, default_loss, epochs_for, patience_for, plan_steps, train
 
     task, console, durations, ids, y = prep.task, prep.console, prep.durations, prep.ids, prep.y
@@ -269,7 +272,8 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
                   + (" (stopped early)" if result.stopped_early else ""))
     plan = {"train.epochs": epochs, "model.max_length": prep.max_length, "total_steps": total, "eval_every": eval_every,
             "train.early_stopping_patience": patience, "processes": world}
-    return Fitted(_trained_model(prep, cfg, accelerator, model), result, est, plan, select, info)
+    held = weights_held(model)
+    return Fitted(_trained_model(prep, cfg, accelerator, model), result, est, plan, select, info, held)
 
 
 def _trained_model(prep: Prepared, cfg: RunConfig, accelerator, model):
@@ -341,7 +345,8 @@ def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precis
         "hardware": artifacts.hardware(), "versions": artifacts.library_versions(),
         "durations_s": durations, "resumed": resume, "steps": result.steps,
         "distributed": {"processes": accelerator.num_processes, "strategy": cfg.train.distributed.strategy,
-                        "sharded": _sharded(accelerator), "backend": str(accelerator.state.backend or "none"),
+                        "sharded": _sharded(accelerator), "weights_held_per_process": round(fitted.weights_held, 4),
+                        "backend": str(accelerator.state.backend or "none"),
                         "threads_per_process": _threads()},
     }
     artifacts.write_json(out / "metrics.json", metrics)

@@ -1,5 +1,5 @@
 """What several training processes share (torchrun, or `tuneforge run --nproc N`): the Accelerator's strategy (DDP,
-or FSDP on GPUs), rank 0's prepared data sent to the others, a per-rank random stream, an interruption every process
+or FSDP), rank 0's prepared data sent to the others, a per-rank random stream, an interruption every process
 agrees on, and the full weights gathered for export."""
 from __future__ import annotations
 
@@ -27,15 +27,33 @@ def check_processes(batch_size: int, world: int, device: torch.device) -> None:
 
 def accelerator_kwargs(dcfg: DistributedConfig, device: torch.device) -> dict:
     """The Accelerator's arguments for train.distributed: none for DDP (Accelerate wraps the model when torchrun
-    started several processes: gloo on CPU, NCCL on GPUs), an FSDP plugin for fsdp."""
-    if dcfg.strategy != "fsdp":
+    started several processes: gloo on CPU, NCCL on GPUs), an FSDP plugin for fsdp on GPUs. FSDP on CPU processes
+    is switched on after the Accelerator is made (`shard_cpu_processes`)."""
+    if dcfg.strategy != "fsdp" or device.type != "cuda":
         return {}
-    if device.type != "cuda":
-        # Accelerate 1.15 turns FSDP on only for GPU processes: on CPU processes it would silently train with DDP
-        raise ConfigError("train.distributed.strategy fsdp needs GPUs: Accelerate shards models only across GPU processes "
-                          "(on CPU it would silently fall back to plain data parallelism)",
-                          fix="use strategy: ddp on CPU (each process holds the whole model), or run on GPUs")
     return {"fsdp_plugin": fsdp_plugin(dcfg)}
+
+
+def shard_cpu_processes(accelerator, dcfg: DistributedConfig, precision: str) -> None:
+    """FSDP over CPU processes (gloo), through Accelerate's own FSDP2 preparation.
+
+    Accelerate 1.15 turns an FSDP plugin on only for accelerator devices: given one on CPU processes it would
+    silently train with DDP. torch's FSDP2 (`fully_shard`) runs on gloo, and Accelerate's FSDP2 code path has no
+    device of its own, so the state is set as Accelerate sets it for GPU processes (distributed type FSDP, the
+    plugin with this run's mixed precision): `prepare` then shards each layer, `get_state_dict` gathers the full
+    weights. One process: nothing to shard, DDP's no-op is kept (as Accelerate does on one GPU)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if dcfg.strategy != "fsdp" or accelerator.num_processes < 2 or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = fsdp_plugin(dcfg)
+    if precision != "fp32":
+        plugin.set_mixed_precision(precision)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    # every AcceleratorState() (Accelerate makes them as it goes) copies the type from the process state again
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def fsdp_plugin(dcfg: DistributedConfig):
@@ -47,6 +65,46 @@ def fsdp_plugin(dcfg: DistributedConfig):
         fsdp_version=2, reshard_after_forward=dcfg.fsdp_sharding == "full_shard",
         auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=dcfg.fsdp_wrap,
         cpu_offload=False, state_dict_type="FULL_STATE_DICT")
+
+
+def set_fsdp_units(accelerator, model) -> list[str]:
+    """fsdp_wrap null: the model's own `_no_split_modules`, less any that holds the input embeddings (BERT lists
+    BertEmbeddings): Accelerate shards the embedding layer as a unit of its own after the listed ones, and torch
+    refuses to shard a weight twice. Returns the layer classes sharded as one unit each."""
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.transformer_cls_names_to_wrap:
+        return list(plugin.transformer_cls_names_to_wrap)
+    embed = getattr(model, "get_input_embeddings", lambda: None)()
+    holders = {type(m).__name__ for m in model.modules() if embed is not None and any(c is embed for c in m.modules())}
+    names = list(getattr(model, "_no_split_modules", None) or [])
+    units = [n for n in names if n not in holders]
+    if not units:
+        raise ConfigError(f"train.distributed.fsdp_wrap is null and the model names no layer class to shard as a unit "
+                          f"(its _no_split_modules: {names or 'none'})",
+                          fix="set train.distributed.fsdp_wrap to the model's transformer layer class, e.g. [LlamaDecoderLayer]")
+    plugin.transformer_cls_names_to_wrap = units
+    return units
+
+
+def reshard(model) -> None:
+    """FSDP: every unit back to its shards (the root unit stays gathered after a forward, e.g. a validation), so that
+    `named_parameters()` are the sharded weights the optimizer updates and the export gathers."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def weights_held(model) -> float:
+    """The share of the model's weights this process holds: 1.0 unsharded; FSDP about 1/N (its local shards)."""
+    from torch.distributed.tensor import DTensor
+
+    total = held = 0
+    for p in model.parameters():
+        total += p.numel()
+        held += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+    return held / max(total, 1)
 
 
 def is_sharded(accelerator) -> bool:

@@ -208,14 +208,16 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
     `loss_fn(model, batch)` is the task's training loss (default: the model's own).
 
     With several processes each takes its slice of every batch (`rank_slice`), has its own dropout stream, and all
-    stop together on Ctrl-C. FSDP (GPUs) saves no checkpoints: its weights are sharded across the processes."""
-    from tuneforge.training.distributed import AgreedStop, check_processes, is_sharded, seed_rank
+    stop together on Ctrl-C. FSDP saves no checkpoints: its weights are sharded across the processes."""
+    from tuneforge.training.distributed import AgreedStop, check_processes, is_sharded, reshard, seed_rank, set_fsdp_units
 
     world, rank = accelerator.num_processes, accelerator.process_index
     check_processes(cfg.batch_size, world, accelerator.device)
     per_epoch, total, eval_every = plan_steps(len(train_data.ids), cfg)
     patience = patience_for(cfg, per_epoch, eval_every)
     optimizer, scheduler = build_optimizer(model, cfg, total)
+    if is_sharded(accelerator):
+        set_fsdp_units(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     raw = accelerator.unwrap_model(model)
@@ -275,6 +277,8 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
         row = {"step": c["step"], "epoch": round(c["step"] / per_epoch, 3), "lr": scheduler.get_last_lr()[0],
                "train_loss": loss_sum / max(c["loss_n"], 1)}
         row.update(validate(raw))
+        if sharded:
+            reshard(raw)  # FSDP keeps the root unit gathered after a forward: its weights would be the copies, not the shards
         c["loss_sum"], c["loss_n"] = 0.0, 0
         c["history"].append(row)
         if sign * row[metric_key] > sign * c["best_metric"]:
@@ -353,6 +357,8 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
     if not c["history"] or c["history"][-1]["step"] != c["step"]:
         run_eval()
     if best is not None:
+        if sharded:
+            reshard(raw)
         load_trainable_state(raw, best)
     raw.eval()
     return TrainResult(steps=c["step"], best_step=c["best_step"], best_metric=c["best_metric"], stopped_early=stopped_early,
