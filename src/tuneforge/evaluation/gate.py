@@ -4,8 +4,6 @@ where lower is better (perplexity) "clears" reads the other way: below the best 
 CI's upper bound below it too."""
 from __future__ import annotations
 
-import numpy as np
-
 from tuneforge.config import RunConfig
 
 
