@@ -313,7 +313,7 @@ def _simulated_search(out: Path, values: list[float], kill_in: int | None = None
     out.mkdir()
     storage = open_storage(f"sqlite:///{out / 'study.sqlite'}")
     meta = {"trials": len(values), "space": {}, "metric": "val_m", "direction": "maximize", "source": "test"}
-    pruner = make_pruner(SimpleNamespace(pruning=True, pruner="halving", prune_warmup=1))
+    pruner = make_pruner(SimpleNamespace(pruning=True, pruner="halving", prune_warmup=0))
 
     def work(resume: bool) -> None:
         study = open_study(storage, "s", direction="maximize", meta=meta, defaults={}, pruner=pruner, resume=resume,

@@ -87,7 +87,7 @@ def test_search_writes_a_finished_run_best_yaml_trials_csv_and_report(base_confi
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(base_config, write_csv, tmp_path, monkeypatch):
-    raw = _raw(base_config, write_csv, tmp_path)
+    raw = _raw(base_config, write_csv, tmp_path, pruning=False)  # every trial runs to its end: the states below are certain
     cfg_path = tmp_path / "tune.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     real_train, real_step = loop.train, loop._optimizer_step
@@ -186,6 +186,10 @@ def test_default_spaces_come_from_the_task_and_hold_the_config_values(base_confi
     space, params = default_params(cfg, space, n_train=36, n_layers=6, widen=True)
     assert 0.05 in space["train.weight_decay"] and params["train.frozen_layers"] == 3
     assert params["train.epochs"] == 8 and space["train.epochs"].high == 8  # null: the epochs the run would choose
+    # given the run's own epochs, the default space spans half to twice them (no trial of many runs' cost)
+    assert resolve_space(cfg, get_task("text-classification"), 6, 2)[0]["train.epochs"].model_dump(exclude_none=True) \
+        == {"low": 1, "high": 4, "log": False}
+    assert resolve_space(cfg, get_task("text-classification"), 6, 8)[0]["train.epochs"].high == 8  # max_auto_epochs
     lm = parse_config({"task": {"type": "causal-lm"}, "data": {"path": "x.jsonl"}})
     lm_space, _ = resolve_space(lm, get_task("causal-lm"), 2)
     assert lm_space["train.lora.r"] == [8, 16, 32] and lm_space["train.epochs"].high == 3
@@ -198,18 +202,18 @@ def test_pruner_is_successive_halving_by_default_median_or_none():
     cfg = parse_config({"data": {"path": "x"}, "tune": {"pruner": "median", "prune_warmup": 2}})
     pruner = search.make_pruner(cfg.tune)
     assert isinstance(pruner, optuna.pruners.MedianPruner)
-    assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (3, 2)
+    assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (3, 3)  # prunable from evaluation 3
 
 
 def test_successive_halving_keeps_the_top_third_at_each_rung():
     """Trial 0 runs to the end; a later trial below the best at evaluation 1 (the first rung) is pruned there, one
-    above it goes on: a search's weak trials cost two evaluations of training."""
+    above it goes on: a search's weak trials cost one evaluation (a quarter epoch) of training."""
     study = optuna.create_study(direction="maximize", pruner=search.make_pruner(parse_config({"data": {"path": "x"}}).tune))
     curves = {0: [0.5, 0.6, 0.7, 0.8], 1: [0.4, 0.5, 0.9, 0.9], 2: [0.6, 0.7, 0.8, 0.9]}
     stopped = {}
     for number, curve in curves.items():
         trial = study.ask()
-        for step, value in enumerate(curve):
+        for step, value in enumerate(curve, start=1):  # as the search reports: the evaluation's number
             trial.report(value, step)
             if trial.should_prune():
                 stopped[number] = step

@@ -297,7 +297,8 @@ class TuneConfig(_Section):
         "search: see the README); median: MedianPruner, a trial stops when its best so far is below the median of "
         "the finished trials at the same evaluation, after 3 finished trials and prune_warmup evaluations (gentler, "
         "slower).")
-    prune_warmup: int = Field(1, ge=0, description="Evaluations every trial gets before it may be pruned.")
+    prune_warmup: int = Field(0, ge=0, description="Evaluations every trial gets before it may be pruned (0: "
+                              "from its first, a quarter epoch in).")
     space: dict[str, _SpaceSpec] | None = Field(
         None, description="Dotted config key -> {low, high, log, step} or a list of choices; null = the task's "
         "default (learning rate, epochs, frozen layers or LoRA rank, weight decay, warm-up).")

@@ -202,14 +202,14 @@ def make_accelerator(cfg: RunConfig):
 
 
 def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *, out: Path, resume: bool = False,
-        progress=None) -> Fitted:
+        progress=None, estimate: bool = True) -> Fitted:
     """Load the pre-trained model, score the baselines on it (once per Prepared), apply the method, estimate the
     cost and train with `cfg.train` (a search's trial passes its own). `progress(step, total, row)` is called at
-    every step and evaluation (default: the progress bar)."""
+    every step and evaluation (default: the progress bar). `estimate=False` (a search's trials: seconds each)
+    leaves Fitted.estimate None; `estimate_cost` makes it later for the one that is kept."""
     from tuneforge.models.infer import pad_id_of
     from tuneforge.models.load import apply_method
     from tuneforge.models.resolve import describe
-    from tuneforge.training import cost
     from tuneforge.training.distributed import weights_held
     from tuneforge.training.loop import TrainData, default_loss, epochs_for, patience_for, plan_steps, train
 
@@ -239,13 +239,7 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
     per_epoch, total, eval_every = plan_steps(len(ids["train"]), cfg.train)  # the same for any number of processes
     epochs = epochs_for(len(ids["train"]), cfg.train)
     patience = patience_for(cfg.train, per_epoch, eval_every)
-    with _stage(durations, "estimate"):
-        est = cost.estimate(model, train_data.ids, train_data.targets, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                            group_by_length=cfg.train.group_by_length, total_steps=total, grad_accum=cfg.train.grad_accum,
-                            eval_rows_tokens=sum(map(len, ids["val"])), n_evals=max(1, total // eval_every),
-                            infer_tokens=sum(map(len, ids["test"])), pad_id=pad_id, precision=precision,
-                            seconds_so_far=time.perf_counter() - prep.t_start, positions=train_data.positions, loss_fn=loss_fn,
-                            world=world)
+    est = _estimate(prep, cfg, model, precision, world) if estimate else None
     epochs_why = "train.epochs" if cfg.train.epochs is not None else \
         f"by data size: ~{cfg.train.target_steps} steps, at most {cfg.train.max_auto_epochs:g} epochs"
     split = "" if world == 1 else (f" (each batch split across {world} processes, {cfg.train.distributed.strategy}: "
@@ -253,10 +247,11 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
     console.print(f"[bold]plan[/] {epochs:g} epochs ({epochs_why}) = {total} steps of {cfg.train.batch_size}x{cfg.train.grad_accum}{split}, "
                   f"validation every {eval_every} steps, early stopping after {patience or 'no'} evaluations without gain; "
                   f"max_length {prep.max_length} ({prep.max_length_why})")
-    console.print(f"[bold]estimate[/] whole run {_fmt_s(est['seconds_total'])}: spent so far {_fmt_s(est['seconds_so_far'])} "
-                  f"(data, audit, baselines) + training {_fmt_s(est['seconds_train'])} + evaluation {_fmt_s(est['seconds_eval'])} "
-                  f"+ export and report {_fmt_s(est['seconds_export_and_report'])} ({est['trainable_parameters'] / 1e6:.1f}M trainable); "
-                  f"peak memory ~{est['peak_memory_bytes'] / 2**30:.1f} GiB on {est['device']}")
+    if est is not None:
+        console.print(f"[bold]estimate[/] whole run {_fmt_s(est['seconds_total'])}: spent so far {_fmt_s(est['seconds_so_far'])} "
+                      f"(data, audit, baselines) + training {_fmt_s(est['seconds_train'])} + evaluation {_fmt_s(est['seconds_eval'])} "
+                      f"+ export and report {_fmt_s(est['seconds_export_and_report'])} ({est['trainable_parameters'] / 1e6:.1f}M trainable); "
+                      f"peak memory ~{est['peak_memory_bytes'] / 2**30:.1f} GiB on {est['device']}")
 
     # --- train ---
     validate = task.validator(cfg, prep.space, prep.tokenizer, prep.max_length, ids["val"], y["val"], pad_id, precision)
@@ -274,6 +269,36 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
             "train.early_stopping_patience": patience, "processes": world}
     held = weights_held(model)
     return Fitted(_trained_model(prep, cfg, accelerator, model), result, est, plan, select, info, held)
+
+
+def _estimate(prep: Prepared, cfg: RunConfig, model, precision: str, world: int) -> dict:
+    """The run's cost on this hardware, from a few timed steps of `model` (cost.estimate)."""
+    from tuneforge.models.infer import pad_id_of
+    from tuneforge.training import cost
+    from tuneforge.training.loop import default_loss, plan_steps
+
+    ids, y = prep.ids, prep.y
+    _, total, eval_every = plan_steps(len(ids["train"]), cfg.train)
+    with _stage(prep.durations, "estimate"):
+        return cost.estimate(model, ids["train"], y["train"], batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                             group_by_length=cfg.train.group_by_length, total_steps=total, grad_accum=cfg.train.grad_accum,
+                             eval_rows_tokens=sum(map(len, ids["val"])), n_evals=max(1, total // eval_every),
+                             infer_tokens=sum(map(len, ids["test"])), pad_id=pad_id_of(prep.tokenizer), precision=precision,
+                             seconds_so_far=time.perf_counter() - prep.t_start, positions=getattr(y["train"], "positions", None),
+                             loss_fn=prep.task.training_loss() or default_loss, world=world)
+
+
+def estimate_cost(prep: Prepared, cfg: RunConfig, accelerator, precision: str) -> dict:
+    """The estimate `fit` makes, for a model trained without one (a search's kept trial): timed on a fresh copy of
+    the pre-trained model with the config's method, on the accelerator's device (the weights do not change it)."""
+    from tuneforge.models.load import apply_method
+
+    model = prep.task.load_model(prep.model_dir, prep.space, cfg.train.seed, cfg.model.trust_remote_code)
+    model = apply_method(model, cfg.train, prep.task.peft_task_type, prep.task.lora_targets()).to(accelerator.device)
+    try:
+        return _estimate(prep, cfg, model, precision, accelerator.num_processes)
+    finally:
+        del model
 
 
 def _trained_model(prep: Prepared, cfg: RunConfig, accelerator, model):

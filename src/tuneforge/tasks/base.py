@@ -3,6 +3,7 @@ measures its own lengths, picks its own max_length, LoRA targets, loss, selectio
 export, and mounts the OpenAI API when served)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -28,14 +29,15 @@ class TaskDefaults:
         """The validation key that picks the best step, and whether higher or lower is better."""
         return f"val_{cfg.eval.metric}", "max"
 
-    def search_space(self, cfg, n_layers: int | None) -> dict:
+    def search_space(self, cfg, n_layers: int | None, epochs: float | None = None) -> dict:
         """What `tuneforge tune` searches when the config has no tune.space: dotted key -> {low, high, log, step}
-        or a list of choices. Ranges are widened to hold the config's own values (trial 0 runs them)."""
+        or a list of choices. Ranges are widened to hold the config's own values (trial 0 runs them). `epochs`:
+        the passes the run itself would make (train.epochs, or resolved from the data's size)."""
         t = cfg.train
         space = {
             # log-uniform, a factor of 5 either way of the config's rate (by default the method's)
             "train.learning_rate": {"low": t.learning_rate / 5, "high": min(t.learning_rate * 5, 0.5), "log": True},
-            "train.epochs": {"low": 1, "high": max(1, int(t.max_auto_epochs))},
+            "train.epochs": epochs_range(epochs, t.max_auto_epochs),
             "train.weight_decay": [0.0, 0.01, 0.1],
             "train.warmup_ratio": [0.0, 0.06, 0.1],
         }
@@ -52,3 +54,14 @@ class TaskDefaults:
     def mount_routes(self, app, ctx) -> None:
         """Routes the task adds to the server beside /v1/predict (ctx: serving.app.ServeContext)."""
         return None
+
+
+def epochs_range(epochs: float | None, max_auto_epochs: float) -> dict:
+    """Half to twice the run's own passes (at least 1 to 2, at most max_auto_epochs unless the run's own is more):
+    the search weighs a shorter or longer schedule than the default without trials of many times its cost (the
+    run's epochs aim at ~600 steps already). Unknown: 1 to max_auto_epochs."""
+    if epochs is None:
+        return {"low": 1, "high": max(1, int(max_auto_epochs))}
+    low = max(1, int(epochs // 2))
+    high = max(low + 1, min(math.ceil(2 * epochs), max(int(max_auto_epochs), math.ceil(epochs))))
+    return {"low": low, "high": high}

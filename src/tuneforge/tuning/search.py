@@ -63,22 +63,23 @@ class Search:
 
 
 def make_pruner(tune_cfg):
-    """The pruner of tune.pruner, judging each trial's validation metric by evaluation index (not step, so trials with
-    other batch sizes or epochs compare).
+    """The pruner of tune.pruner, judging each trial's validation metric by evaluation number, 1 for the first (not
+    step, so trials with other batch sizes compare; every trial evaluates each quarter epoch).
 
     halving (default): successive halving; a trial reaching evaluation prune_warmup+1 (then 3x, 9x ... that) goes on
-    only in the top third of the trials that got there. The bulk of a search's trials then cost one or two
-    evaluations' worth of training, which is what lets a 20-trial search stay within a few runs' time. The first
-    trial (the config's own values) meets no competitor and always runs to the end.
-    median: MedianPruner after 3 finished trials and prune_warmup evaluations; it needs no notion of budget and
+    only in the top third of the trials that got there. The bulk of a search's trials then cost one evaluation's
+    worth of training, which is what lets a 20-trial search stay within a few runs' time. The first trial (the
+    config's own values) meets no competitor and always runs to the end.
+    median: MedianPruner after 3 finished trials, from evaluation prune_warmup+1; it needs no notion of budget and
     prunes less (a trial must fall below the median), so a search costs more."""
     import optuna
 
     if not tune_cfg.pruning:
         return optuna.pruners.NopPruner()
+    first = tune_cfg.prune_warmup + 1  # the first evaluation at which a trial may be pruned
     if tune_cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=tune_cfg.prune_warmup)
-    return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, tune_cfg.prune_warmup), reduction_factor=3)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
 
 
 def _sampler_factory(total: int):
@@ -96,6 +97,7 @@ def tune(cfg: RunConfig, *, resume: bool = False, console: Console | None = None
 
     from tuneforge.models.resolve import describe
     from tuneforge.pipeline import prepare, prepare_with_accelerator
+    from tuneforge.training.loop import epochs_for
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     console = console or Console()
@@ -116,7 +118,7 @@ def tune(cfg: RunConfig, *, resume: bool = False, console: Console | None = None
 
     prep, accelerator, precision, why = prepare_with_accelerator(cfg, console, checked_prepare)
     n_layers = describe(prep.model_dir)["layers"]
-    space, source = resolve_space(cfg, prep.task, n_layers)
+    space, source = resolve_space(cfg, prep.task, n_layers, epochs_for(len(prep.ids["train"]), cfg.train))
     space, defaults = default_params(cfg, space, n_train=len(prep.ids["train"]), n_layers=n_layers,
                                      widen=tc.space is None)
     key, mode = prep.task.selection(cfg)
@@ -233,8 +235,8 @@ def _run_trial(s: Search, trial) -> None:
         s.bar(info=f"trial {trial.number}: step {step}/{total}")
         if row is None:
             return
-        trial.report(float(row[s.key]), evaluations)  # step = the evaluation's index: comparable across batch sizes
         evaluations += 1
+        trial.report(float(row[s.key]), evaluations)  # step = the evaluation's number: comparable across batch sizes
         if _agree(s, trial.should_prune()):
             raise optuna.TrialPruned(f"pruned at evaluation {evaluations} (step {step} of {total}): validation "
                                      f"{s.key.removeprefix('val_')} {row[s.key]:.4f}")
@@ -242,7 +244,7 @@ def _run_trial(s: Search, trial) -> None:
     shown_console, s.prep.console = s.prep.console, Console(quiet=True)  # one line per trial, not each trial's plan
     _send(s, {"trial": trial.number, "params": params})
     try:
-        fitted = fit(s.prep, cfg, s.accelerator, s.precision, s.why, out=tdir, progress=progress)
+        fitted = fit(s.prep, cfg, s.accelerator, s.precision, s.why, out=tdir, progress=progress, estimate=False)
     except optuna.TrialPruned as err:
         trial.set_user_attr("note", str(err))
         s.study.tell(trial, state=Pruned)
@@ -316,7 +318,7 @@ def _follow(s: Search) -> None:
 
         try:
             fit(s.prep, cfg, s.accelerator, s.precision, s.why, out=s.out / "trials" / str(message.get("trial", "best")),
-                progress=progress)
+                progress=progress, estimate="trial" not in message)
         except optuna.TrialPruned:
             pass
         except TrainingInterrupted:  # all processes stopped at the same step; rank 0 saves the study and says stop
@@ -383,7 +385,7 @@ def _finish(s: Search, timed_out: bool, resume: bool) -> dict | None:
 
 
 def _train_best(s: Search, resume: bool, timed_out: bool) -> dict:
-    from tuneforge.pipeline import finalize, fit
+    from tuneforge.pipeline import estimate_cost, finalize, fit
 
     best = s.study.best_trial
     cfg = trial_config(s.cfg, best.params, output_dir=str(s.out), source=f"trial {best.number}")
@@ -391,6 +393,8 @@ def _train_best(s: Search, resume: bool, timed_out: bool) -> dict:
     if s.kept and s.kept[0] == best.number:
         fitted, retrained = s.kept[1], False
         prep.durations.update(s.kept[2])
+        if fitted.estimate is None:  # trials skip it (seconds each); the run's report states it for the kept one
+            fitted.estimate = estimate_cost(prep, cfg, s.accelerator, s.precision)
         s.console.print(f"[bold]search[/] best: trial {best.number}, validation {metric} {best.value:.4f}; its model, "
                         "trained in this process, is the final one")
     else:  # it ran in another process (or before --resume): the same config and seed train it again

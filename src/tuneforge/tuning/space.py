@@ -15,12 +15,13 @@ from tuneforge.errors import ConfigError
 Space = dict[str, "ParamRange | list"]
 
 
-def resolve_space(cfg: RunConfig, task, n_layers: int | None) -> tuple[Space, str]:
-    """(space, where it came from): tune.space, or the task's default for this config and model."""
+def resolve_space(cfg: RunConfig, task, n_layers: int | None, epochs: float | None = None) -> tuple[Space, str]:
+    """(space, where it came from): tune.space, or the task's default for this config, model and the run's own
+    epochs."""
     if cfg.tune.space is not None:
         raw, source = cfg.tune.space, "tune.space"
     else:
-        raw, source = task.search_space(cfg, n_layers), f"the {task.name} default space"
+        raw, source = task.search_space(cfg, n_layers, epochs), f"the {task.name} default space"
     space = {key: _normalise(key, spec) for key, spec in raw.items()}
     if not space:
         raise ConfigError("the search space is empty", fix="name at least one key under tune.space, e.g. "

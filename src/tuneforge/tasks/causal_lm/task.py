@@ -160,7 +160,7 @@ class CausalLMTask(TaskDefaults):
     def selection(self, cfg) -> tuple[str, str]:
         return "val_loss", "min"
 
-    def search_space(self, cfg, n_layers: int | None) -> dict:
+    def search_space(self, cfg, n_layers: int | None, epochs: float | None = None) -> dict:
         """LoRA's rate, rank and scale, and few passes: an LLM memorises small data within 1-3 epochs."""
         space = {"train.learning_rate": {"low": 1e-4, "high": 1e-3, "log": True},
                  "train.epochs": {"low": 1, "high": 3},
