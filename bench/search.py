@@ -1,5 +1,5 @@
-"""Search: one default run of the demo, then a 20-trial `tuneforge tune` of the same config (TPE, median pruning, the
-task's default space), one after the other through the CLI a user types; wall time of both, the search's over the
+"""Search: one default run of the demo, then a 20-trial `tuneforge tune` of the same config (TPE, successive-halving
+pruning, the task's default space), one after the other through the CLI a user types; wall time of both, the search's over the
 run's (target <= 5x), and the best trial's validation metric against the defaults' (target: at least as good).
 
     .venv/bin/python bench/search.py                 # examples/sentiment.yaml (MiniLM) -> bench/results_search.json
@@ -7,8 +7,10 @@ run's (target <= 5x), and the best trial's validation metric against the default
     .venv/bin/python bench/search.py --smoke         # a tiny random BERT on a few rows, 4 trials, ~1 min -> /tmp
 
 The levers that keep a search near a few runs' time: the data is read, audited, split and tokenised once and the
-baselines computed once (a run spends a good part of its time there); trials below the median of the finished ones
-at the same evaluation are pruned; the test split is evaluated once, by the best trial's model, kept from its trial.
+baselines computed once (a run spends a good part of its time there); successive halving stops a trial at its first
+evaluation (a quarter epoch) unless it is in the top third of the trials that got there, then again at the 3rd and
+9th; trials skip the cost estimate; the default space's epochs span half to twice the run's own; the test split is
+evaluated once, by the best trial's model, kept from its trial.
 """
 from __future__ import annotations
 

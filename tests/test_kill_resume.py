@@ -191,7 +191,7 @@ def test_search_killed_in_its_second_trial_resumes_to_the_same_trials(tmp_path, 
            "train": {"method": "full", "epochs": 3, "batch_size": 8, "learning_rate": 5e-3, "eval_every": 3,
                      "early_stopping_patience": 0, "checkpoint_every": 1},
            "eval": {"bootstrap_samples": 20},
-           "tune": {"trials": 3, "space": SEARCH_SPACE, "seed": 7}}
+           "tune": {"trials": 3, "space": SEARCH_SPACE, "seed": 7, "pruning": False}}  # each trial to its end
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     search.tune(parse_config({**raw, "output": {"dir": str(straight)}}))
     expected = _finished_trials(straight)

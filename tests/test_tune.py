@@ -205,11 +205,17 @@ def test_pruner_is_successive_halving_by_default_median_or_none():
     assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (3, 3)  # prunable from evaluation 3
 
 
-def test_successive_halving_keeps_the_top_third_at_each_rung():
-    """Trial 0 runs to the end; a later trial below the best at evaluation 1 (the first rung) is pruned there, one
-    above it goes on: a search's weak trials cost one evaluation (a quarter epoch) of training."""
-    study = optuna.create_study(direction="maximize", pruner=search.make_pruner(parse_config({"data": {"path": "x"}}).tune))
-    curves = {0: [0.5, 0.6, 0.7, 0.8], 1: [0.4, 0.5, 0.9, 0.9], 2: [0.6, 0.7, 0.8, 0.9]}
+def test_successive_halving_keeps_the_top_third_at_each_rung_against_two_others():
+    """The defaults' trial runs to the end; a later trial goes on past a rung (evaluations 1, 3, 9) only in the top
+    third and against at least two others: the first trial to reach a rung stops there, the weak ones stop at
+    evaluation 1 (a quarter epoch of training), the best goes on."""
+    from tuneforge.tuning.study import FailedTrialsIgnored
+
+    study = optuna.create_study(direction="maximize",
+                                pruner=FailedTrialsIgnored(search.make_pruner(parse_config({"data": {"path": "x"}}).tune)))
+    study.enqueue_trial({}, user_attrs={"defaults": True})
+    curves = {0: [0.5, 0.6, 0.7, 0.8], 1: [0.4, 0.5, 0.9, 0.9], 2: [0.6, 0.7, 0.8, 0.9], 3: [0.7, 0.8, 0.95, 0.95],
+              4: [0.45, 0.9, 0.9, 0.9]}
     stopped = {}
     for number, curve in curves.items():
         trial = study.ask()
@@ -221,13 +227,16 @@ def test_successive_halving_keeps_the_top_third_at_each_rung():
                 break
         else:
             study.tell(trial, curve[-1])
-    assert stopped == {1: 1}
+    # 1: below the defaults with one other at evaluation 1; 2: best at evaluation 1 of 3, first but one at evaluation 3;
+    # 3: best at both, with enough competitors; 4: below the top third at evaluation 1 (5 trials there: top 1)
+    assert stopped == {1: 1, 2: 3, 4: 1}
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "PRUNED", "COMPLETE", "PRUNED"]
     assert isinstance(search.make_pruner(parse_config({"data": {"path": "x"}, "tune": {"pruning": False}}).tune),
                       optuna.pruners.NopPruner)
 
 
 def test_two_workers_share_one_postgresql_study(base_config, write_csv, tmp_path, postgres_url):
-    raw = _raw(base_config, write_csv, tmp_path, trials=4)
+    raw = _raw(base_config, write_csv, tmp_path, trials=4, pruning=False)  # every trial completes: counted below
     raw["train"]["epochs"] = 1  # most of each worker's time is its start-up: imports, data, audit
     cfg_path = tmp_path / "tune.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))

@@ -45,15 +45,20 @@ def shard_cpu_processes(accelerator, dcfg: DistributedConfig, precision: str) ->
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
-    if dcfg.strategy != "fsdp" or accelerator.num_processes < 2 or accelerator.distributed_type != DistributedType.MULTI_CPU:
+    if accelerator.num_processes < 2 or accelerator.device.type != "cpu":
         return
-    plugin = fsdp_plugin(dcfg)
-    if precision != "fp32":
-        plugin.set_mixed_precision(precision)
-    accelerator.state.distributed_type = DistributedType.FSDP
+    if dcfg.strategy == "fsdp":
+        kind, plugin = DistributedType.FSDP, fsdp_plugin(dcfg)
+        if precision != "fp32":
+            plugin.set_mixed_precision(precision)
+    elif accelerator.distributed_type == DistributedType.FSDP:  # left by an earlier FSDP run in this process
+        kind, plugin = DistributedType.MULTI_CPU, None
+    else:
+        return
+    accelerator.state.distributed_type = kind
     accelerator.state.fsdp_plugin = plugin
     # every AcceleratorState() (Accelerate makes them as it goes) copies the type from the process state again
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = kind
 
 
 def fsdp_plugin(dcfg: DistributedConfig):

@@ -112,7 +112,9 @@ def open_study(storage, name: str, *, direction: str, meta: dict, defaults: dict
 
 
 class FailedTrialsIgnored:
-    """A pruner that judges a trial against the study's trials that did not fail.
+    """A pruner that judges a trial against the study's trials that did not fail, and never stops the defaults'
+    trial (the config's own values run to the end: the search's result is compared with them; the defaults'
+    evaluations are still recorded at each rung, as the later trials' competitors).
 
     Optuna's successive halving compares a trial with every trial that reached the same rung, failed ones included.
     A trial that was interrupted (Ctrl-C, or a killed process failed on --resume) is run again from the start as its
@@ -124,7 +126,8 @@ class FailedTrialsIgnored:
         self.pruner = pruner
 
     def prune(self, study, trial) -> bool:
-        return self.pruner.prune(_WithoutFailed(study), trial)
+        decision = self.pruner.prune(_WithoutFailed(study), trial)
+        return decision and not trial.user_attrs.get("defaults")
 
 
 class _WithoutFailed:
