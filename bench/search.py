@@ -1,6 +1,7 @@
-"""Search: one default run of the demo, then a 20-trial `tuneforge tune` of the same config (TPE, successive-halving
-pruning, the task's default space), one after the other through the CLI a user types; wall time of both, the search's over the
-run's (target <= 5x), and the best trial's validation metric against the defaults' (target: at least as good).
+"""Search: one default run of the demo, a 20-trial `tuneforge tune` of the same config (TPE, successive-halving
+pruning, the task's default space), then the default run again, one after the other through the CLI a user types;
+the search's wall time over the default run's (the mean of the two; target <= 5x), and the best trial's validation
+metric against the defaults' (target: at least as good).
 
     .venv/bin/python bench/search.py                 # examples/sentiment.yaml (MiniLM) -> bench/results_search.json
     .venv/bin/python bench/search.py --trials 40     # a longer search
@@ -63,9 +64,13 @@ def compare(runs: dict) -> dict:
     run, search = runs.get("default_run"), runs.get("search")
     if not run or not search or "error" in run or "error" in search:
         return {"why": "a run is missing or failed"}
-    ratio = search["wall_seconds"] / run["wall_seconds"]
+    after = runs.get("default_run_after")
+    # the default run's wall time varies by a tenth between runs on this machine: measured before and after the
+    # search, the mean is the denominator (both are reported)
+    walls = [run["wall_seconds"]] + ([after["wall_seconds"]] if after and "error" not in after else [])
+    ratio = search["wall_seconds"] / (sum(walls) / len(walls))
     default_val = run["validation_best"]
-    return {"wall_ratio": round(ratio, 2), "target_ratio": TARGET_RATIO, "ratio_met": ratio <= TARGET_RATIO,
+    return {"wall_ratio": round(ratio, 2), "default_run_walls": walls, "target_ratio": TARGET_RATIO, "ratio_met": ratio <= TARGET_RATIO,
             "metric": run["main_metric"], "default_run_validation": default_val,
             "search_defaults_trial_validation": search["defaults_value"], "search_best_validation": search["best_value"],
             "best_at_least_default": search["best_value"] >= default_val,
@@ -90,7 +95,8 @@ def main() -> int:
                                                 if args.smoke else DEFAULT_OUT)
     results = {"bench": "search", "config": str(config), "smoke": args.smoke, "trials": trials, "cpu_info": cpu_info(),
                "note": "a smoke test: a tiny random model, not a measurement" if args.smoke else
-               "one default run, then the search, one after the other on the same machine; wall times include start-up",
+               "one default run, the search, the default run again, one after the other on the same machine; wall times "
+               "include start-up; the ratio is over the mean of the two default runs",
                "runs": {}, "failed": []}
 
     def save() -> None:
@@ -107,6 +113,7 @@ def main() -> int:
     harness.attempt(results, "default_run", default_run, save, update)
     harness.attempt(results, "search", lambda: tune(config, work / "search", trials), save, update,
                     hide=("traceback", "trials_table", "space"))
+    harness.attempt(results, "default_run_after", default_run, save, update)
     print(json.dumps(results["comparison"], indent=2))
     print(f"results: {out_path}")
     return 1 if results["failed"] else 0

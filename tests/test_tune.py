@@ -205,9 +205,9 @@ def test_pruner_is_successive_halving_by_default_median_or_none():
     assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (3, 3)  # prunable from evaluation 3
 
 
-def test_successive_halving_keeps_the_top_third_at_each_rung_against_two_others():
+def test_successive_halving_keeps_the_top_third_at_each_rung_against_three_others():
     """The defaults' trial runs to the end; a later trial goes on past a rung (evaluations 1, 3, 9) only in the top
-    third and against at least two others: the first trial to reach a rung stops there, the weak ones stop at
+    third and against at least three others: the first trials to reach a rung stop there, the weak ones stop at
     evaluation 1 (a quarter epoch of training), the best goes on."""
     from tuneforge.tuning.study import FailedTrialsIgnored
 
@@ -215,7 +215,7 @@ def test_successive_halving_keeps_the_top_third_at_each_rung_against_two_others(
                                 pruner=FailedTrialsIgnored(search.make_pruner(parse_config({"data": {"path": "x"}}).tune)))
     study.enqueue_trial({}, user_attrs={"defaults": True})
     curves = {0: [0.5, 0.6, 0.7, 0.8], 1: [0.4, 0.5, 0.9, 0.9], 2: [0.6, 0.7, 0.8, 0.9], 3: [0.7, 0.8, 0.95, 0.95],
-              4: [0.45, 0.9, 0.9, 0.9]}
+              4: [0.45, 0.9, 0.9, 0.9], 5: [0.8, 0.85, 0.97, 0.97], 6: [0.9, 0.9, 0.99, 0.99]}
     stopped = {}
     for number, curve in curves.items():
         trial = study.ask()
@@ -227,10 +227,10 @@ def test_successive_halving_keeps_the_top_third_at_each_rung_against_two_others(
                 break
         else:
             study.tell(trial, curve[-1])
-    # 1: below the defaults with one other at evaluation 1; 2: best at evaluation 1 of 3, first but one at evaluation 3;
-    # 3: best at both, with enough competitors; 4: below the top third at evaluation 1 (5 trials there: top 1)
-    assert stopped == {1: 1, 2: 3, 4: 1}
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "PRUNED", "COMPLETE", "PRUNED"]
+    # 1, 2: fewer than 4 at evaluation 1; 3: best there of 4, but 2nd at evaluation 3; 4: below the top third at
+    # evaluation 1; 5: top third at evaluation 1, 3rd at evaluation 3; 6: top third at 1, best of 4 at 3: goes on
+    assert stopped == {1: 1, 2: 1, 3: 3, 4: 1, 5: 3}
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] + ["PRUNED"] * 5 + ["COMPLETE"]
     assert isinstance(search.make_pruner(parse_config({"data": {"path": "x"}, "tune": {"pruning": False}}).tune),
                       optuna.pruners.NopPruner)
 
