@@ -259,3 +259,20 @@ def test_two_workers_share_one_postgresql_study(base_config, write_csv, tmp_path
     assert finished  # the worker that finished the last trial wrote the run
     s = json.loads((tmp_path / f"w{finished[0]}" / "metrics.json").read_text())["search"]
     assert (s["trials"], s["complete"], s["trials_that_chose_it"]) == (4, 4, 4)
+
+
+def test_trials_evaluate_eight_times_per_epoch_unless_the_config_says(base_config):
+    """The pruner's clock is the evaluation's number: with train.eval_every 0 each trial evaluates every eighth of
+    its own epoch (the batch size changes the steps, not the fraction); a config's eval_every, or
+    evaluations_per_epoch null, keeps the run's cadence."""
+    from tuneforge.tuning.search import trial_config_with_cadence
+
+    cfg = parse_config(base_config("x.csv", train={"batch_size": 8, "eval_every": 0}))
+    # 100 rows, batch 8: 13 steps per epoch -> every 2 steps; batch 4: 25 steps -> every 4
+    assert trial_config_with_cadence(cfg, {}, 100).train.eval_every == 2
+    assert trial_config_with_cadence(cfg, {"train.batch_size": 4}, 100).train.eval_every == 4
+    assert trial_config_with_cadence(cfg, {"train.learning_rate": 1e-3}, 100).train.learning_rate == 1e-3
+    own = parse_config(base_config("x.csv", train={"batch_size": 8, "eval_every": 5}))
+    assert trial_config_with_cadence(own, {}, 100).train.eval_every == 5
+    off = parse_config(base_config("x.csv", train={"eval_every": 0}) | {"tune": {"evaluations_per_epoch": None}})
+    assert trial_config_with_cadence(off, {}, 100).train.eval_every == 0

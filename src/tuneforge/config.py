@@ -297,6 +297,10 @@ class TuneConfig(_Section):
         "search: see the README); median: MedianPruner, a trial stops when its best so far is below the median of "
         "the finished trials at the same evaluation, after 3 finished trials and prune_warmup evaluations (gentler, "
         "slower).")
+    evaluations_per_epoch: int | None = Field(
+        8, ge=1, description="How often each trial evaluates on validation (the pruner's clock) when train.eval_every "
+        "is 0: 8 = every eighth of an epoch, twice a run's default, so a weak trial is stopped after an eighth of an "
+        "epoch of training (best.yaml keeps the trial's eval_every; evaluating changes no weight); null = the run's.")
     prune_warmup: int = Field(0, ge=0, description="Evaluations every trial gets before it may be pruned (0: "
                               "from its first, a quarter epoch in).")
     space: dict[str, _SpaceSpec] | None = Field(

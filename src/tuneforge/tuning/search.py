@@ -150,7 +150,9 @@ def tune(cfg: RunConfig, *, resume: bool = False, console: Console | None = None
                time.monotonic() + 60 * tc.timeout_minutes if tc.timeout_minutes else None)
     console.print(f"[bold]search[/] study {name} in {redact(url)}: {tc.trials} trials over {', '.join(space)} ({source}); "
                   f"chosen by validation {key.removeprefix('val_')} ({mode}); "
-                  + (f"{tc.pruner} pruning" if tc.pruning else "no pruning") + "; trial 0 runs the config's own values")
+                  + (f"{tc.pruner} pruning" if tc.pruning else "no pruning")
+                  + (f" at {tc.evaluations_per_epoch} evaluations per epoch" if tc.evaluations_per_epoch and not cfg.train.eval_every else "")
+                  + "; trial 0 runs the config's own values")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
@@ -221,7 +223,7 @@ def _run_trial(s: Search, trial) -> None:
     shown = ", ".join(f"{k.removeprefix('train.')} {fmt_value(v)}" for k, v in params.items())
     t0 = time.perf_counter()
     try:
-        cfg = trial_config(s.cfg, params, source=f"trial {trial.number}")
+        cfg = _trial_config(s, params, source=f"trial {trial.number}")
     except ConfigError as err:  # a combination the schema's cross-checks refuse: reported, pruned, not run
         reason = " ".join(err.message.splitlines()[1:]).strip(" -") or err.message
         trial.set_user_attr("note", f"invalid combination: {reason}")
@@ -283,6 +285,25 @@ def _run_trial(s: Search, trial) -> None:
     _report(s, trial.number, "COMPLETE", value, shown, t0, "")
 
 
+def _trial_config(s: Search, params: dict, **kwargs) -> RunConfig:
+    """A trial's config: the search's with the trial's values, evaluating tune.evaluations_per_epoch times per epoch
+    of the trial's own steps when train.eval_every is 0 (the pruner's clock is the evaluation's number: an eighth
+    of an epoch each, whatever the batch size)."""
+    return trial_config_with_cadence(s.cfg, params, lambda: len(s.prep.ids["train"]), **kwargs)
+
+
+def trial_config_with_cadence(cfg: RunConfig, params: dict, n_train, **kwargs) -> RunConfig:
+    """`n_train`: the training rows, or a function giving them (asked only when the cadence is needed)."""
+    from tuneforge.training.loop import plan_steps
+
+    trial = trial_config(cfg, params, **kwargs)
+    per_epoch_evals = cfg.tune.evaluations_per_epoch
+    if not per_epoch_evals or trial.train.eval_every:
+        return trial
+    per_epoch = plan_steps(n_train() if callable(n_train) else n_train, trial.train)[0]
+    return trial_config(cfg, {**params, "train.eval_every": max(1, math.ceil(per_epoch / per_epoch_evals))}, **kwargs)
+
+
 def _send(s: Search, message: dict | None) -> None:
     """Rank 0 to the processes following it (none without torchrun): the next trial, the final run, or stop."""
     if s.accelerator.num_processes > 1:
@@ -313,7 +334,7 @@ def _follow(s: Search) -> None:
         message = broadcast_from_main(s.accelerator, None)
         if message is None:
             return
-        cfg = trial_config(s.cfg, message["params"], source=f"trial {message.get('trial', 'best')}")
+        cfg = _trial_config(s, message["params"], source=f"trial {message.get('trial', 'best')}")
 
         def progress(step: int, total: int, row: dict | None) -> None:
             if row is not None and "trial" in message and _agree(s, False):
@@ -391,7 +412,7 @@ def _train_best(s: Search, resume: bool, timed_out: bool) -> dict:
     from tuneforge.pipeline import estimate_cost, finalize, fit
 
     best = s.study.best_trial
-    cfg = trial_config(s.cfg, best.params, output_dir=str(s.out), source=f"trial {best.number}")
+    cfg = _trial_config(s, best.params, output_dir=str(s.out), source=f"trial {best.number}")
     prep, metric = s.prep, s.key.removeprefix("val_")
     if s.kept and s.kept[0] == best.number:
         fitted, retrained = s.kept[1], False
