@@ -67,7 +67,7 @@ def make_pruner(tune_cfg):
     step, so trials with other batch sizes compare; every trial evaluates each quarter epoch).
 
     halving (default): successive halving; a trial reaching evaluation prune_warmup+1 (then 3x, 9x ... that) goes on
-    only in the top third of the trials that got there, and only against at least three others (bootstrap_count 3:
+    only in the top third of the trials that got there, and only against at least two others (bootstrap_count 2:
     one search runs its trials one after another, so the first to reach a rung would otherwise go on for want of
     competitors: in the demo trials 1 and 2 went on past every rung so, and trial 2, a full fine-tune of 4 epochs,
     cost more than a whole run on its own). The bulk
@@ -82,7 +82,7 @@ def make_pruner(tune_cfg):
     first = tune_cfg.prune_warmup + 1  # the first evaluation at which a trial may be pruned
     if tune_cfg.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first)
-    return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3, bootstrap_count=3)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3, bootstrap_count=2)
 
 
 def _sampler_factory(total: int):
