@@ -197,25 +197,27 @@ def test_default_spaces_come_from_the_task_and_hold_the_config_values(base_confi
 
 def test_pruner_is_successive_halving_by_default_median_or_none():
     pruner = search.make_pruner(parse_config({"data": {"path": "x"}}).tune)
-    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
-    assert (pruner._min_resource, pruner._reduction_factor) == (1, 3)
+    assert isinstance(pruner, search.FirstRungCompany) and (pruner.first, pruner.others) == (1, 2)
+    assert isinstance(pruner.halving, optuna.pruners.SuccessiveHalvingPruner)
+    assert (pruner.halving._min_resource, pruner.halving._reduction_factor, pruner.halving._bootstrap_count) == (1, 3, 0)
     cfg = parse_config({"data": {"path": "x"}, "tune": {"pruner": "median", "prune_warmup": 2}})
     pruner = search.make_pruner(cfg.tune)
     assert isinstance(pruner, optuna.pruners.MedianPruner)
     assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (3, 3)  # prunable from evaluation 3
 
 
-def test_successive_halving_keeps_the_top_third_at_each_rung_against_three_others():
+def test_successive_halving_keeps_the_top_third_and_needs_company_at_the_first_rung():
     """The defaults' trial runs to the end; a later trial goes on past a rung (evaluations 1, 3, 9) only in the top
-    third and against at least three others: the first trials to reach a rung stop there, the weak ones stop at
-    evaluation 1 (a quarter epoch of training), the best goes on."""
+    third (the best while fewer than three got there), and past the first only with two others there: the first
+    trial after the defaults stops at evaluation 1, the weak ones too (an eighth of an epoch of training), a trial
+    that beats the defaults at a later rung goes on although it is the first to reach it."""
     from tuneforge.tuning.study import FailedTrialsIgnored
 
     study = optuna.create_study(direction="maximize",
                                 pruner=FailedTrialsIgnored(search.make_pruner(parse_config({"data": {"path": "x"}}).tune)))
     study.enqueue_trial({}, user_attrs={"defaults": True})
-    curves = {0: [0.5, 0.6, 0.7, 0.8], 1: [0.4, 0.5, 0.9, 0.9], 2: [0.6, 0.7, 0.8, 0.9], 3: [0.7, 0.8, 0.95, 0.95],
-              4: [0.45, 0.9, 0.9, 0.9], 5: [0.8, 0.85, 0.97, 0.97], 6: [0.9, 0.9, 0.99, 0.99]}
+    curves = {0: [0.5, 0.6, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], 1: [0.55] + [0.9] * 8, 2: [0.6, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.85],
+              3: [0.7, 0.7, 0.75, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8], 4: [0.45] + [0.9] * 8, 5: [0.8, 0.8, 0.6] + [0.9] * 6}
     stopped = {}
     for number, curve in curves.items():
         trial = study.ask()
@@ -227,10 +229,11 @@ def test_successive_halving_keeps_the_top_third_at_each_rung_against_three_other
                 break
         else:
             study.tell(trial, curve[-1])
-    # 1, 2: fewer than 4 at evaluation 1; 3: best there of 4, but 2nd at evaluation 3; 4: below the top third at
-    # evaluation 1; 5: top third at evaluation 1, 3rd at evaluation 3; 6: top third at 1, best of 4 at 3: goes on
-    assert stopped == {1: 1, 2: 1, 3: 3, 4: 1, 5: 3}
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] + ["PRUNED"] * 5 + ["COMPLETE"]
+    # 1: above the defaults at evaluation 1, but only one other there; 2: best of 3 at evaluation 1, above the defaults
+    # at 3 and 9, the first after them at both: goes on; 3: best of 4 at evaluation 1, below trial 2 at 3; 4: below
+    # the top third at evaluation 1; 5: in the top two of 6 at evaluation 1, then last at 3
+    assert stopped == {1: 1, 3: 3, 4: 1, 5: 3}
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "COMPLETE", "PRUNED", "PRUNED", "PRUNED"]
     assert isinstance(search.make_pruner(parse_config({"data": {"path": "x"}, "tune": {"pruning": False}}).tune),
                       optuna.pruners.NopPruner)
 

@@ -293,7 +293,7 @@ class TuneConfig(_Section):
     pruner: Literal["halving", "median"] = Field(
         "halving", description="halving: successive halving (Optuna's SuccessiveHalvingPruner, reduction factor 3): "
         "at evaluations prune_warmup+1, 3x that, 9x that, ... a trial goes on only if it is in the top third of the "
-        "trials that reached the same evaluation, at least 3 others, so most trials cost a fraction of a run (the demo's 20-trial "
+        "trials that reached the same evaluation, at least 2 others, so most trials cost a fraction of a run (the demo's 20-trial "
         "search: see the README); median: MedianPruner, a trial stops when its best so far is below the median of "
         "the finished trials at the same evaluation, after 3 finished trials and prune_warmup evaluations (gentler, "
         "slower).")

@@ -67,12 +67,13 @@ def make_pruner(tune_cfg):
     step, so trials with other batch sizes compare; every trial evaluates each quarter epoch).
 
     halving (default): successive halving; a trial reaching evaluation prune_warmup+1 (then 3x, 9x ... that) goes on
-    only in the top third of the trials that got there, and only against at least two others (bootstrap_count 2:
-    one search runs its trials one after another, so the first to reach a rung would otherwise go on for want of
-    competitors: in the demo trials 1 and 2 went on past every rung so, and trial 2, a full fine-tune of 4 epochs,
-    cost more than a whole run on its own). The bulk
-    of a search's trials then cost one evaluation's worth of training, which is what lets a 20-trial search stay
-    within a few runs' time. The defaults' trial is never pruned (study.FailedTrialsIgnored).
+    only in the top third of the trials that got there (the best of them while there are fewer than three). At the
+    first rung it also needs two others there (`FirstRungCompany`): one search runs its trials one after another, so
+    the first trials would otherwise go on for want of competitors, and that rung is where most trials stop. Later
+    rungs take no such count: the first trial to reach one goes on if it beats the defaults there (in a measured
+    run, a count at every rung stopped the best trial at evaluation 9 and the search found nothing). The bulk of a
+    search's trials then cost one evaluation's worth of training, which is what lets a 20-trial search stay within
+    a few runs' time. The defaults' trial is never pruned (study.FailedTrialsIgnored).
     median: MedianPruner after 3 finished trials, from evaluation prune_warmup+1; it needs no notion of budget and
     prunes less (a trial must fall below the median), so a search costs more."""
     import optuna
@@ -82,7 +83,25 @@ def make_pruner(tune_cfg):
     first = tune_cfg.prune_warmup + 1  # the first evaluation at which a trial may be pruned
     if tune_cfg.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first)
-    return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3, bootstrap_count=2)
+    return FirstRungCompany(optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3), first)
+
+
+class FirstRungCompany:
+    """Successive halving, and at its first rung (evaluation `first`) a trial goes on only with at least `others`
+    other trials there: what Optuna's bootstrap_count does, but at that rung alone."""
+
+    RUNG = "completed_rung_0"  # where Optuna's successive halving keeps each trial's value at its first rung
+
+    def __init__(self, halving, first: int, others: int = 2):
+        self.halving, self.first, self.others = halving, first, others
+
+    def prune(self, study, trial) -> bool:
+        if self.halving.prune(study, trial):  # records the trial's value at the rung it reached
+            return True
+        if trial.last_step != self.first:
+            return False
+        there = sum(1 for t in study.get_trials(deepcopy=False) if t.number != trial.number and self.RUNG in t.system_attrs)
+        return there < self.others
 
 
 def _sampler_factory(total: int):
