@@ -147,8 +147,8 @@ def test_two_processes_train_the_recipe_of_one(pair):
     m2, r2 = _results(pair["two"])
     # the same plan and steps: each process takes half of every batch, the global batch stays train.batch_size
     assert r2["steps"] == r1["steps"] and r2["resolved"] | {"processes": 1} == r1["resolved"]
-    assert r2["distributed"] == {"processes": 2, "strategy": "ddp", "sharded": False, "backend": "gloo",
-                                 "threads_per_process": 1}
+    assert r2["distributed"] == {"processes": 2, "strategy": "ddp", "sharded": False, "weights_held_per_process": 1.0,
+                                 "backend": "gloo", "threads_per_process": 1}
     assert r1["distributed"]["processes"] == 1
     h1, h2 = m1["validation"]["history"], m2["validation"]["history"]
     assert [h["step"] for h in h1] == [h["step"] for h in h2]
