@@ -175,13 +175,19 @@ def test_only_rank_0_reads_audits_and_writes(pair):
     assert pair["proc"].stdout.count("data audit") == 1  # one process talks
 
 
-def test_without_dropout_two_processes_match_one_exactly(tmp_path, tiny_model_dir, base_config, write_csv):
-    """The slices' weighted losses give the whole batch's gradient: with no dropout, fp32 and a batch that does not
-    split evenly (7 rows: 4 + 3, the epoch's last batch 3 + 2) two processes follow one to float rounding."""
+def _without_dropout(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny BERT with no dropout: one process and several then draw nothing at random."""
     model = tmp_path / "nodrop"
     shutil.copytree(tiny_model_dir, model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps(config | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+    return model
+
+
+def test_without_dropout_two_processes_match_one_exactly(tmp_path, tiny_model_dir, base_config, write_csv):
+    """The slices' weighted losses give the whole batch's gradient: with no dropout, fp32 and a batch that does not
+    split evenly (7 rows: 4 + 3, the epoch's last batch 3 + 2) two processes follow one to float rounding."""
+    model = _without_dropout(tiny_model_dir, tmp_path)
     data = write_csv(make_rows(160))
     sections = {"model": {"name": str(model), "max_length": 32},
                 "train": {"method": "full", "batch_size": 7, "precision": "fp32", "grad_accum": 2, "eval_every": 3}}
@@ -233,10 +239,7 @@ def test_a_search_with_two_processes_runs_the_trials_of_one_and_rank_1_writes_no
 
     from tuneforge.tuning import search
 
-    model = tmp_path / "nodrop"
-    shutil.copytree(tiny_model_dir, model)
-    config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps(config | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+    model = _without_dropout(tiny_model_dir, tmp_path)
     data = write_csv(make_rows(80))
     sections = {"model": {"name": str(model), "max_length": 32}, "audit": {"label_issues": False},
                 "train": {"method": "full", "epochs": 2, "precision": "fp32", "eval_every": 2},
@@ -287,10 +290,7 @@ def test_fsdp_on_two_cpu_processes_shards_the_weights_and_trains_the_recipe_of_o
     the losses follow one process's (no dropout, fp32), and model/ is the whole model, loaded by plain transformers."""
     from transformers import AutoModelForSequenceClassification
 
-    model = tmp_path / "nodrop"
-    shutil.copytree(tiny_model_dir, model)
-    config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps(config | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+    model = _without_dropout(tiny_model_dir, tmp_path)
     data = write_csv(make_rows(160))
     sections = {"model": {"name": str(model), "max_length": 32},
                 "train": {"method": "full", "batch_size": 8, "precision": "fp32", "eval_every": 3}}

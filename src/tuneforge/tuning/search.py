@@ -64,7 +64,8 @@ class Search:
 
 def make_pruner(tune_cfg):
     """The pruner of tune.pruner, judging each trial's validation metric by evaluation number, 1 for the first (not
-    step, so trials with other batch sizes compare; every trial evaluates each quarter epoch).
+    step, so trials with other batch sizes compare; every trial evaluates each eighth of its epoch by default,
+    tune.evaluations_per_epoch).
 
     halving (default): successive halving; a trial reaching evaluation prune_warmup+1 (then 3x, 9x ... that) goes on
     only in the top third of the trials that got there (the best of them while there are fewer than three). At the
