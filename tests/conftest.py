@@ -26,6 +26,25 @@ def stop_process(proc) -> None:
         proc.wait()
 
 
+def wait_ready(base_url: str, proc, output, timeout: float = 60) -> None:
+    """Poll a server process's /ready until it answers 200; fail with its output (`output()`) if it exits first or
+    is not ready within `timeout` seconds."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base_url}/ready", timeout=1, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            pytest.fail("server exited: " + output())
+    pytest.fail("server did not become ready: " + output())
+
+
 def make_rows(n: int, seed: int = 0) -> list[dict]:
     """Review-like rows whose label follows its sentiment words; `topic` is a column that is not an input."""
     rng = random.Random(seed)

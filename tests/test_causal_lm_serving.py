@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from test_causal_lm_pipeline import pair_rows
-from conftest import stop_process
+from conftest import stop_process, wait_ready
 
 openai = pytest.importorskip("openai")
 
@@ -66,17 +66,7 @@ def server(lm_run, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, timeout=30, trust_env=False)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if http.get("/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-            if proc.poll() is not None:
-                pytest.fail("server exited: " + (d / "server.log").read_text())
-        else:
-            pytest.fail("server did not become ready")
+        wait_ready(base, proc, lambda: (d / "server.log").read_text())
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0,
                                http_client=openai.DefaultHttpxClient(trust_env=False))
         yield SimpleNamespace(client=client, http=http, hold=hold, log=d / "log.sqlite", run=lm_run)

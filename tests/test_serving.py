@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -309,6 +308,8 @@ def _free_port() -> int:
 
 
 def test_real_server_process_answers_concurrent_requests(served_run, tmp_path):
+    from conftest import wait_ready
+
     port = _free_port()
     env = {**os.environ, "TF_TEST_KEY": KEY, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "serve", str(served_run), "--port", str(port), "--force",
@@ -317,15 +318,7 @@ def test_real_server_process_answers_concurrent_requests(served_run, tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            pytest.fail("server did not become ready: " + proc.stdout.read1().decode())
+        wait_ready(base, proc, lambda: proc.stdout.read1().decode())
 
         from conftest import make_rows
         from tuneforge.tasks.classification.predictor import Predictor

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from tuneforge.serving.app import ServeSettings, create_app, run_predictor
 from tuneforge.serving.monitor import load_reference
-from conftest import stop_process
+from conftest import stop_process, wait_ready
 
 schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
@@ -283,16 +283,7 @@ def test_slow_stalled_and_huge_clients_on_a_live_server(served_run, tmp_path):
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5, trust_env=False)
     sockets = []
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if http.get("/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-        else:
-            pytest.fail("server did not become ready")
+        wait_ready(f"http://127.0.0.1:{port}", proc, lambda: (tmp_path / "server.log").read_text())
 
         half_headers = _open(port, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
         stalled = _open(port, _headers(port, "Content-Length: 50\r\n") + b'{"texts": [')  # never finishes its body

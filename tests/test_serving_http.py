@@ -6,12 +6,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import stop_process
+from conftest import stop_process, wait_ready
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CURL_PREFIX = 'curl -s -H "Authorization: Bearer change-me"'
@@ -40,17 +38,7 @@ def test_readme_curl_example_gets_a_prediction(served_run, tmp_path):
                              "--host", "127.0.0.1", "--force", "--monitor-url", f"sqlite:///{tmp_path / 'log.sqlite'}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-            if proc.poll() is not None:
-                pytest.fail("server exited: " + proc.stdout.read().decode())
-        else:
-            pytest.fail("server did not become ready")
+        wait_ready(f"http://127.0.0.1:{port}", proc, lambda: proc.stdout.read1().decode())
 
         argv = shlex.split(line.replace("localhost:8000", f"127.0.0.1:{port}"))
         curl_env = {**os.environ, "NO_PROXY": "*", "no_proxy": "*"}  # straight to the loopback server
