@@ -121,18 +121,13 @@ def main() -> int:
     threads = args.threads or usable_cores()
     work = Path(tempfile.mkdtemp(prefix="tuneforge-bench-distributed-"))
     config = smoke_config(work) if args.smoke else Path(args.config)
-    out_path = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "tuneforge_distributed_smoke.json"
-                                                if args.smoke else DEFAULT_OUT)
+    out_path = harness.output_path(args.out, args.smoke, "tuneforge_distributed_smoke.json", DEFAULT_OUT)
     results = {"bench": "distributed", "config": str(config), "smoke": args.smoke, "cpu_info": cpu_info(),
                "note": "a smoke test: a tiny random model, not a measurement" if args.smoke else
                "one run after the other on the same machine; samples/s are tuneforge's optimizer-step times",
                "runs": {}, "failed": []}
 
-    def save() -> None:
-        harness.write_json(out_path, results)
-
-    def update() -> None:
-        results["comparison"] = compare(results["runs"])
+    save, update = harness.recorder(out_path, results, compare)
 
     per_process = max(1, threads // args.nproc)
     harness.attempt(results, "one_process", lambda: train(config, work / "one", 1, threads), save, update)

@@ -31,3 +31,23 @@ def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)  # a crash mid-write never leaves a torn file
+
+
+def output_path(out: str | None, smoke: bool, smoke_name: str, default: Path) -> Path:
+    """Where a bench writes its results: --out, else a file in the temp folder for a smoke run, else `default`."""
+    import tempfile
+
+    if out:
+        return Path(out)
+    return Path(tempfile.gettempdir()) / smoke_name if smoke else default
+
+
+def recorder(path: Path, results: dict, compare: Callable[[dict], dict]) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(save, update) for `attempt`: write `results` to `path`; refresh results["comparison"] from its runs."""
+    def save() -> None:
+        write_json(path, results)
+
+    def update() -> None:
+        results["comparison"] = compare(results["runs"])
+
+    return save, update

@@ -91,19 +91,14 @@ def main() -> int:
     trials = args.trials or (4 if args.smoke else 20)
     work = Path(tempfile.mkdtemp(prefix="tuneforge-bench-search-"))
     config = smoke_config(work) if args.smoke else Path(args.config)
-    out_path = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "tuneforge_search_smoke.json"
-                                                if args.smoke else DEFAULT_OUT)
+    out_path = harness.output_path(args.out, args.smoke, "tuneforge_search_smoke.json", DEFAULT_OUT)
     results = {"bench": "search", "config": str(config), "smoke": args.smoke, "trials": trials, "cpu_info": cpu_info(),
                "note": "a smoke test: a tiny random model, not a measurement" if args.smoke else
                "one default run, the search, the default run again, one after the other on the same machine; wall times "
                "include start-up; the ratio is over the mean of the two default runs",
                "runs": {}, "failed": []}
 
-    def save() -> None:
-        harness.write_json(out_path, results)
-
-    def update() -> None:
-        results["comparison"] = compare(results["runs"])
+    save, update = harness.recorder(out_path, results, compare)
 
     def default_run() -> dict:
         r = train(config, work / "default", 1, usable_cores())
