@@ -45,14 +45,18 @@ def injected(tmp_path):
     pd.DataFrame(train).to_csv(tmp_path / "train.csv", index=False)
     pd.DataFrame(test).to_csv(tmp_path / "test.csv", index=False)
     return {"dir": tmp_path, "flipped": flipped, "copies": list(range(600, 650)), "near": list(range(650, 680)),
-            "originals": originals}
+            "originals": originals, "copied_test": copied_test}
 
 
-def _audit(tmp_path, tokenizer=None, dedupe="exact", **audit_cfg):
+def _prepared_and_audit(tmp_path, dedupe="exact", **audit_cfg):
+    acfg = AuditConfig(**audit_cfg)
     cfg = DataConfig(path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"), dedupe=dedupe)
-    data = prepare_data(cfg, ClassificationTaskConfig())
-    cfg = AuditConfig(**audit_cfg)
-    return audit(data.splits, data.report["removed"], None, 32, cfg, task_sections=sections(data.splits, False, cfg, 0))
+    data = prepare_data(cfg, ClassificationTaskConfig(), leakage=acfg.leakage)
+    return data, audit(data.splits, data.report["removed"], None, 32, acfg, task_sections=sections(data.splits, False, acfg, 0))
+
+
+def _audit(tmp_path, dedupe="exact", **audit_cfg):
+    return _prepared_and_audit(tmp_path, dedupe, **audit_cfg)[1]
 
 
 def _rows_in(groups, file_name):
@@ -60,7 +64,7 @@ def _rows_in(groups, file_name):
 
 
 def test_injected_problems_are_found(injected):
-    report = _audit(injected["dir"])
+    report = _audit(injected["dir"], leakage="block")
     leak = report["leakage"]
     assert leak["severity"] == "blocking"
     leaked_train_rows = _rows_in([g for g in leak["groups"] if g["kind"] == "exact"], "train.csv")
@@ -77,7 +81,7 @@ def test_injected_problems_are_found(injected):
 
 def test_normalised_cleaning_reports_near_copies_once(injected):
     """With the default cleaning, case/punctuation copies are dropped before the split, each reported once."""
-    report = _audit(injected["dir"], dedupe="normalised")
+    report = _audit(injected["dir"], dedupe="normalised", leakage="block")
     dropped = [r for r in report["cleaning"]["removed"] if r["reason"] == "duplicate"]
     assert {r["row"] for r in dropped} == set(injected["near"])
     audited = _rows_in(report["duplicates"]["normalised_exact"] + report["duplicates"]["near"] + report["leakage"]["groups"], "train.csv")
@@ -94,7 +98,58 @@ def test_clean_data_has_no_leakage_or_duplicates(injected):
 
 
 def test_allow_leakage_downgrades_to_warning(injected):
-    assert _audit(injected["dir"], allow_leakage=True)["leakage"]["severity"] == "warning"
+    for alias in ({"allow_leakage": True}, {"leakage": "allow"}):
+        data, report = _prepared_and_audit(injected["dir"], **alias)
+        assert report["leakage"]["severity"] == "warning" and report["leakage"]["mode"] == "allow"
+        assert len(data.splits.train) + len(data.splits.val) == 680  # nothing left out: it trains on the copies
+        in_training = {r["row"] for r in report["leakage"]["test_rows_in_training"]}
+        copy_of = dict(zip(injected["copies"], injected["copied_test"]))
+        trained = {copy_of[r] for r in data.splits.train.rows if r in copy_of}  # some copies land in validation
+        assert len(trained) > 30 and in_training == trained  # what the clean-subset metrics leave out
+
+
+def test_default_leaves_copies_of_test_rows_out_of_training_and_keeps_the_test_file_whole(injected):
+    data, report = _prepared_and_audit(injected["dir"])
+    left_out = [r for r in data.report["removed"] if r["reason"] == "held_out_copy"]
+    # each of the 50 copied rows, matched to the very test row it copies
+    assert {r["row"]: r["matches"]["row"] for r in left_out} == dict(zip(injected["copies"], injected["copied_test"]))
+    assert all(r["matches"]["split"] == "test" and r["matches"]["kind"] == "exact" for r in left_out)
+    assert data.report["decontamination"]["rows_left_out"] == 50
+    assert len(data.splits.test) == 150 and len(data.splits.train) + len(data.splits.val) == 630
+    assert report["leakage"]["groups"] == [] and report["leakage"]["severity"] == "info"
+    assert report["decontamination"]["severity"] == "warning" and report["decontamination"]["count"] == 50
+    assert not any(r["reason"] == "held_out_copy" for r in report["cleaning"]["removed"])  # listed once
+
+
+def test_near_copies_of_test_rows_are_left_out_too(tmp_path):
+    rng = random.Random(3)
+    test = [{"text": _text(rng, lab), "label": lab} for lab in ["pos", "neg"] * 20]
+    train = [{"text": _text(rng, lab), "label": lab} for lab in ["pos", "neg"] * 100]
+    # row 200: test row 7 (30 words) with its last word swapped: 57 of 61 word 1-2-grams shared (Jaccard 0.93)
+    test[7]["text"] = " ".join(rng.sample(VOCAB, 28) + ["good", "great"])
+    near = test[7]["text"].split()
+    near[-1] = "swapped"
+    train += [{"text": " ".join(near), "label": test[7]["label"]}, {"text": _text(rng, "pos"), "label": "pos"}]
+    pd.DataFrame(train).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(test).to_csv(tmp_path / "test.csv", index=False)
+    data, report = _prepared_and_audit(tmp_path)
+    left_out = [r for r in data.report["removed"] if r["reason"] == "held_out_copy"]
+    assert [(r["row"], r["matches"]["row"], r["matches"]["kind"]) for r in left_out] == [(200, 7, "near")]
+    assert left_out[0]["matches"]["similarity"] == pytest.approx(57 / 61, abs=1e-4)
+
+
+def test_a_test_file_is_scored_as_given_with_its_duplicates_reported(tmp_path):
+    rng = random.Random(4)
+    train = [{"text": _text(rng, lab), "label": lab} for lab in ["pos", "neg"] * 100]
+    test = [{"text": _text(rng, lab), "label": lab} for lab in ["pos", "neg"] * 20]
+    test += [dict(test[0]), {"text": test[1]["text"].upper(), "label": test[1]["label"]}]  # an exact and a case copy
+    pd.DataFrame(train).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(test).to_csv(tmp_path / "test.csv", index=False)
+    data, report = _prepared_and_audit(tmp_path, dedupe="normalised")
+    assert len(data.splits.test) == 42 and data.splits.test.rows == list(range(42))
+    assert not [r for r in data.report["removed"] if r["file"].endswith("test.csv")]
+    test_dups = [g for g in report["duplicates"]["normalised_exact"] if g["split"] == "test"]
+    assert sorted(sorted(r["row"] for r in g["rows"]) for g in test_dups) == [[0, 40], [1, 41]]
 
 
 def test_normalise_and_near_pairs():
@@ -130,12 +185,13 @@ def test_truncation_class_balance_and_outliers(tmp_path, tiny_model_dir):
 def test_audit_command_and_run_refusal(injected, tiny_model_dir, capsys):
     d = injected["dir"]
     quick = ["--data", str(d / "train.csv"), "--text-column", "text", "--label-column", "label",
-             "--test-data", str(d / "test.csv"), "--model", str(tiny_model_dir), "--output", str(d / "out")]
+             "--test-data", str(d / "test.csv"), "--model", str(tiny_model_dir), "--leakage", "block",
+             "--output", str(d / "out")]
     assert main(["audit", *quick]) == 3
     report = json.loads((d / "out" / "audit.json").read_text())
     assert report["summary"]["worst"] == "blocking"
     capsys.readouterr()
     assert main(["run", *quick[:-1], str(d / "run")]) == 3
     err = capsys.readouterr().err
-    assert "train.csv row 6" in err and "audit.allow_leakage" in err and "Traceback" not in err
+    assert "train.csv row 6" in err and "audit.leakage: drop" in err and "Traceback" not in err
     assert not (d / "run").exists()

@@ -37,8 +37,9 @@ def _split_of_rows(data) -> dict[int, str]:
     return {row: name for name, ex in data.splits.items() for row in ex.rows}
 
 
-def _prepare(path, seed=42, **data):
-    return prepare_data(DataConfig(path=str(path), seed=seed, dedupe="exact", **data), ClassificationTaskConfig())
+def _prepare(path, seed=42, leakage="drop", **data):
+    return prepare_data(DataConfig(path=str(path), seed=seed, dedupe="exact", **data), ClassificationTaskConfig(),
+                        leakage=leakage)
 
 
 def test_no_family_straddles_two_splits_and_labels_stay_stratified(tmp_path):
@@ -101,19 +102,26 @@ def test_the_audit_finds_no_leakage_in_a_carved_split_but_a_row_level_split_woul
     assert leaked["severity"] == "blocking" and leaked["held_out_rows_leaked"] > 0
 
 
-def test_a_user_supplied_test_file_that_leaks_stays_blocking(tmp_path):
+def test_a_user_supplied_test_file_that_leaks_is_decontaminated_or_blocks(tmp_path):
     path, rows, family_of = _planted(tmp_path)
     fam_rows = [r for r, f in family_of.items() if f == 0]
     test = [{"text": rows[fam_rows[0]]["text"] + " extra", "label": rows[fam_rows[0]]["label"]}]
     test += [{"text": " ".join(random.Random(500 + i).sample(VOCAB, 20)), "label": "ham"} for i in range(30)]
     test += [{"text": " ".join(random.Random(600 + i).sample(VOCAB, 20)), "label": "spam"} for i in range(30)]
     pd.DataFrame(test).to_csv(tmp_path / "test.csv", index=False)
-    data = _prepare(path, test_path=str(tmp_path / "test.csv"))
-    report = audit(data.splits, [], None, 32, AuditConfig(), duplicates_graph=data.duplicates)
+    # block: the family copies the test row, the audit stops the run
+    data = _prepare(path, test_path=str(tmp_path / "test.csv"), leakage="block")
+    report = audit(data.splits, [], None, 32, AuditConfig(leakage="block"), duplicates_graph=data.duplicates)
     assert report["leakage"]["severity"] == "blocking"
     leaked_test_rows = {r["row"] for g in report["leakage"]["groups"] for r in g["rows"] if r["split"] == "test"}
     assert leaked_test_rows == {0}
     assert data.report["test_source"] == "file"
+    # drop (the default): the family's rows (each a near copy of test row 0) are left out; nothing leaks
+    data = _prepare(path, test_path=str(tmp_path / "test.csv"))
+    left_out = {r["row"]: r["matches"]["row"] for r in data.report["removed"] if r["reason"] == "held_out_copy"}
+    assert left_out == {r: 0 for r in fam_rows}
+    report = audit(data.splits, [], None, 32, AuditConfig(), duplicates_graph=data.duplicates)
+    assert report["leakage"]["severity"] == "info" and len(data.splits.test) == 61
 
 
 @pytest.mark.parametrize("multi_label", [False, True])

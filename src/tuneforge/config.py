@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag, ValidationError,
+                      model_validator)
 
 from tuneforge.errors import ConfigError
 
@@ -23,10 +24,18 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    path: str = Field(..., description="Data file (CSV, JSONL, Parquet; .gz/.bz2/.xz allowed). "
+    path: str = Field(..., description="Data file (CSV, JSONL, Parquet, Excel .xlsx/.xlsm; .gz/.bz2/.xz allowed). "
                       "'pkg:PACKAGE/rel/path' reads a file shipped inside an installed package.")
-    test_path: str | None = Field(None, description="A separate test file; when set, no test split is carved out.")
-    format: Literal["auto", "csv", "jsonl", "parquet"] = Field("auto", description="auto = from the file suffix.")
+    test_path: str | None = Field(None, description="A separate test file; when set, no test split is carved out. It is "
+                                  "scored as given, every row (its duplicates are reported, not removed); training rows "
+                                  "that copy one of its rows are handled by audit.leakage.")
+    val_path: str | None = Field(None, description="A separate validation file; when set, no validation split is carved "
+                                 "out. Taken as given, like test_path.")
+    format: Literal["auto", "csv", "jsonl", "parquet", "xlsx"] = Field("auto", description="auto = from the file suffix.")
+    sheet: StrictStr | StrictInt | None = Field(
+        None, description="Excel files (.xlsx/.xlsm) only: the sheet to read, by name or 0-based index; null = the first "
+        "sheet. Its first row is the header; cells are read as a CSV's are (as text, empty cells empty), and rows are "
+        "numbered as in a CSV (data row 0 is the sheet's row 2). Applies to data.path, test_path and val_path alike.")
     encoding: str = Field("utf-8", description="Text encoding of CSV/JSONL files.")
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("label", description="Column holding the label(s).")
@@ -219,12 +228,32 @@ class EvalConfig(_Section):
 
 class AuditConfig(_Section):
     near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity of word 1-2-grams above which two texts are near-duplicates.")
-    allow_leakage: bool = Field(False, description="Let `run` train although held-out rows also sit in training (reported as a warning).")
+    leakage: Literal["drop", "block", "allow"] = Field(
+        "drop", description="Training rows that copy (exactly or nearly) a row of the validation or test file you "
+        "supply: drop = leave them out of training, each listed in data_report.json with the row it matches (your "
+        "test file stays as given, so its score compares with anyone else's); block = stop the run (exit 3) naming "
+        "them; allow = train on them, with the test metrics also given on the test rows that were not in training. "
+        "Splits tuneforge carves are leak-free by construction.")
     label_issues: bool = Field(True, description="Rank likely label errors (cleanlab on out-of-fold TF-IDF probabilities).")
     label_issue_folds: int = Field(5, ge=2, le=20)
     min_train_rows_per_class: int = Field(20, ge=1, description="Warn when a class has fewer training rows: too few to learn.")
     min_test_rows_per_class: int = Field(10, ge=1, description="Warn when a class has fewer test rows: too few to test.")
     max_imbalance_ratio: float = Field(10.0, gt=1.0, description="Warn when largest/smallest class in train exceeds this.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allow_leakage_alias(cls, values: Any) -> Any:
+        # audit.allow_leakage (before audit.leakage existed): true = allow, false = the default
+        if isinstance(values, dict) and "allow_leakage" in values:
+            values = dict(values)
+            allow = values.pop("allow_leakage")
+            if not isinstance(allow, bool):
+                raise ValueError(f"allow_leakage must be true or false (got {allow!r}); audit.leakage: drop | block | allow replaces it")
+            if allow:
+                if values.get("leakage", "allow") != "allow":
+                    raise ValueError(f"audit.allow_leakage: true contradicts audit.leakage: {values['leakage']}; keep audit.leakage only")
+                values["leakage"] = "allow"
+        return values
 
 
 class OutputConfig(_Section):

@@ -131,7 +131,8 @@ def prepare(cfg: RunConfig, console: Console) -> Prepared:
     check_audit(audit_report)
     console.print(f"[bold]data[/] {len(splits.train)} train / {len(splits.val)} validation / {len(splits.test)} test rows, "
                   f"{task.describe_space(space)}; {_groups_phrase(data.report)}; removed "
-                  f"{sum(data.report['removed_counts'].values())} rows {data.report['removed_counts'] or ''}")
+                  f"{sum(data.report['removed_counts'].values())} rows {data.report['removed_counts'] or ''}"
+                  + _decontamination_phrase(data.report))
     with _stage(durations, "tokenize"):
         ids, y = task.encode(cfg, tokenizer, space, splits, max_length)
     return Prepared(cfg, task, data, model_dir, conversion, tokenizer, space, audit_report, max_length, max_length_why,
@@ -345,6 +346,9 @@ def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precis
     with _stage(durations, "evaluate"):
         predictor = task.load_predictor(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
         metrics, test_outputs = task.evaluate(cfg, space, splits, prep.y, predictor, prep.baselines)
+        clean = _test_without_training_copies(prep, cfg, predictor)
+        if clean is not None:
+            metrics["test_without_training_copies"] = clean
         artifacts.write_json(out / "model" / PROFILE_FILE, task.reference_profile(predictor, splits.test.texts, test_outputs))
     metrics["validation"] = {"metric": fitted.select[0].removeprefix("val_"), "best": result.best_metric,
                              "best_step": result.best_step, "history": result.history, "stopped_early": result.stopped_early}
@@ -389,6 +393,23 @@ def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precis
     return metrics
 
 
+def _test_without_training_copies(prep: Prepared, cfg: RunConfig, predictor) -> dict | None:
+    """audit.leakage: allow trains on copies of test rows: the test metrics again on the test rows that have no copy
+    in training (None when no test row has one)."""
+    leaked = {(r["file"], r["row"]) for r in prep.audit["leakage"].get("test_rows_in_training", [])}
+    test = prep.data.splits.test
+    if not leaked or cfg.audit.leakage != "allow":
+        return None
+    keep = [k for k, row in enumerate(test.rows) if (test.source, row) not in leaked]
+    out = {"rows": len(keep), "rows_left_out": len(test) - len(keep)}
+    if not keep:
+        return out | {"note": "every test row has a copy in training: nothing left to score"}
+    splits, y, baselines = prep.task.test_subset(prep.data.splits, prep.y, prep.baselines, keep)
+    result, _ = prep.task.evaluate(cfg, prep.space, splits, y, predictor, baselines)
+    return out | {k: result[k] for k in ("main_metric", "test", "best_baseline", "beats_baselines", "promoted",
+                                         "promotion_reason") if k in result}
+
+
 def audit_only(cfg: RunConfig, console: Console) -> dict:
     """`tuneforge audit`: the data stage and the audit, no model weights loaded."""
     from tuneforge.models.resolve import resolve_model
@@ -428,7 +449,8 @@ def check_audit(report: dict) -> None:
         raise AuditBlocked(
             f"{leakage['held_out_rows_leaked']} validation/test rows also sit in another split:\n  "
             + "\n  ".join(shown) + (f"\n  ... and {more} more (tuneforge audit writes them all to audit.json)" if more else ""),
-            fix="remove the copies from the training data, or set audit.allow_leakage: true to train anyway")
+            fix="set audit.leakage: drop (the default) to leave the copies out of training, remove them from the data "
+                "file yourself, or set audit.leakage: allow to train on them")
 
 
 def _print_audit(console: Console, report: dict) -> None:
@@ -449,11 +471,21 @@ def _print_audit(console: Console, report: dict) -> None:
             console.print(section["display"], markup=False, highlight=False)
 
 
+def _decontamination_phrase(report: dict) -> str:
+    d = report.get("decontamination") or {}
+    if not d.get("rows_left_out"):
+        return ""
+    return (f"; {d['rows_left_out']} of them training rows left out as copies of rows of your "
+            f"{' and '.join('test' if r == 'test' else 'validation' for r in d['against'])} file (audit.leakage: drop; "
+            "each with the row it matches in data_report.json)")
+
+
 def _groups_phrase(report: dict) -> str:
     g = report["duplicate_groups"]
     if not g["kept_together"]:
         return "no near-duplicate groups"
-    where = "in one split each" if report["test_source"] == "carved" else "between train and validation"
+    where = ("in one split each" if report["test_source"] == "carved" else
+             "between train and validation" if report.get("val_source", "carved") == "carved" else "in training")
     return (f"{g['kept_together']} near-duplicate groups ({g['rows_in_groups']} rows, largest {g['largest']}) "
             f"kept whole {where}")
 
@@ -505,6 +537,12 @@ def _print_summary(console: Console, task, metrics: dict, est: dict, durations: 
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    clean = metrics.get("test_without_training_copies")
+    if clean and clean.get("test"):
+        key, best = clean["main_metric"], clean.get("best_baseline")
+        console.print(f"[yellow]audit.leakage: allow[/]: {clean['rows_left_out']} test rows have a copy in training; on the "
+                      f"other {clean['rows']} the model's {key} is {clean['test']['model'][key]:.4f}"
+                      + (f" against {best}'s {clean['test']['baselines'][best][key]:.4f}" if best else ""))
     verdict = "beats every baseline" if metrics["beats_baselines"] else "does NOT beat every baseline"
     console.print(f"The fine-tuned model {verdict} on test {metrics['main_metric']}.")
     console.print(("[bold green]promoted[/]: " if metrics["promoted"] else "[bold red]not promoted[/]: ") + metrics["promotion_reason"])

@@ -14,6 +14,7 @@ import numpy as np
 
 from tuneforge.config import AuditConfig
 from tuneforge.data.neardup import DuplicateGraph, duplicate_graph
+from tuneforge.data.prepare import HELD_OUT_COPY
 from tuneforge.data.split import Splits
 
 SEVERITIES = ("info", "warning", "blocking")
@@ -64,11 +65,33 @@ def duplicates_and_leakage(splits: Splits, cfg: AuditConfig, graph: DuplicateGra
     n_dup = sum(len(g["rows"]) - 1 for g in dup_exact) + len(dup_near)
     duplicates = {"severity": "warning" if n_dup else "info", "normalised_exact": dup_exact, "near": dup_near,
                   "threshold": cfg.near_duplicate_threshold, "rows_affected": n_dup}
-    leak_sev = "info" if not leaks else ("warning" if cfg.allow_leakage else "blocking")
+    # drop: copies of held-out rows never reach training, so a leak that involves training is a fault (blocking);
+    # one between the user's own validation and test files is theirs to know (a warning)
+    with_training = any(r["split"] == "train" for g in leaks for r in g["rows"])
+    leak_sev = "info" if not leaks else ("blocking" if cfg.leakage == "block" or (cfg.leakage == "drop" and with_training)
+                                         else "warning")
     leaked_rows = sorted({(r["split"], r["file"], r["row"]) for g in leaks for r in g["rows"] if r["split"] != "train"})
-    leakage = {"severity": leak_sev, "groups": leaks, "allowed": cfg.allow_leakage,
-               "held_out_rows_leaked": len(leaked_rows)}
+    # test rows whose copy sits in training: with audit.leakage allow, the test metrics are also given without them
+    in_training = sorted({(r["file"], r["row"]) for g in leaks if any(x["split"] == "train" for x in g["rows"])
+                          for r in g["rows"] if r["split"] == "test"})
+    leakage = {"severity": leak_sev, "groups": leaks, "mode": cfg.leakage, "allowed": cfg.leakage != "block",
+               "held_out_rows_leaked": len(leaked_rows),
+               "test_rows_in_training": [{"file": f, "row": r} for f, r in in_training]}
     return duplicates, leakage
+
+
+def decontamination(removed: list[dict], mode: str) -> dict:
+    """Training rows left out because they copy a row of the user's validation or test file (audit.leakage: drop),
+    each with the held-out row it matches."""
+    rows = [r for r in removed if r["reason"] == HELD_OUT_COPY]
+    if not rows:
+        return {"severity": "info", "mode": mode, "rows": [],
+                "summary": "no training row copies a held-out row" if mode == "drop" else f"audit.leakage: {mode}"}
+    kinds = Counter(r["matches"]["kind"] for r in rows)
+    against = sorted({f"{'test' if r['matches']['split'] == 'test' else 'validation'} file {r['matches']['file']}" for r in rows})
+    return {"severity": "warning", "mode": mode, "rows": rows, "count": len(rows),
+            "summary": f"{len(rows)} training rows left out as copies of held-out rows ({kinds.get('exact', 0)} exact, "
+                       f"{kinds.get('near', 0)} near) of the {', '.join(against)}"}
 
 
 def truncation(splits: Splits, token_lengths: dict[str, np.ndarray], max_length: int) -> dict:
@@ -134,7 +157,9 @@ def audit(splits: Splits, removed: list[dict], token_lengths: dict[str, np.ndarr
         {"severity": "info", "skipped": "no tokenizer"},
         "outliers": outliers(splits),
         "long_texts": long_texts(cut_texts or []),
-        "cleaning": {"severity": "info", "removed": removed, "counts": dict(Counter(r["reason"] for r in removed))},
+        "decontamination": decontamination(removed, cfg.leakage),
+        "cleaning": {"severity": "info", "removed": [r for r in removed if r["reason"] != HELD_OUT_COPY],
+                     "counts": dict(Counter(r["reason"] for r in removed if r["reason"] != HELD_OUT_COPY))},
     }
     report.update(task_sections or {})  # a task's section may replace a generic one (windows instead of truncation)
     levels = {name: section["severity"] for name, section in report.items()}

@@ -91,8 +91,9 @@ def _group_stats(groups: np.ndarray) -> dict:
 
 
 def split(ex: Examples, val_fraction: float, test_fraction: float, seed: int, test: Examples | None = None,
-          groups: np.ndarray | None = None, strata: list[str] | None = None) -> Splits:
-    """Carve test (unless given) then validation out of `ex`; the same data and seed give the same splits.
+          groups: np.ndarray | None = None, strata: list[str] | None = None, val: Examples | None = None) -> Splits:
+    """Carve test (unless given) then validation (unless given) out of `ex`; the same data and seed give the same
+    splits. A given split is taken as it is.
 
     `groups` gives each row of `ex` a group id (rows sharing one are duplicates and stay in one split);
     None treats every row as its own group. `strata` is the key each row is stratified on (the task's;
@@ -105,7 +106,13 @@ def split(ex: Examples, val_fraction: float, test_fraction: float, seed: int, te
     if test is None:
         ex, test, stratified = _group_cut(ex, np.asarray(ex.extras["_group"]), test_fraction, seed)
         val_fraction = val_fraction / (1.0 - test_fraction)  # share of the whole, not of the remainder
-    train, val, s2 = _group_cut(ex, np.asarray(ex.extras["_group"]), val_fraction, seed + 1)
+    if val is None:
+        train, val, s2 = _group_cut(ex, np.asarray(ex.extras["_group"]), val_fraction, seed + 1)
+    else:
+        if len(ex) == 0:
+            raise DataError(f"no rows left in {ex.source} to train on", path=ex.source,
+                            fix="add rows to the data file (audit.leakage: drop leaves out copies of held-out rows)")
+        train, s2 = ex, True
     for part in (train, val, test):
         part.extras.pop("_group", None)
         part.extras.pop("_stratum", None)

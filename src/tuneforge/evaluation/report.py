@@ -63,17 +63,18 @@ def plot_vs_baselines(test: dict, metric: str) -> str:
 
 
 def plot_confusion(cm: dict) -> str | None:
-    matrix, labels = cm["matrix"], cm["labels"]
+    """A square matrix over cm["labels"], or rows x columns over cm["rows"] (true) and cm["columns"] (predicted)."""
+    matrix = cm["matrix"]
     if isinstance(matrix, dict):  # multi-label: one 2x2 per label, shown as a table instead
         return None
-    n = len(labels)
-    fig, ax = plt.subplots(figsize=(1.0 * n + 2.5, 1.0 * n + 2))
+    rows, columns = cm.get("rows", cm.get("labels")), cm.get("columns", cm.get("labels"))
+    fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 2.5, 1.0 * len(rows) + 2))
     ax.imshow(matrix, cmap="Blues")
     top = max(max(r) for r in matrix) or 1
-    for i in range(n):
-        for j in range(n):
+    for i in range(len(rows)):
+        for j in range(len(columns)):
             ax.text(j, i, matrix[i][j], ha="center", va="center", color="white" if matrix[i][j] > top / 2 else "black")
-    ax.set_xticks(range(n), labels, rotation=45, ha="right"), ax.set_yticks(range(n), labels)
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right"), ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title("confusion matrix (test)")
     return _png(fig)
 
@@ -125,6 +126,28 @@ def _f(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+def _decontamination_section(section: dict | None, clean: dict | None) -> list[str]:
+    """The training rows left out as copies of held-out rows (audit.leakage: drop), each beside the row it matches;
+    or, with audit.leakage: allow, the test metrics on the rows without a copy in training."""
+    parts = []
+    if section and section.get("rows"):
+        rows = section["rows"]
+        shown = [[r["file"], r["row"], f"{r['matches']['split']} {r['matches']['file']} row {r['matches']['row']}",
+                  r["matches"]["kind"], f"{r['matches']['similarity']:.2f}"] for r in rows[:100]]
+        more = f"<p>... and {len(rows) - 100} more (audit.json, data_report.json).</p>" if len(rows) > 100 else ""
+        parts.append(f"<h3>Left out of training: {len(rows)} copies of held-out rows</h3><p>Your held-out files are "
+                     "scored as given; these training rows copy one of their rows (audit.leakage: drop).</p>"
+                     + _table(["file", "row", "copies", "kind", "similarity"], shown) + more)
+    if clean and clean.get("test"):
+        key = clean["main_metric"]
+        rows = [["fine-tuned model", _f(clean["test"]["model"].get(key))]]
+        rows += [[n, _f(b.get(key))] for n, b in clean["test"]["baselines"].items()]
+        parts.append(f"<h3>Test rows not in training ({clean['rows']} of {clean['rows'] + clean['rows_left_out']})</h3>"
+                     f"<p class=\"warn\">audit.leakage: allow trained on copies of {clean['rows_left_out']} test rows; "
+                     f"on the others: {html.escape(clean.get('promotion_reason', ''))}</p>" + _table(["", key], rows))
+    return parts
+
+
 def _load(out: Path, name: str) -> dict:
     path = out / name
     if not path.is_file():
@@ -172,6 +195,7 @@ def build_report(out: Path, run: dict | None = None) -> Path:
 
         parts.append("<h2>Data audit</h2>" + _table(["check", "severity", "finding"],
                      [[k, v["severity"], summarise(k, v)] for k, v in audit.items() if k != "summary"]))
+        parts += _decontamination_section(audit.get("decontamination"), m.get("test_without_training_copies"))
     cost = m.get("cost", {})
     if cost:
         est = cost["estimated"]

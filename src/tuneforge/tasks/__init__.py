@@ -22,7 +22,7 @@ _REQUIRED = ("name", "prepare", "load_tokenizer", "audit_sections", "label_space
              "load_predictor", "settings", "reference_profile", "label_names", "observe", "summary_rows",
              "describe_space", "prediction_table", "report_details", "peft_task_type", "model_class",
              "token_lengths", "max_length", "lora_targets", "training_loss", "selection", "export", "intended_use",
-             "mount_routes", "search_space")
+             "mount_routes", "search_space", "test_subset")
 
 
 def get_task(name: str):

@@ -51,6 +51,16 @@ class TaskDefaults:
         """Anything the task adds to the exported model directory."""
         return None
 
+    def test_subset(self, splits, y: dict, baselines: dict, keep: list[int]) -> tuple[object, dict, dict]:
+        """(splits, targets, baseline outputs) with the test split cut to its rows `keep` (positions in splits.test):
+        what `evaluate` needs to score those rows only (audit.leakage: allow scores the test rows not in training).
+        Per-row values (arrays, lists and dataclasses of them, dicts of those) are taken at `keep`."""
+        import dataclasses
+
+        n = len(splits.test)
+        cut = dataclasses.replace(splits, test=splits.test.subset(keep))
+        return cut, {**y, "test": take(y["test"], keep, n)}, take(baselines, keep, n)
+
     def mount_routes(self, app, ctx) -> None:
         """Routes the task adds to the server beside /v1/predict (ctx: serving.app.ServeContext)."""
         return None
@@ -65,3 +75,22 @@ def epochs_range(epochs: float | None, max_auto_epochs: float) -> dict:
     low = max(1, int(epochs // 2))
     high = max(low + 1, min(math.ceil(2 * epochs), max(int(max_auto_epochs), math.ceil(epochs))))
     return {"low": low, "high": high}
+
+
+def take(value, keep: list[int], n: int):
+    """`value` at positions `keep` where it holds one entry per row of an `n`-row split (a numpy array, a list, a
+    dict or dataclass of them); anything else (a scalar, a list of another length) as it is."""
+    import dataclasses
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {k: take(v, keep, n) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: take(getattr(value, f.name), keep, n)
+                                             for f in dataclasses.fields(value) if f.init})
+    if isinstance(value, np.ndarray) and value.ndim and len(value) == n:
+        return value[np.asarray(keep, dtype=np.int64)]
+    if isinstance(value, list) and len(value) == n:
+        return type(value)([value[i] for i in keep]) if type(value) is list else [value[i] for i in keep]
+    return value

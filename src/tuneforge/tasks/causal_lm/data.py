@@ -108,10 +108,10 @@ def _messages(value, path: Path, row: int, column: str) -> list[dict]:
 
 
 def read_conversations(path: Path, task, text_column: str, fmt: str, encoding: str, max_chars: int | None = None,
-                       long_texts: list[dict] | None = None) -> tuple[list[Conversation], str]:
+                       long_texts: list[dict] | None = None, sheet: str | int | None = None) -> tuple[list[Conversation], str]:
     """The file's examples and their kind; any bad row stops with its file, row and field. A prompt, completion,
-    message or text longer than `max_chars` is cut to it, and noted in `long_texts`."""
-    df = read_table(path, fmt, encoding)
+    message or text longer than `max_chars` is cut to it, and noted in `long_texts`. `sheet`: of an .xlsx file."""
+    df = read_table(path, fmt, encoding, sheet=sheet)
     kind = detect_kind(list(df.columns), task, text_column, path)
     out = []
     if kind == "chat":
@@ -173,26 +173,27 @@ def completion_counts(labels: list[str], max_shown: int = 20) -> dict[str, int]:
 
 
 def prepare(cfg):
-    from tuneforge.data.prepare import assemble
+    from tuneforge.data.prepare import assemble, held_out_files
 
-    parts, files, removed, kinds, long_texts = [], [], [], [], []
-    for ref in [cfg.data.path] + ([cfg.data.test_path] if cfg.data.test_path else []):
+    parts, files, removed, kinds, long_texts = {}, [], [], [], []
+    for role, ref in {"main": cfg.data.path, **held_out_files(cfg.data)}.items():
         path = resolve_path(ref)
         convs, kind = read_conversations(path, cfg.task, cfg.data.text_column, cfg.data.format, cfg.data.encoding,
-                                         cfg.data.max_text_chars, long_texts)
-        kept, dropped = _dedupe(convs, str(path))
-        parts.append(_examples(kept, str(path), kind))
+                                         cfg.data.max_text_chars, long_texts, sheet=cfg.data.sheet)
+        kept, dropped = _dedupe(convs, str(path)) if role == "main" else (convs, [])  # held-out files: as given
+        parts[role] = _examples(kept, str(path), kind)
         removed += dropped
         kinds.append(kind)
         files.append({"path": str(path), "format": detect_format(path, cfg.data.format), "sha256": file_sha256(path),
-                      "rows_read": len(convs), "rows_kept": len(kept), "kind": kind})
-    if len(set(kinds)) > 1:
-        raise DataError(f"the test file holds {kinds[1]} examples but the data file {kinds[0]}", path=files[1]["path"],
-                        fix="give both files the same columns")
-    main, test = parts[0], (parts[1] if len(parts) > 1 else None)
+                      "rows_read": len(convs), "rows_kept": len(kept), "kind": kind}
+                     | ({"role": role} if role != "main" else {}))
+        if kind != kinds[0]:
+            raise DataError(f"the {'test' if role == 'test' else 'validation'} file holds {kind} examples but the data "
+                            f"file {kinds[0]}", path=path, fix="give every file the same columns")
+    main = parts.pop("main")
     counts = Counter(main.labels)
     # closed-set completions (really labels) keep their shares in every split; free text needs no strata
     strata = list(main.labels) if len(counts) <= 20 and min(counts.values()) >= 2 else ["all"] * len(main)
-    return assemble(main, test, files, removed, cfg.data, cfg.audit.near_duplicate_threshold,
+    return assemble(main, parts, files, removed, cfg.data, cfg.audit.near_duplicate_threshold,
                     {"kind": kinds[0], "long_texts": long_texts},
-                    completion_counts, strata=strata)
+                    completion_counts, strata=strata, leakage=cfg.audit.leakage)

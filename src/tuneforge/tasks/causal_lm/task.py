@@ -38,6 +38,15 @@ class PackedLabels(list):
         self.positions = positions
 
 
+class HeldOutExamples(list):
+    """A validation or test split's encoded examples, with the split row each comes from (a plain text may give
+    several chunks)."""
+
+    def __init__(self, examples, row_of):
+        super().__init__(examples)
+        self.row_of = row_of
+
+
 def _messages(ex, k: int, system_prompt: str | None) -> list[dict]:
     from tuneforge.tasks.causal_lm.encoding import with_system
 
@@ -132,6 +141,7 @@ class CausalLMTask(TaskDefaults):
                                     column=cfg.task.messages_column if space.kind == "chat" else cfg.task.prompt_column,
                                     fix="raise model.max_length, or shorten that prompt")
             examples = [fit(e, max_length) for p in pieces for e in p]
+            row_of = [k for k, p in enumerate(pieces) for _ in p]
             if name == "train":
                 examples = [e for e in examples if trainable(e)]
                 rows, labels, positions = pack(examples, max_length, cfg.task.packing)
@@ -140,8 +150,26 @@ class CausalLMTask(TaskDefaults):
                 longest = max(completions) if completions and space.kind != "text" else 48
                 space.max_new_tokens = cfg.task.max_new_tokens or min(AUTO_MAX_NEW_TOKENS_CAP, int(np.ceil(1.25 * longest)))
             else:
-                ids[name], y[name] = [e.ids for e in examples], examples
+                ids[name], y[name] = [e.ids for e in examples], HeldOutExamples(examples, row_of)
         return ids, y
+
+    def test_subset(self, splits, y: dict, baselines: dict, keep: list[int]):
+        """As the default, with the test examples (and the baselines' per-example losses) taken by their row: a
+        plain text's chunks go with it."""
+        import dataclasses
+
+        from tuneforge.tasks.base import take
+
+        examples = y["test"]
+        wanted = set(keep)
+        positions = [i for i, r in enumerate(examples.row_of) if r in wanted]
+        cut_examples = HeldOutExamples([examples[i] for i in positions], [examples.row_of[i] for i in positions])
+        n, n_examples = len(splits.test), len(examples)
+        cut_baselines = {}
+        for name, b in baselines.items():
+            per_example = {k: take(v, positions, n_examples) for k, v in b.items() if k in ("nll", "tokens")}
+            cut_baselines[name] = {**take({k: v for k, v in b.items() if k not in per_example}, keep, n), **per_example}
+        return dataclasses.replace(splits, test=splits.test.subset(keep)), {**y, "test": cut_examples}, cut_baselines
 
     # --- model ---
     def load_model(self, model_dir: Path, space: LMSpace, seed: int, trust_remote_code: bool = False):

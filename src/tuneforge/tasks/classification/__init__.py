@@ -21,7 +21,7 @@ class ClassificationTask(TaskDefaults):
     def prepare(self, cfg):
         from tuneforge.tasks.classification.data import prepare_data
 
-        return prepare_data(cfg.data, cfg.task, cfg.eval.slices, cfg.audit.near_duplicate_threshold)
+        return prepare_data(cfg.data, cfg.task, cfg.eval.slices, cfg.audit.near_duplicate_threshold, cfg.audit.leakage)
 
     def audit_sections(self, cfg, data, tokenizer, max_length: int) -> dict:
         from tuneforge.tasks.classification.audit import sections

@@ -10,7 +10,7 @@ import pandas as pd
 from tuneforge.config import ClassificationTaskConfig, DataConfig
 from tuneforge.data.clean import _NULL_WORDS, CleanResult, Examples, _is_null, cut_long, dedupe
 from tuneforge.data.load import detect_format, file_sha256, read_table, resolve_path
-from tuneforge.data.prepare import PreparedData, assemble
+from tuneforge.data.prepare import PreparedData, assemble, held_out_files
 from tuneforge.errors import DataError, shown
 
 
@@ -60,7 +60,10 @@ def _label_of(value, i: int, cfg: DataConfig, task: ClassificationTaskConfig, pa
     return str(value).strip()
 
 
-def clean(df: pd.DataFrame, cfg: DataConfig, task: ClassificationTaskConfig, path: Path, extra_columns: list[str] = ()) -> CleanResult:
+def clean(df: pd.DataFrame, cfg: DataConfig, task: ClassificationTaskConfig, path: Path, extra_columns: list[str] = (),
+          as_given: bool = False) -> CleanResult:
+    """Validated rows; duplicates and texts with conflicting labels removed unless `as_given` (a held-out file the
+    user supplies is scored as it is: its duplicates are reported by the audit, not removed)."""
     _require_columns(df, cfg, path, list(extra_columns))
     extra_values = {c: ["" if _is_null(v) else str(v) for v in df[c].tolist()] for c in extra_columns}
     source = str(path)
@@ -95,8 +98,10 @@ def clean(df: pd.DataFrame, cfg: DataConfig, task: ClassificationTaskConfig, pat
         rows.append(i)
 
     extras = {c: [vals[i] for i in rows] for c, vals in extra_values.items()}
-    examples, dup_removed = dedupe(Examples(texts, labels, rows, source, extras), normalised=cfg.dedupe == "normalised")
-    removed.extend(dup_removed)
+    examples = Examples(texts, labels, rows, source, extras)
+    if not as_given:
+        examples, dup_removed = dedupe(examples, normalised=cfg.dedupe == "normalised")
+        removed.extend(dup_removed)
     removed.sort(key=lambda r: r["row"])
     return CleanResult(examples, rows_read=len(df), removed=removed, long_texts=long_texts)
 
@@ -121,10 +126,10 @@ def _class_counts(labels: list, multi_label: bool) -> dict[str, int]:
     return dict(sorted(Counter(flat).items()))
 
 
-def _load_clean(ref: str, cfg: DataConfig, task: ClassificationTaskConfig, extra_columns: list[str]):
+def _load_clean(ref: str, cfg: DataConfig, task: ClassificationTaskConfig, extra_columns: list[str], as_given: bool = False):
     path = resolve_path(ref)
-    df = read_table(path, cfg.format, cfg.encoding)
-    result = clean(df, cfg, task, path, extra_columns)
+    df = read_table(path, cfg.format, cfg.encoding, sheet=cfg.sheet)
+    result = clean(df, cfg, task, path, extra_columns, as_given)
     check_usable(result.examples, result.removed, path, cfg, task.multi_label)
     info = {"path": str(path), "format": detect_format(path, cfg.format), "sha256": file_sha256(path),
             "rows_read": result.rows_read, "rows_kept": len(result.examples)}
@@ -132,20 +137,21 @@ def _load_clean(ref: str, cfg: DataConfig, task: ClassificationTaskConfig, extra
 
 
 def prepare_data(cfg: DataConfig, task: ClassificationTaskConfig, extra_columns: list[str] = (),
-                 near_duplicate_threshold: float = 0.8) -> PreparedData:
+                 near_duplicate_threshold: float = 0.8, leakage: str = "drop") -> PreparedData:
     """Table data (a text column and a label column): read, clean, split. `extra_columns` (e.g. eval.slices)
-    travel with the rows without being model inputs."""
+    travel with the rows without being model inputs. Held-out files (data.val_path, data.test_path) are taken as
+    given; `leakage` is audit.leakage."""
     main, main_info = _load_clean(cfg.path, cfg, task, list(extra_columns))
     files, removed, long_texts = [main_info], list(main.removed), list(main.long_texts)
-    test = None
-    if cfg.test_path:
-        test_result, test_info = _load_clean(cfg.test_path, cfg, task, list(extra_columns))
-        files.append(test_info)
-        removed += test_result.removed
-        long_texts += test_result.long_texts
-        test = test_result.examples
+    held = {}
+    for role, ref in held_out_files(cfg).items():
+        result, info = _load_clean(ref, cfg, task, list(extra_columns), as_given=True)
+        files.append({**info, "role": role})
+        removed += result.removed
+        long_texts += result.long_texts
+        held[role] = result.examples
     report = {"multi_label": task.multi_label, "long_texts": long_texts}
-    return assemble(main.examples, test, files, removed, cfg, near_duplicate_threshold, report,
-                    lambda labels: _class_counts(labels, task.multi_label))
+    return assemble(main.examples, held, files, removed, cfg, near_duplicate_threshold, report,
+                    lambda labels: _class_counts(labels, task.multi_label), leakage=leakage)
 
 

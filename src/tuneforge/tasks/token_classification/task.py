@@ -38,24 +38,24 @@ class TokenClassificationTask(TaskDefaults):
 
     # --- data ---
     def prepare(self, cfg):
-        from tuneforge.data.prepare import assemble
+        from tuneforge.data.prepare import assemble, held_out_files
 
         main, main_info, removed, repairs, long_texts = self._read(cfg.data.path, cfg)
-        files = [main_info]
-        test = None
-        if cfg.data.test_path:
-            test, test_info, test_removed, test_repairs, test_long = self._read(cfg.data.test_path, cfg)
-            files.append(test_info)
-            removed += test_removed
-            repairs += test_repairs
-            long_texts += test_long
+        files, held = [main_info], {}
+        for role, ref in held_out_files(cfg.data).items():  # taken as given: duplicates reported, not removed
+            ex, info, more_removed, more_repairs, more_long = self._read(ref, cfg, as_given=True)
+            files.append({**info, "role": role})
+            removed += more_removed
+            repairs += more_repairs
+            long_texts += more_long
+            held[role] = ex
         # stratify on the sentence's first entity type: rare types reach every split
         strata = [(entities(list(tags)) or [(NO_ENTITY,)])[0][0] for tags in main.labels]
         report = {"scheme_repairs": repairs, "repairs": len(repairs), "long_texts": long_texts}
-        return assemble(main, test, files, removed, cfg.data, cfg.audit.near_duplicate_threshold, report,
-                        _type_counts, strata=strata)
+        return assemble(main, held, files, removed, cfg.data, cfg.audit.near_duplicate_threshold, report,
+                        _type_counts, strata=strata, leakage=cfg.audit.leakage)
 
-    def _read(self, ref: str, cfg):
+    def _read(self, ref: str, cfg, as_given: bool = False):
         from tuneforge.data.clean import Examples
         from tuneforge.data.load import file_sha256, resolve_path
         from tuneforge.errors import DataError
@@ -63,9 +63,10 @@ class TokenClassificationTask(TaskDefaults):
         from tuneforge.tasks.token_classification.sentence import cut_sentence
 
         path = resolve_path(ref)
-        fmt = cfg.data.format if cfg.data.format in ("csv", "jsonl") else "auto"
+        fmt = cfg.data.format if cfg.data.format in ("csv", "jsonl", "xlsx") else "auto"
         sentences, repairs = read_sentences(path, fmt=fmt, scheme=cfg.task.scheme, strict=cfg.task.strict,
-                                            text_column=cfg.data.text_column, encoding=cfg.data.encoding)
+                                            text_column=cfg.data.text_column, encoding=cfg.data.encoding,
+                                            sheet=cfg.data.sheet)
         seen: dict[tuple, int] = {}
         kept, removed, long_texts = [], [], []
         for s in sentences:
@@ -74,13 +75,13 @@ class TokenClassificationTask(TaskDefaults):
                 s = cut_sentence(s, cfg.data.max_text_chars)
                 long_texts.append({"file": str(path), "row": s.row, "field": field, "chars": chars, "kept": len(s.text)})
             key = (tuple(s.tokens), tuple(s.tags))
-            if key in seen:
+            if key in seen and not as_given:
                 removed.append({"file": str(path), "row": s.row, "reason": "duplicate",
                                 "detail": f"same words and tags as sentence {seen[key]}"})
                 continue
             seen[key] = s.row
             kept.append(s)
-        if not any(entities(s.tags) for s in kept):
+        if not as_given and not any(entities(s.tags) for s in kept):
             raise DataError("no entities: every word is tagged O", path=path,
                             fix="check the tag column (the last column of a CoNLL file) or the spans")
         ex = Examples([s.text for s in kept], [tuple(s.tags) for s in kept], [s.row for s in kept], str(path),
