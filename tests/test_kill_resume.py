@@ -167,6 +167,68 @@ def test_causal_lm_killed_mid_training_resumes_to_the_same_weights(tmp_path, tin
     _kill_and_resume_run(raw, tmp_path, seed=3)
 
 
+# ------------------------------------------------------------------ killed before the first checkpoint, at each stage
+
+# `python -c KILLER MODULE ATTR N ARGS...`: tuneforge's CLI in a process that SIGKILLs itself at the N-th call of
+# MODULE.ATTR: a kill -9 at an exact stage of the run (callers look the attribute up when they call it)
+KILLER = """
+import importlib, os, signal, sys
+module = importlib.import_module(sys.argv[1])
+real, calls = getattr(module, sys.argv[2]), {"n": 0}
+def dies(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] >= int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(module, sys.argv[2], dies)
+from tuneforge.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+STAGES = {  # stage: (module, attribute, the call that dies, what the kill leaves behind)
+    "data": ("tuneforge.data.prepare", "assemble", 1, set()),
+    "baselines": ("tuneforge.tasks.classification.evaluate", "baseline_predictions", 1,
+                  {"config.yaml", "audit.json", artifacts.PREPARED}),
+    "training": ("tuneforge.training.loop", "_optimizer_step", 3,
+                 {"config.yaml", "audit.json", artifacts.PREPARED, artifacts.BASELINES}),
+    "export": ("tuneforge.models.load", "export_model", 1,
+               {"config.yaml", "audit.json", artifacts.PREPARED, artifacts.BASELINES, artifacts.CHECKPOINT}),
+}
+
+
+def test_a_run_killed_at_any_stage_before_its_first_checkpoint_resumes_to_the_same_model(tmp_path, tiny_model_dir,
+                                                                                          write_csv, monkeypatch):
+    """kill -9 in the data stage, the baselines, training before the first checkpoint (checkpoint_minutes keeps it
+    minutes away) or the export: `--resume` finishes the run, never a dead end, with the weights and test metrics of a
+    run never stopped; what was done before the kill (audit, baselines) is kept, not done again."""
+    from tuneforge.tasks.classification import evaluate
+
+    raw = {"data": {"path": str(write_csv(make_rows(100))), "val_fraction": 0.2, "test_fraction": 0.2},
+           "model": {"name": str(tiny_model_dir), "max_length": 32},
+           "train": {"method": "full", "epochs": 3, "batch_size": 8, "learning_rate": 5e-3, "eval_every": 4,
+                     "early_stopping_patience": 0},
+           "eval": {"bootstrap_samples": 20}}
+    straight = tmp_path / "straight"
+    run(parse_config({**raw, "output": {"dir": str(straight)}}))
+    expected = json.loads((straight / "metrics.json").read_text())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    for stage, (module, attr, nth, left) in STAGES.items():
+        out = tmp_path / stage
+        cfg_path = tmp_path / f"{stage}.yaml"
+        cfg_path.write_text(yaml.safe_dump({**raw, "output": {"dir": str(out)}}, sort_keys=False))
+        proc = subprocess.run([sys.executable, "-c", KILLER, module, attr, str(nth), "run", str(cfg_path)],
+                              env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert proc.returncode == -signal.SIGKILL, f"{stage}: {proc.returncode}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        found = {p.name for p in out.iterdir()} - {artifacts.LOCK_FILE} if out.exists() else set()
+        assert found == left, stage
+        if artifacts.BASELINES in left:  # scored before the kill: the resume reads them back instead
+            monkeypatch.setattr(evaluate, "baseline_predictions", lambda *a, **k: pytest.fail("baselines scored again"))
+        _resume(["run", str(cfg_path)])
+        monkeypatch.undo()
+        _assert_same_weights(straight, out)
+        got = json.loads((out / "metrics.json").read_text())
+        assert got["test"] == expected["test"] and got["validation"]["history"] == expected["validation"]["history"], stage
+
+
 # ------------------------------------------------------------------ a search
 
 def _finished_trials(out: Path) -> dict[int, tuple[dict, float]]:

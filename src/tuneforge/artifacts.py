@@ -18,17 +18,34 @@ LOCK_FILE = ".tuneforge.lock"  # held by the one process writing the folder (loc
 SETTINGS_KEY = "tuneforge"  # extra block in model/config.json: the task's settings (max_length, ...); transformers ignores it
 
 
+PREPARED = "prepared.json"  # what the data stage settled (split hashes, max_length): a resume checks the data against it
+BASELINES = "baselines.json"  # the baselines' test outputs, kept so that a resume does not score them again
+
+
+def resume_point(out: Path) -> str:
+    """Where `--resume` continues a run in `out`: "checkpoint" (training resumes at its last checkpoint), "start" (a
+    run killed before its first checkpoint: training starts over, the data, audit and baselines already done are
+    kept) or "nothing" (no run started here: it runs from the beginning)."""
+    # CHECKPOINT.old: a save killed between its two renames leaves the previous checkpoint there, complete
+    # (training/checkpoint.py: trusted_checkpoint)
+    if any((out / name / "state.json").is_file() for name in (CHECKPOINT, CHECKPOINT + ".old")):
+        return "checkpoint"
+    if (out / "config.yaml").is_file():
+        return "start"
+    return "nothing"
+
+
 def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a run (or unrelated files) before any work starts."""
     if resume:
-        # CHECKPOINT.old: a save killed between its two renames leaves the previous checkpoint there, complete
-        # (training/checkpoint.py: trusted_checkpoint)
-        if not any((out / name / "state.json").is_file() for name in (CHECKPOINT, CHECKPOINT + ".old")):
-            if (out / "config.yaml").is_file() and not (out / FINISHED_MARKER).is_file():
-                # a run stopped before its first checkpoint (train.checkpoint_minutes): plain `run` refuses its folder
-                raise OutputError(f"nothing to resume in {out}: the run stopped before its first checkpoint",
-                                  fix="start it over with --overwrite")
-            raise OutputError(f"nothing to resume in {out}: no checkpoint", fix="run without --resume to start a new run")
+        if (out / FINISHED_MARKER).is_file():
+            raise OutputError(f"nothing to resume: {out} holds a finished run",
+                              fix="pass --overwrite to run it again, or choose another --output")
+        if out.is_file():
+            raise OutputError(f"output path {out} is a file", fix="choose a directory with --output / output.dir")
+        if resume_point(out) == "nothing" and out.is_dir() and any(
+                p.name not in ("audit.json", LOCK_FILE, "run.log") for p in out.iterdir()):
+            raise OutputError(f"{out} holds no tuneforge run to resume", fix="choose the output directory of the run")
         return
     if not out.exists() or overwrite:
         return
@@ -98,6 +115,35 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_bytes(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str).encode("utf-8"))
+
+
+def to_json(value):
+    """`value` (dicts, lists, numbers, strings and numpy arrays, nested) as plain JSON data; numpy arrays are kept
+    as {"__ndarray__": values, "dtype": ...} so that from_json gives them back as they were (no pickle)."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype), "shape": list(value.shape)}
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def from_json(value):
+    """The inverse of to_json."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        if "__ndarray__" in value:
+            return np.array(value["__ndarray__"], dtype=value["dtype"]).reshape(value["shape"])
+        return {k: from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json(v) for v in value]
+    return value
 
 
 def write_text(path: Path, text: str) -> None:

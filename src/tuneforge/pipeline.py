@@ -66,6 +66,7 @@ class Prepared:
     durations: dict = field(default_factory=dict)
     t_start: float = field(default_factory=time.perf_counter)
     baselines: dict | None = None
+    resume_from: str = "new"  # new | checkpoint | start | nothing (artifacts.resume_point)
 
 
 @dataclass
@@ -90,25 +91,69 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     def checked_prepare() -> Prepared:
         # --- everything that can reject the input happens before the output directory is touched ---
         artifacts.check_output_dir(out, resume=resume, overwrite=cfg.output.overwrite)
-        if resume:
+        point = artifacts.resume_point(out) if resume else "new"
+        if point in ("checkpoint", "start"):
             _check_resume_config(out, cfg)
-        return prepare(cfg, console)
+        prep = prepare(cfg, console, kept=_kept_preparation(out) if point in ("checkpoint", "start") else None)
+        prep.resume_from = point
+        if point in ("checkpoint", "start"):
+            prep.baselines = _kept_baselines(out, prep)
+        return prep
 
     prep, accelerator, precision, why = prepare_with_accelerator(cfg, console, checked_prepare)
     prep.t_start = t_start
-    if not resume and accelerator.is_main_process:  # under torchrun, one process writes the output
+    if prep.resume_from == "nothing":
+        console.print(f"[bold]resume[/] nothing was kept in {out} (the run stopped before its data was audited): "
+                      "starting from the beginning")
+    elif prep.resume_from == "start":
+        console.print("[bold]resume[/] the run stopped before its first checkpoint: training starts over; the data, "
+                      f"audit{' and baselines' if prep.baselines is not None else ''} already done are kept")
+    if prep.resume_from in ("new", "nothing") and accelerator.is_main_process:  # under torchrun, one process writes
         artifacts.reset_output_dir(out)
         artifacts.write_text(out / "config.yaml", dump_config(cfg))  # the resolved config; --resume checks against it
         artifacts.write_json(out / "audit.json", prep.audit)
+        artifacts.write_json(out / artifacts.PREPARED, {"splits": _split_hashes(prep.data.report),
+                                                        "max_length": prep.max_length, "max_length_why": prep.max_length_why})
     accelerator.wait_for_everyone()
-    fitted = fit(prep, cfg, accelerator, precision, why, out=out, resume=resume)
+    fitted = fit(prep, cfg, accelerator, precision, why, out=out, resume=prep.resume_from == "checkpoint",
+                 keep_baselines=True)
     if not accelerator.is_main_process:
         return {}
     return finalize(prep, cfg, fitted, accelerator, precision, out=out, resume=resume)
 
 
-def prepare(cfg: RunConfig, console: Console) -> Prepared:
-    """Data, model reference, tokenizer, audit (stops on a blocking finding) and encoding: nothing is written."""
+def _split_hashes(report: dict) -> dict[str, str]:
+    return {name: split["sha256"] for name, split in report["splits"].items()}
+
+
+def _kept_preparation(out: Path) -> dict | None:
+    """What the interrupted run's data stage settled (prepared.json) and its audit (audit.json), or None (a run from
+    before prepared.json: the audit runs again)."""
+    import json
+
+    if not (out / artifacts.PREPARED).is_file() or not (out / "audit.json").is_file():
+        return None
+    return {**json.loads((out / artifacts.PREPARED).read_text()), "audit": json.loads((out / "audit.json").read_text())}
+
+
+def _kept_baselines(out: Path, prep: Prepared) -> dict | None:
+    """The baselines' test outputs the interrupted run scored (baselines.json), when they were scored on these splits."""
+    import json
+
+    path = out / artifacts.BASELINES
+    if not path.is_file():
+        return None
+    kept = json.loads(path.read_text())
+    if kept.get("splits") != _split_hashes(prep.data.report) or kept.get("names") != list(prep.cfg.eval.baselines):
+        return None
+    return artifacts.from_json(kept["baselines"])
+
+
+def prepare(cfg: RunConfig, console: Console, kept: dict | None = None) -> Prepared:
+    """Data, model reference, tokenizer, audit (stops on a blocking finding) and encoding: nothing is written.
+    `kept`: what an interrupted run settled (its split hashes, max_length and audit): the data must give the same
+    splits, and the audit is not run again."""
+    from tuneforge.errors import OutputError
     from tuneforge.models.resolve import check_model_files, resolve_model_info
     from tuneforge.tasks import get_task
 
@@ -126,8 +171,17 @@ def prepare(cfg: RunConfig, console: Console) -> Prepared:
                       f"(cached in {model_dir}; later runs reuse it)")
     tokenizer = task.load_tokenizer(model_dir)
     space = task.label_space(cfg, data)
-    with _stage(durations, "audit"):
-        audit_report, max_length, max_length_why = audit_data(cfg, task, data, tokenizer, model_dir, console)
+    if kept is not None:
+        changed = [name for name, h in _split_hashes(data.report).items() if kept["splits"].get(name) != h]
+        if changed:
+            raise OutputError(f"the data changed since the interrupted run: its {', '.join(changed)} split differs "
+                              f"(content hash), so its checkpoint and baselines no longer apply",
+                              fix="resume with the data the run started with, or start over with --overwrite")
+        audit_report, max_length, max_length_why = kept["audit"], kept["max_length"], kept["max_length_why"]
+        console.print(f"[bold]audit[/] kept from the interrupted run ({cfg.output.dir}/audit.json)")
+    else:
+        with _stage(durations, "audit"):
+            audit_report, max_length, max_length_why = audit_data(cfg, task, data, tokenizer, model_dir, console)
     check_audit(audit_report)
     console.print(f"[bold]data[/] {len(splits.train)} train / {len(splits.val)} validation / {len(splits.test)} test rows, "
                   f"{task.describe_space(space)}; {_groups_phrase(data.report)}; removed "
@@ -203,11 +257,12 @@ def make_accelerator(cfg: RunConfig):
 
 
 def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *, out: Path, resume: bool = False,
-        progress=None, estimate: bool = True) -> Fitted:
+        progress=None, estimate: bool = True, keep_baselines: bool = False) -> Fitted:
     """Load the pre-trained model, score the baselines on it (once per Prepared), apply the method, estimate the
     cost and train with `cfg.train` (a search's trial passes its own). `progress(step, total, row)` is called at
     every step and evaluation (default: the progress bar). `estimate=False` (a search's trials: seconds each)
-    leaves Fitted.estimate None; `estimate_cost` makes it later for the one that is kept."""
+    leaves Fitted.estimate None; `estimate_cost` makes it later for the one that is kept. `keep_baselines` writes
+    the baselines' outputs to OUT/baselines.json as soon as they are scored, for a --resume to reuse."""
     from tuneforge.models.infer import pad_id_of
     from tuneforge.models.load import apply_method
     from tuneforge.models.resolve import describe
@@ -232,6 +287,10 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
         with _stage(durations, "baselines"):  # one process scores the test split, so only it needs them
             prep.baselines = task.baselines(cfg, prep.space, prep.data.splits, ids, y, model, pad_id, precision) \
                 if accelerator.is_main_process else {}
+        if keep_baselines and accelerator.is_main_process:
+            artifacts.write_json(out / artifacts.BASELINES, {"splits": _split_hashes(prep.data.report),
+                                                             "names": list(cfg.eval.baselines),
+                                                             "baselines": artifacts.to_json(prep.baselines)})
 
     model = apply_method(model, cfg.train, task.peft_task_type, task.lora_targets())
     loss_fn = task.training_loss() or default_loss
