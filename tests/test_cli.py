@@ -88,10 +88,45 @@ def test_predict_without_texts_or_model(capsys, tmp_path):
     assert "not a tuneforge model directory" in err
 
 
-def test_models_lists_a_local_directory_with_its_size(capsys, tiny_model_dir):
-    assert main(["models", "--path", str(tiny_model_dir)]) == 0
+def _bert_parameters(model_dir) -> tuple[int, int]:
+    """(all, embedding) parameters of a BertModel, counted by hand from its config.json: what `models` must print.
+    Embedding = the tensors under embeddings.* (word, position, token-type tables and their LayerNorm)."""
+    c = json.loads((model_dir / "config.json").read_text())
+    h, inter = c["hidden_size"], c["intermediate_size"]
+    embedding = (c["vocab_size"] + c["max_position_embeddings"] + c["type_vocab_size"]) * h + 2 * h
+    layer = 4 * (h * h + h) + 2 * h + (h * inter + inter) + (inter * h + h) + 2 * h  # q k v o, LN, FFN in/out, LN
+    return embedding + c["num_hidden_layers"] * layer + h * h + h, embedding  # + the pooler
+
+
+def _estimate(non_embedding: int, gflops: float) -> float:
+    """training/cost.py seconds_per_1k_examples as documented: 6 FLOPs per weight per token, 48 tokens an example,
+    at 75% of the measured matmul speed."""
+    return 6 * non_embedding * 48 * 1000 / (gflops * 1e9 * 0.75)
+
+
+def test_models_lists_a_local_directory_with_its_size(capsys, monkeypatch, tmp_path):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)  # wider than the tiny test model, so that its size prints as more than 0.0M
+    model_dir = tmp_path / "bert-1m"
+    config = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=512, max_position_embeddings=64)
+    model = BertModel(config)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    total, embedding = _bert_parameters(model_dir)
+    assert total == model.num_parameters()
+    # a machine of 2 GFLOP/s (test_models_json checks the real measurement): the time printed is exact
+    monkeypatch.setattr("tuneforge.training.cost.matmul_flops", lambda precision="fp32", seconds=0.3: 2e9)
+    assert main(["models", "--path", str(model_dir)]) == 0
     out = capsys.readouterr().out
-    assert "BertModel" in out and "est. train" in out
+    assert out.splitlines()[0] in ("pre-trained models found (this CPU: 2 GFLOP/s fp32 matmul)",
+                                   "pre-trained models found (this CPU: 2 GFLOP/s bf16 matmul)")
+    row = next(line for line in out.splitlines() if line.startswith(str(model_dir) + " "))
+    seconds = _estimate(total - embedding, 2.0)
+    assert 100 < seconds < 1000
+    assert row.split()[1:] == ["BertModel", "4", f"{total / 1e6:.1f}M", f"~{seconds:.0f}", "s", "(full", "fine-tune,",
+                               "~48", "tokens/example)", str(model_dir.resolve())]
 
 
 def _long_model_dir(tiny_model_dir, tmp_path):
@@ -133,8 +168,12 @@ def test_models_json(capsys, tiny_model_dir, tmp_path):
     e = mine[0]
     assert e["path"] == str(model.resolve())
     assert e["architecture"] == "BertModel" and e["layers"] == 2
-    assert e["parameters"] == describe(model)["parameters"]
-    assert e["est_train_seconds_per_1k_examples"] > 0 and e["machine_gflops"] > 0
+    total, embedding = _bert_parameters(model)
+    assert e["parameters"] == describe(model)["parameters"] == total
+    # the estimate is the documented formula at the GFLOP/s printed (rounded to 0.1; the estimate to 4 digits)
+    assert e["machine_gflops"] > 0
+    assert e["est_train_seconds_per_1k_examples"] == pytest.approx(_estimate(total - embedding, e["machine_gflops"]),
+                                                                   rel=0.05 / e["machine_gflops"] + 1e-3)
     assert e["precision"] in ("fp32", "bf16")
 
 
@@ -155,3 +194,29 @@ def test_help_does_not_import_torch():
     code = ("import sys; from tuneforge.cli import build_parser; import tuneforge.config;"
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
+
+
+def test_json_figures_on_stdout_and_whole_tables_in_a_log(capsys, tmp_path, tiny_llama_dir):
+    """Output that is not a terminal (here: captured, as in a log file or CI) keeps every table whole: each figure of
+    the closing table (the causal LM's: nine columns, wider than 80) appears with all its digits and no cell is cut
+    ("…"). --json prints metrics.json's content on standard output, the progress on standard error."""
+    from test_causal_lm_pipeline import _write_jsonl, pair_rows
+
+    data = _write_jsonl(tmp_path / "pairs.jsonl", pair_rows(60))
+    args = ["run", "--task", "causal-lm", "--data", str(data), "--model", str(tiny_llama_dir), "--method", "full",
+            "--epochs", "1", "--output", str(tmp_path / "out"), "--json"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert json.loads(captured.out) == saved
+    for text in (captured.err, (tmp_path / "out" / "run.log").read_text()):
+        assert "…" not in text
+        table = text[text.index("test split: model vs baselines"):]
+        header = next(line for line in table.splitlines() if "perplexity" in line)
+        for name in ("loss", "perplexity", "exact_match", "rouge_l", "chrf", "95% CI (rouge_l)"):
+            assert name in header
+        for name, m in [("fine-tuned model", saved["test"]["model"]), *saved["test"]["baselines"].items()]:
+            row = next(line for line in table.splitlines() if name in line)  # one line per row
+            for key in ("rouge_l", "chrf", "exact_match"):
+                assert f"{m[key]:.4f}" in row, (name, key, row)
+            assert f"{m['ci']['low']:.4f}-{m['ci']['high']:.4f}" in row

@@ -36,9 +36,15 @@ def _run_parser(sub) -> None:
     p.add_argument("--epochs", type=float, help="passes over the training data")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in the output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in the output directory")
+    _json_argument(p, "metrics.json's content")
     from tuneforge.training.launch import add_launch_arguments
 
     add_launch_arguments(p)
+
+
+def _json_argument(p, what: str) -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as JSON on standard output when done; the progress goes to standard error")
 
 
 def _tune_parser(sub) -> None:
@@ -55,6 +61,7 @@ def _tune_parser(sub) -> None:
                    "trials left running by a stopped process are failed and retried")
     p.add_argument("--output", help="output directory (default: the config's output.dir)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run or search in the output directory")
+    _json_argument(p, "the best trial's test metrics (metrics.json)")
     from tuneforge.training.launch import add_launch_arguments
 
     add_launch_arguments(p)  # --nproc N: every trial data-parallel over N processes, as `run --nproc N` trains
@@ -119,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _held_out_arguments(p)
     p.add_argument("--multi-label", action="store_true", help="rows may carry several labels")
     p.add_argument("--no-chat-template", action="store_true", help="causal-lm: render without the model's chat template")
+    _json_argument(p, "the audit (audit.json)")
     p.set_defaults(method=None, epochs=None, overwrite=False)
     p = sub.add_parser("predict", help="predict labels with a finished run's model")
     p.add_argument("output", help="output directory of a finished run (or its model/ directory)")
@@ -219,9 +227,19 @@ def cmd_run(args) -> int:
     from tuneforge.runlog import run_log
 
     cfg = _config_from_args(args)
-    with output_lock(Path(cfg.output.dir), command), run_log(Path(cfg.output.dir)) as console:
-        run(cfg, resume=args.resume, console=console)
+    with output_lock(Path(cfg.output.dir), command), run_log(Path(cfg.output.dir), stderr=args.json) as console:
+        metrics = run(cfg, resume=args.resume, console=console)
+    _print_json(args, metrics)
     return 0
+
+
+def _print_json(args, result) -> None:
+    """`--json`: the command's figures on standard output, one JSON document (only from the process that wrote them)."""
+    import json
+    import os
+
+    if getattr(args, "json", False) and result and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=2, default=str))
 
 
 def cmd_tune(args) -> int:
@@ -250,8 +268,9 @@ def cmd_tune(args) -> int:
     if wants_launch(args):
         with lock:
             return launch(args, args.argv)
-    with lock, run_log(Path(cfg.output.dir)) as console:
-        tune(cfg, resume=args.resume, console=console)
+    with lock, run_log(Path(cfg.output.dir), stderr=args.json) as console:
+        metrics = tune(cfg, resume=args.resume, console=console)
+    _print_json(args, metrics)
     return 0
 
 
@@ -266,11 +285,13 @@ def cmd_audit(args) -> int:
 
     cfg = _config_from_args(args)
     out = Path(cfg.output.dir)
-    with output_lock(out, "tuneforge " + " ".join(getattr(args, "argv", sys.argv[1:]))), run_log(out) as console:
+    with output_lock(out, "tuneforge " + " ".join(getattr(args, "argv", sys.argv[1:]))), \
+            run_log(out, stderr=args.json) as console:
         report = audit_only(cfg, console)
         out.mkdir(parents=True, exist_ok=True)
         artifacts.write_json(out / "audit.json", report)
         console.print(f"[bold]audit[/] written to {out / 'audit.json'}")
+    _print_json(args, report)
     try:
         check_audit(report)
     except AuditBlocked as err:
@@ -316,9 +337,9 @@ def _read_texts(args, out: Path) -> list[str]:
 def cmd_predict(args) -> int:
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
+    from tuneforge.runlog import make_console
     from tuneforge.tasks import get_task
 
     out = Path(args.output)
@@ -339,7 +360,7 @@ def cmd_predict(args) -> int:
         table.add_column(col)
     for text, row in zip(texts, rows):
         table.add_row(text, *row)
-    Console().print(table)
+    make_console().print(table)
     return 0
 
 

@@ -84,7 +84,9 @@ class Fitted:
 def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None) -> dict:
     """Run the whole job; returns the content of metrics.json. Raises TuneforgeError on bad input."""
     # under torchrun (`--nproc N`) every process runs this; only rank 0 reads the data, talks and writes
-    console = console or Console(quiet=int(os.environ.get("RANK", "0")) != 0)
+    from tuneforge.runlog import make_console
+
+    console = console or make_console(quiet=int(os.environ.get("RANK", "0")) != 0)
     out = Path(cfg.output.dir)
     t_start = time.perf_counter()
 

@@ -39,13 +39,28 @@ class _Records(logging.Handler):
             pass
 
 
+# Output that is not a terminal (a log file, CI, `| tee`) has no width: rich would squeeze tables into 80 columns and
+# cut metric names and digits ("perpl…", "0.97…"). Tables keep their natural width there, and lines are not wrapped.
+UNBOUNDED_WIDTH = 1000
+
+
+def make_console(*, quiet: bool = False, record: bool = False, stderr: bool = False) -> Console:
+    """A rich console for the command's own output: a terminal's width on a terminal, else wide enough for every
+    table and line whole."""
+    console = Console(quiet=quiet, record=record, stderr=stderr)
+    if not console.is_terminal:
+        console.width = UNBOUNDED_WIDTH
+    return console
+
+
 @contextlib.contextmanager
-def run_log(out: Path, *, quiet: bool | None = None):
+def run_log(out: Path, *, quiet: bool | None = None, stderr: bool = False):
     """A console for the command; library warnings and log records captured; OUT/run.log written at the end.
-    `quiet` (default: a torchrun process other than rank 0) prints nothing and writes no log."""
+    `quiet` (default: a torchrun process other than rank 0) prints nothing and writes no log; `stderr` puts the
+    console on standard error (`--json` keeps standard output for the figures)."""
     if quiet is None:
         quiet = int(os.environ.get("RANK", "0")) != 0
-    console = Console(quiet=quiet, record=not quiet)
+    console = make_console(quiet=quiet, record=not quiet, stderr=stderr)
     if quiet:
         yield console
         return

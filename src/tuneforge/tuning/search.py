@@ -123,7 +123,9 @@ def tune(cfg: RunConfig, *, resume: bool = False, console: Console | None = None
     from tuneforge.training.loop import epochs_for
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    console = console or Console()
+    from tuneforge.runlog import make_console
+
+    console = console or make_console()
     out, tc = Path(cfg.output.dir), cfg.tune
     name = tc.study or out.resolve().name
     url = tc.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
