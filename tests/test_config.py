@@ -1,3 +1,7 @@
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +20,73 @@ def test_every_shipped_example_validates_and_names_its_command(path):
     assert path.read_text().splitlines()[0].startswith("# tuneforge ")
 
 
-def test_examples_exist():
-    assert EXAMPLES, "examples/ must hold at least the demo config"
+def _setup_packages() -> set[str]:
+    """Distributions `make setup` installs: the project's dependencies and the Makefile's `pip install` lines."""
+    import tomllib
+
+    root = EXAMPLES[0].parents[1]
+    names = re.findall(r"pip install [^\n]*", (root / "Makefile").read_text())
+    words = [w for line in names for w in line.split()[2:] if not w.startswith(("-", "'", "."))]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    return {re.split(r"[=<>\[ ]", w)[0].lower().replace("_", "-") for w in words + deps}
+
+
+def _read_as_the_task_does(cfg, data: Path) -> int:
+    """The rows (sentences, examples) the example's task reads from `data`; raises DataError as a run would."""
+    if cfg.task.type == "causal-lm":
+        from tuneforge.tasks.causal_lm.data import read_conversations
+
+        return len(read_conversations(data, cfg.task, cfg.data.text_column, cfg.data.format, cfg.data.encoding)[0])
+    if cfg.task.type == "token-classification":
+        from tuneforge.tasks.token_classification.readers import read_sentences
+
+        return len(read_sentences(data, scheme=cfg.task.scheme, text_column=cfg.data.text_column,
+                                  encoding=cfg.data.encoding)[0])
+    from tuneforge.data.load import read_table
+
+    df = read_table(data, cfg.data.format, cfg.data.encoding, sheet=cfg.data.sheet)
+    assert {cfg.data.text_column, cfg.data.label_column} <= set(df.columns)
+    assert set(cfg.data.keep_labels or []) <= set(df[cfg.data.label_column])
+    return len(df)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_runs_on_what_make_setup_installs(path, tmp_path):
+    """Its header's command runs this very file; its model comes from a package `make setup` installs; its data is a
+    file of such a package, or what the script its header names writes when run as the header says (from the
+    repository root, no arguments: it then writes data.path); and the task reads that data (columns, labels)."""
+    from tuneforge.data.load import resolve_path
+    from tuneforge.models.resolve import installed_models
+
+    root = path.parents[1]
+    header = path.read_text().splitlines()[0]
+    assert header.split()[:4] == ["#", "tuneforge", "run", f"examples/{path.name}"], header
+    cfg = load_config(path)
+    packages = _setup_packages()
+    assert cfg.model.name.lower() in packages, f"model package {cfg.model.name} is not installed by `make setup`"
+    assert cfg.model.name in {m["name"] for m in installed_models()}, f"{cfg.model.name} ships no model"
+    if cfg.data.path.startswith("pkg:"):
+        package = cfg.data.path[4:].split("/")[0]
+        assert package.lower() in packages, f"data package {package} is not installed by `make setup`"
+        data = resolve_path(cfg.data.path)
+        assert data.is_file(), f"{cfg.data.path} is not a file of the installed {package}"
+    else:  # written by a script: the header says which
+        script = re.search(r"python (examples/\w+\.py)", header).group(1)
+        done = subprocess.run([sys.executable, str(root / script)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        data = tmp_path / cfg.data.path
+        assert data.is_file(), f"python {script} did not write {cfg.data.path}"
+        for line in (root / "Makefile").read_text().splitlines():  # a make target that writes it writes this path
+            if f"$(PY) {script}" in line:
+                assert line.strip() == f"$(PY) {script} {cfg.data.path}", line
+    assert _read_as_the_task_does(cfg, data) >= 100
+
+
+def test_every_task_has_an_example():
+    from tuneforge.tasks import TASKS
+
+    assert {load_config(p).task.type for p in EXAMPLES} == set(TASKS)
 
 
 def test_typo_names_the_key_and_the_valid_ones():

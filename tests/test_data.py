@@ -97,9 +97,9 @@ def test_missing_file(tmp_path):
 
 
 def test_unknown_format(tmp_path):
-    path = tmp_path / "data.xlsx"
+    path = tmp_path / "data.ods"
     path.write_text("x")
-    with pytest.raises(DataError, match="unknown data format '.xlsx'"):
+    with pytest.raises(DataError, match="unknown data format '.ods'"):
         _prepare(path)
 
 

@@ -182,16 +182,22 @@ def test_convert_gguf_gives_a_plain_model_directory(tiny, cache):
     assert record["source"] == str(path.resolve()) and record["tied_embeddings"] is True
 
 
-def test_second_call_is_cached_and_loads_nothing(tiny, monkeypatch):
+def test_second_call_is_cached_and_loads_nothing(tiny, cache, monkeypatch):
     path, _ = tiny["tied"]
     first, _ = tg.convert_gguf(path)
+
+    def files():  # every file and folder of the cache: its inode, size and modification time
+        return {p: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(cache.parent.rglob("*"))}
+
+    before = files()
 
     def no_load(*args, **kwargs):
         raise AssertionError("the cached directory must be returned without loading the GGUF")
 
     monkeypatch.setattr(tg, "_convert_into", no_load)
     again, info = tg.convert_gguf(path)
-    assert again == first and info["cached"] is True and info["seconds"] < 1
+    assert again == first and info["cached"] is True and info["source"] == str(path.resolve())
+    assert files() == before  # nothing rewritten, replaced or added
 
 
 def test_untied_gguf_keeps_its_output_projection(tiny):

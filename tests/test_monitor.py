@@ -1,6 +1,5 @@
 """The request log on both of its stores (SQLite, PostgreSQL), retention, and the monitor end to end."""
 import json
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,17 +17,26 @@ def log_url(request, tmp_path):
     return request.getfixturevalue("postgres_url")
 
 
-def test_request_log_returns_newest_first_and_prunes_past_retention(log_url):
+def test_request_log_returns_newest_first_and_prunes_past_retention(log_url, monkeypatch):
+    from types import SimpleNamespace
+
+    from tuneforge.serving import monitor
+
+    day, start = 86400, 1_700_000_000.0
+    clock = SimpleNamespace(now=start)
+    monkeypatch.setattr(monitor, "time", SimpleNamespace(time=lambda: clock.now))  # the log's clock, and only its
     log = RequestLog(log_url, retention_days=1)
-    log.write(["old one", "old two"], ["neg", "neg"], [0.9, 0.8], 5.0)
-    # age those rows by two days, past the one-day retention
-    log.conn.execute(f"UPDATE predictions SET ts = ts - {2 * 86400}")
-    time.sleep(0.01)
+    log.write(["old one", "old two"], ["neg", "neg"], [0.9, 0.9], 5.0)  # one batch: one time, the same row read back
+    clock.now = start + day - 10  # over a minute since the last pruning: it runs; the old rows are not a day old yet
+    log.write(["mid"], ["neg"], [0.5], 2.0)
+    assert [r[1] for r in log.recent(10)] == ["neg", "neg", "neg"]
+    clock.now = start + day + 20  # the old rows are past the one-day retention, but pruning waits for its interval
     log.write(["new"], ["pos"], [0.7], 3.0)
-    assert [r[1] for r in log.recent(10)] == ["pos", "neg", "neg"]  # pruning waits for its interval
-    log._last_prune = 0.0
+    assert log.recent(10) == [(3, "pos", 0.7), (3, "neg", 0.5), (7, "neg", 0.9), (7, "neg", 0.9)]  # newest first
+    assert log.recent(2) == [(3, "pos", 0.7), (3, "neg", 0.5)]
+    clock.now = start + day + 100  # 90 s since the last pruning: it runs and drops the rows older than a day
     log.write(["newest, longer"], ["neg"], [0.6], 4.0)
-    assert log.recent(10) == [(len("newest, longer"), "neg", 0.6), (3, "pos", 0.7)]
+    assert log.recent(10) == [(len("newest, longer"), "neg", 0.6), (3, "pos", 0.7), (3, "neg", 0.5)]
     log.close()
 
 

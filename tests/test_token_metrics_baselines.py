@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -115,25 +116,59 @@ def test_counts_f1_equals_seqeval_strict(seed):
 
 
 def test_type_confusion_hand_case():
-    gold = HAND_GOLD + [["B-PER", "O", "O", "O"], ["B-LOC", "I-LOC", "O"]]
-    pred = HAND_PRED + [["O", "O", "B-LOC", "O"], ["B-LOC", "O", "O"]]
-    # PER->PER, LOC->ORG, PER missed (+ LOC spurious), LOC missed (partial span) + LOC spurious
+    gold = HAND_GOLD + [["B-PER", "O", "O", "O"], ["B-LOC", "I-LOC", "O"], ["B-MISC", "O"], ["O", "B-LOC", "O", "O"]]
+    pred = HAND_PRED + [["O", "O", "B-LOC", "O"], ["B-LOC", "O", "O"], ["B-PER", "O"], ["O", "B-LOC", "O", "B-ORG"]]
+    # sentence 0: PER->PER, LOC->ORG; 2: PER missed + a spurious LOC; 3: LOC missed (the prediction is one token
+    # short) + that LOC spurious; 4: MISC->PER (MISC is never predicted); 5: LOC->LOC + a spurious ORG
     tc = type_confusion(gold, pred)
-    assert tc["labels"] == ["LOC", "ORG", "PER", "(missed)", "(spurious)", "(none)"]
+    assert tc["rows"] == ["LOC", "MISC", "PER", "(none)"]       # gold types
+    assert tc["columns"] == ["LOC", "ORG", "PER", "(missed)"]   # predicted types
     assert tc["matrix"] == [
-        # LOC ORG PER missed spurious none
-        [0, 1, 0, 1, 0, 0],  # LOC
-        [0, 0, 0, 0, 0, 0],  # ORG
-        [0, 0, 1, 1, 0, 0],  # PER
-        [0, 0, 0, 0, 0, 0],  # (missed)
-        [0, 0, 0, 0, 0, 0],  # (spurious)
-        [0, 0, 0, 0, 2, 0],  # (none)
+        # LOC ORG PER (missed)
+        [1, 1, 0, 1],  # LOC
+        [0, 0, 1, 0],  # MISC
+        [0, 0, 1, 1],  # PER
+        [2, 1, 0, 0],  # (none): spurious predictions, by predicted type
     ]
-    assert tc["spurious"] == {"LOC": 2}
-    # every gold entity is counted once, every predicted one once (matched or spurious)
+    assert tc["spurious"] == {"LOC": 2, "ORG": 1}
+    _check_confusion(gold, pred, tc)
+    from tuneforge.tasks.token_classification.report import report_details
+
+    html = "".join(report_details({"test": {"model": {"per_type": {}}}, "type_confusion": tc}))  # 4 x 4, not square
+    assert "<img" in html and "confusion of entity types" in html
+    tc = type_confusion(gold[:3], pred[:3])  # 2 gold types x 3 predicted ones: the plot draws rows x columns
+    assert (tc["rows"], tc["columns"]) == (["LOC", "PER", "(none)"], ["LOC", "ORG", "PER", "(missed)"])
+    assert "<img" in "".join(report_details({"test": {"model": {"per_type": {}}}, "type_confusion": tc}))
+
+
+def _check_confusion(gold, pred, tc):
+    """Rows sum to the gold entities of their type, columns to the predicted ones; so no type row or column is
+    empty, and only the cell ((none), (missed)) is zero by construction."""
+    from tuneforge.tasks.token_classification.sentence import entities
+
     matrix = np.array(tc["matrix"])
-    assert matrix[:3].sum() == 4
-    assert matrix[:3, :3].sum() + matrix[5].sum() == 4
+    assert matrix.shape == (len(tc["rows"]), len(tc["columns"]))
+    gold_counts = Counter(k for g in gold for k, _, _ in entities(g))
+    pred_counts = Counter(k for p in pred for k, _, _ in entities(p))
+    assert dict(zip(tc["rows"][:-1], matrix[:-1].sum(axis=1).tolist())) == gold_counts
+    assert dict(zip(tc["columns"][:-1], matrix[:, :-1].sum(axis=0).tolist())) == pred_counts
+    assert (matrix[:-1].sum(axis=1) > 0).all() and (matrix[:, :-1].sum(axis=0) > 0).all()
+    assert matrix[-1, -1] == 0
+    assert dict(zip(tc["columns"][:-1], matrix[-1, :-1].tolist())) == {k: tc["spurious"].get(k, 0) for k in pred_counts}
+    return matrix
+
+
+def test_no_row_or_column_of_the_type_confusion_is_always_zero():
+    nonzero_rows, nonzero_columns = set(), set()
+    for seed in range(40):  # small cases too, whose gold and predicted types differ
+        gold, pred = _random_case(seed, n=200 if seed % 4 == 0 else 3)
+        if not any(k for g in gold + pred for k in g if k != "O"):
+            continue
+        tc = type_confusion(gold, pred)
+        matrix = _check_confusion(gold, pred, tc)
+        nonzero_rows |= {r for r, total in zip(tc["rows"], matrix.sum(axis=1)) if total}
+        nonzero_columns |= {c for c, total in zip(tc["columns"], matrix.sum(axis=0)) if total}
+    assert nonzero_rows == {*TYPES, "(none)"} and nonzero_columns == {*TYPES, "(missed)"}
 
 
 def test_bootstrap_ci_contains_point_and_is_deterministic():

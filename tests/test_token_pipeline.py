@@ -184,6 +184,7 @@ def test_task_flag_over_a_config_takes_the_other_tasks_defaults(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {path: x.conll}\neval: {bootstrap_samples: 10}\n")
     args = argparse.Namespace(config=str(cfg), data=None, task="token-classification", text_column=None, label_column=None,
+                              val_data=None, leakage=None,
                               test_data=None, model=None, output=None, method=None, epochs=None, multi_label=False,
                               overwrite=False)
     parsed = _config_from_args(args)

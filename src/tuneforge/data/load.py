@@ -1,7 +1,7 @@
-"""Read CSV / JSONL / Parquet files (optionally compressed) into a DataFrame of raw cells.
+"""Read CSV / JSONL / Parquet / Excel (.xlsx) files (optionally compressed) into a DataFrame of raw cells.
 
-Rows are numbered as the user sees them: data row 0 is the first row after a CSV header, or the
-first line of a JSONL file. Errors name the file, the line and what to do about it.
+Rows are numbered as the user sees them: data row 0 is the first row after a CSV header (or a sheet's
+header row), or the first line of a JSONL file. Errors name the file, the line and what to do about it.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import io
 import json
 import lzma
 import re
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pandas as pd
 from tuneforge.errors import DataError
 
 _DECOMPRESS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
-FORMATS = ("csv", "jsonl", "parquet")
+FORMATS = ("csv", "jsonl", "parquet", "xlsx")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
@@ -50,10 +51,13 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
         return fmt
     suffix, _ = _strip_compression(path)
     by_suffix = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
-                 ".parquet": "parquet", ".pq": "parquet"}
+                 ".parquet": "parquet", ".pq": "parquet", ".xlsx": "xlsx", ".xlsm": "xlsx"}
+    if suffix == ".xls":  # the binary Excel 97-2003 format: another reader (xlrd), not worth a dependency
+        raise DataError("the old Excel format .xls is not read", path=path,
+                        fix="save the sheet as .xlsx (Excel: File > Save As > Excel Workbook) or as CSV")
     if suffix not in by_suffix:
         raise DataError(f"unknown data format '{suffix or '(no suffix)'}'", path=path,
-                        fix=f"use one of {', '.join(FORMATS)} (.csv, .jsonl, .parquet) or set data.format")
+                        fix=f"use one of {', '.join(FORMATS)} (.csv, .jsonl, .parquet, .xlsx) or set data.format")
     return by_suffix[suffix]
 
 
@@ -169,14 +173,60 @@ def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def read_table(path: Path, fmt: str = "auto", encoding: str = "utf-8") -> pd.DataFrame:
-    """The file's rows as a DataFrame, index 0..n-1 in file order."""
+def _read_xlsx(data: bytes, path: Path, sheet: str | int | None) -> pd.DataFrame:
+    """One sheet of a workbook, read as _read_csv reads a CSV: the first row is the header, every cell a string
+    (numbers as Excel shows them unformatted, e.g. 3 or 2.5), empty cells "" (cleaned later), blank rows kept so
+    data row i is the sheet's row i + 2."""
+    try:
+        import openpyxl  # noqa: F401  (pandas' engine for .xlsx)
+    except ImportError:
+        raise DataError("reading .xlsx needs the openpyxl package", path=path, fix="pip install openpyxl") from None
+    try:
+        book = pd.ExcelFile(io.BytesIO(data), engine="openpyxl")
+    except Exception as err:  # a renamed CSV: BadZipFile; a zip that is no workbook: KeyError, InvalidFileException
+        what = ("not a zip archive, as an .xlsx is" if isinstance(err, zipfile.BadZipFile)
+                else f"a zip archive without a workbook in it: {type(err).__name__}: {err}")
+        raise DataError(f"not an Excel .xlsx workbook ({what})", path=path,
+                        fix="give the file its real suffix (.csv, .jsonl, .parquet) or set data.format; or open it in "
+                            "Excel and save it as .xlsx (a password-protected workbook must be saved without it)") from None
+    with book:
+        names = [str(n) for n in book.sheet_names]
+        listed = ", ".join(f"{i}: {n!r}" for i, n in enumerate(names))
+        if sheet is None:
+            name = names[0]
+        elif isinstance(sheet, int) and not isinstance(sheet, bool):
+            if not 0 <= sheet < len(names):
+                raise DataError(f"sheet index {sheet} is out of range; the workbook has {len(names)} sheet(s): {listed}",
+                                path=path, fix="set data.sheet to a sheet name or a 0-based index")
+            name = names[sheet]
+        elif str(sheet) in names:
+            name = str(sheet)
+        else:
+            raise DataError(f"sheet {str(sheet)!r} not found; the sheets are: {listed}", path=path,
+                            fix="set data.sheet to one of those names or a 0-based index (names are case-sensitive)")
+        try:
+            df = book.parse(name, dtype=str, keep_default_na=False, na_filter=False)
+        except Exception as err:  # a damaged sheet part inside a valid zip
+            raise DataError(f"cannot read sheet {name!r} ({type(err).__name__}: {err})", path=path,
+                            fix="open the file in Excel and save it again as .xlsx") from None
+    if len(df.columns) == 0:
+        raise DataError(f"sheet {name!r} is empty", path=path,
+                        fix="put a header row and data rows on the sheet, or set data.sheet to the one holding them")
+    df.columns = [str(c) for c in df.columns]  # a number in the header row is a name, as in a CSV
+    return df
+
+
+def read_table(path: Path, fmt: str = "auto", encoding: str = "utf-8", sheet: str | int | None = None) -> pd.DataFrame:
+    """The file's rows as a DataFrame, index 0..n-1 in file order. `sheet` (.xlsx only): a sheet name or 0-based
+    index; None = the first sheet."""
     if not path.exists():
         raise DataError("file does not exist", path=path, fix="check data.path (relative paths start from the current directory)")
     if path.is_dir():
-        raise DataError("is a directory, not a data file", path=path, fix="point data.path at a CSV, JSONL or Parquet file")
+        raise DataError("is a directory, not a data file", path=path, fix="point data.path at a CSV, JSONL, Parquet or .xlsx file")
     fmt = detect_format(path, fmt)
-    if fmt == "parquet":
+    if fmt == "xlsx":
+        df = _read_xlsx(_read_bytes(path), path, sheet)
+    elif fmt == "parquet":
         try:
             df = pd.read_parquet(io.BytesIO(_read_bytes(path)))
         except Exception as err:  # pyarrow raises many types for a bad file

@@ -20,7 +20,6 @@ import numpy as np
 from tuneforge.tasks.token_classification.sentence import entities
 
 MISSED = "(missed)"
-SPURIOUS = "(spurious)"
 NONE = "(none)"
 
 
@@ -106,33 +105,34 @@ def bootstrap_f1_ci(counts: np.ndarray, samples: int = 1000, seed: int = 0, leve
 
 
 def type_confusion(gold: list[list[str]], pred: list[list[str]]) -> dict:
-    """Entity-type confusion on exact spans; rows are gold, columns predicted.
+    """Entity-type confusion on exact spans; rows are gold types, columns predicted types.
 
-    Each gold entity counts once in row TYPE: in the column of the type of the predicted entity with exactly
-    the same span, or in column "(missed)" when no predicted entity has that span (partly overlapping
-    predictions count as missed). Each predicted entity whose span matches no gold entity counts once in row
-    "(none)", column "(spurious)"; `spurious` gives those by predicted type.
+    Each gold entity counts once in its type's row: in the column of the type of the predicted entity with
+    exactly the same span, or in column "(missed)" when no predicted entity has that span (partly overlapping
+    predictions count as missed). Each predicted entity whose span matches no gold entity counts once in its
+    type's column, row "(none)"; `spurious` gives those by predicted type (row "(none)" as a dict).
 
-    Returns {"labels": [...], "matrix": [[...]], "spurious": {TYPE: n}}: one square matrix over `labels`,
-    the entity types (sorted, gold and predicted) then "(missed)", "(spurious)", "(none)". By construction
-    rows "(missed)"/"(spurious)" and column "(none)" are zero, and row "(none)" has counts only in column
-    "(spurious)"."""
+    Returns {"rows": gold types (sorted) + ["(none)"], "columns": predicted types (sorted) + ["(missed)"],
+    "matrix": [[...]] (rows x columns), "spurious": {TYPE: n}}. Every type row holds its gold entities and every
+    type column its predicted ones, so none is empty; only the cell ((none), (missed)) is zero by construction.
+    A row sums to the gold entities of its type, a column to the predicted entities of its type."""
     _check(gold, pred)
     cells: Counter = Counter()
-    spurious: Counter = Counter()
-    kinds: set[str] = set()
+    gold_kinds: set[str] = set()
+    pred_kinds: set[str] = set()
     for g, p in zip(gold, pred):
         by_span = {(s, e): k for k, s, e in entities(p)}
         gold_spans = set()
         for k, s, e in entities(g):
-            kinds.add(k)
+            gold_kinds.add(k)
             gold_spans.add((s, e))
             cells[k, by_span.get((s, e), MISSED)] += 1
         for (s, e), k in by_span.items():
-            kinds.add(k)
+            pred_kinds.add(k)
             if (s, e) not in gold_spans:
-                cells[NONE, SPURIOUS] += 1
-                spurious[k] += 1
-    labels = sorted(kinds) + [MISSED, SPURIOUS, NONE]
-    matrix = [[int(cells[r, c]) for c in labels] for r in labels]
-    return {"labels": labels, "matrix": matrix, "spurious": dict(sorted(spurious.items()))}
+                cells[NONE, k] += 1
+    rows = sorted(gold_kinds) + [NONE]
+    columns = sorted(pred_kinds) + [MISSED]
+    matrix = [[int(cells[r, c]) for c in columns] for r in rows]
+    spurious = {k: int(cells[NONE, k]) for k in sorted(pred_kinds) if cells[NONE, k]}
+    return {"rows": rows, "columns": columns, "matrix": matrix, "spurious": spurious}

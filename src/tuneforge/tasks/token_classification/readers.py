@@ -1,4 +1,4 @@
-"""Read token-classification data (CoNLL, JSONL, CSV) into BIO-tagged `Sentence`s, with a note of every repair.
+"""Read token-classification data (CoNLL, JSONL, CSV, .xlsx) into BIO-tagged `Sentence`s, with a note of every repair.
 
 Three layouts are read:
 
@@ -8,7 +8,8 @@ Three layouts are read:
 - **JSONL** rows with a `tokens` and a `tags` list of the same length, or
 - **JSONL / CSV** rows with a `text` and its character `spans` (`[{"start", "end", "label"}]`, a JSON string in
   a CSV cell): the text is cut into words and single punctuation marks, and the tokens a span overlaps are
-  tagged `B-`/`I-LABEL`. (CSV rows may hold `tokens` / `tags` too, as JSON lists.)
+  tagged `B-`/`I-LABEL`. (CSV rows may hold `tokens` / `tags` too, as JSON lists.) An Excel sheet (`.xlsx`,
+  `.xlsm`; the first one, or `sheet`) is read as a CSV with the same columns.
 
 Tags in IO, BIO (IOB2), IOB1 or BIOES (BILOU) are all turned into BIO; `scheme="auto"` tells them apart
 from the whole file's tags. An `I-X` that cannot continue an entity (after `O`, after another type, at the
@@ -22,16 +23,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneforge.data.load import (_decode, _read_bytes, _read_csv, _strip_compression, parse_json, resolve_path,
-                                 split_lines)
+from tuneforge.data.load import (_decode, _read_bytes, _read_csv, _strip_compression, parse_json, read_table,
+                                 resolve_path, split_lines)
 from tuneforge.errors import ConfigError, DataError, shown
 from tuneforge.tasks.token_classification.sentence import Sentence
 
 __all__ = ["read_sentences", "detect_token_format", "detect_scheme", "tokenize_words", "FORMATS", "SCHEMES"]
 
-FORMATS = ("conll", "jsonl", "csv")
+FORMATS = ("conll", "jsonl", "csv", "xlsx")
 _SUFFIX_FORMAT = {".conll": "conll", ".txt": "conll", ".iob": "conll",
-                  ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
+                  ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".xlsx": "xlsx", ".xlsm": "xlsx"}
 # What each `scheme` name means; the values are the four schemes converted.
 SCHEMES = {"auto": "auto", "bio": "bio", "iob2": "bio", "io": "io", "iob1": "iob1",
            "bioes": "bioes", "iobes": "bioes", "bilou": "bioes"}
@@ -62,7 +63,7 @@ def tokenize_words(text: str) -> list[tuple[str, int, int]]:
 
 
 def detect_token_format(path: Path, fmt: str = "auto") -> str:
-    """conll, jsonl or csv: `fmt` if given, else by the suffix (before any .gz/.bz2/.xz)."""
+    """conll, jsonl, csv or xlsx: `fmt` if given, else by the suffix (before any .gz/.bz2/.xz)."""
     if fmt != "auto":
         if fmt not in FORMATS:
             raise ConfigError(f"unknown token-classification data format '{fmt}'",
@@ -71,7 +72,7 @@ def detect_token_format(path: Path, fmt: str = "auto") -> str:
     suffix, _ = _strip_compression(path)
     if suffix not in _SUFFIX_FORMAT:
         raise DataError(f"cannot tell the token-classification format from the suffix '{suffix or '(none)'}'",
-                        path=path, fix="name the file .conll/.txt/.iob (CoNLL), .jsonl or .csv, or set the format "
+                        path=path, fix="name the file .conll/.txt/.iob (CoNLL), .jsonl, .csv or .xlsx, or set the format "
                                        f"({', '.join(FORMATS)})")
     return _SUFFIX_FORMAT[suffix]
 
@@ -106,7 +107,8 @@ def detect_scheme(tag_sequences) -> str:
 
 def read_sentences(path: Path, *, fmt: str = "auto", scheme: str = "auto", strict: bool = False,
                    text_column: str = "text", tokens_column: str = "tokens", tags_column: str = "tags",
-                   spans_column: str = "spans", encoding: str = "utf-8") -> tuple[list[Sentence], list[dict]]:
+                   spans_column: str = "spans", encoding: str = "utf-8",
+                   sheet: str | int | None = None) -> tuple[list[Sentence], list[dict]]:
     """The file's sentences with BIO tags, and the repairs made on the way.
 
     Each repair is {"file", "row" (0-based sentence / data row), "line" (1-based file line or None),
@@ -114,6 +116,7 @@ def read_sentences(path: Path, *, fmt: str = "auto", scheme: str = "auto", stric
     and the BIO tag given; for a span whose boundary cuts a token, the span's text and the text of the
     tokens tagged. Sentences with no tokens are skipped (a JSONL/CSV row so skipped gets a note).
     Raises DataError (file, row or line, what is wrong, how to fix it) for anything it cannot read.
+    `sheet` (.xlsx only): a sheet name or 0-based index; None = the first sheet.
     """
     path = resolve_path(path) if isinstance(path, str) else Path(path)
     fmt = detect_token_format(path, fmt)
@@ -121,14 +124,17 @@ def read_sentences(path: Path, *, fmt: str = "auto", scheme: str = "auto", stric
     if scheme_key not in SCHEMES:
         raise ConfigError(f"unknown tagging scheme '{scheme}'", fix=f"use one of {', '.join(SCHEMES)}")
     scheme = SCHEMES[scheme_key]
-    text = _load_text(path, fmt, encoding)
     columns = (text_column, tokens_column, tags_column, spans_column)
-    if fmt == "conll":
-        items = _parse_conll(text, path)
-    elif fmt == "jsonl":
-        items = _parse_jsonl(text, path, columns)
+    if fmt == "xlsx":  # cells read as a CSV's are (strings), then the CSV row reader
+        items = _parse_rows(read_table(path, "xlsx", sheet=sheet), path, columns)
     else:
-        items = _parse_csv(text, path, columns)
+        text = _load_text(path, fmt, encoding)
+        if fmt == "conll":
+            items = _parse_conll(text, path)
+        elif fmt == "jsonl":
+            items = _parse_jsonl(text, path, columns)
+        else:
+            items = _parse_rows(_read_csv(text, path), path, columns)
 
     tagged = [it for it, _ in items if isinstance(it, _Tagged)]
     for it in tagged:
@@ -230,8 +236,8 @@ def _parse_jsonl(text: str, path: Path, columns) -> list:
     return items
 
 
-def _parse_csv(text: str, path: Path, columns) -> list:
-    df = _read_csv(text, path)
+def _parse_rows(df, path: Path, columns) -> list:
+    """The rows of a CSV (or an .xlsx sheet, read the same way: every cell a string)."""
     records = df.to_dict(orient="records")
     return [_read_row(rec, path, i, None, "csv", columns) for i, rec in enumerate(records)]
 

@@ -11,7 +11,8 @@ def report_details(m: dict) -> list[str]:
         [[t, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), v["support"]] for t, v in model["per_type"].items()])]
     confusion = m.get("type_confusion")
     if confusion:
-        parts.append("<p>Each gold entity against the type predicted on exactly its span; (missed) = no entity "
-                     "predicted there; row (none) = predicted entities matching no gold span.</p>")
+        parts.append("<p>Rows: each gold entity's type; columns: the type predicted on exactly its span, or (missed) "
+                     "when no entity is predicted there. Row (none): predicted entities matching no gold span, by their "
+                     "predicted type.</p>")
         parts.append(_img(plot_confusion(confusion), "confusion of entity types (test)"))
     return parts
