@@ -318,11 +318,14 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
     # --- train ---
     validate = task.validator(cfg, prep.space, prep.tokenizer, prep.max_length, ids["val"], y["val"], pad_id, precision)
     select = task.selection(cfg)
+    from tuneforge.training.cost import EstimateCheck
+
+    check = EstimateCheck(est, total, max(1, total // eval_every), console.print) if est is not None and not resume else None
     with _stage(durations, "train"), (contextlib.nullcontext(progress) if progress else _progress(console)) as report:
         result = train(model, train_data, validate, cfg.train, cfg.eval,
                        accelerator=accelerator, precision=precision, pad_id=pad_id,
                        checkpoint_dir=out / artifacts.CHECKPOINT, resume=resume, progress=report,
-                       loss_fn=loss_fn, select=select)
+                       loss_fn=loss_fn, select=select, monitor=check)
     console.print(f"[bold]trained[/] {result.steps} steps, {result.samples_per_second:.1f} rows/s "
                   f"({result.tokens / max(result.train_seconds, 1e-9):.0f} tokens/s); best validation "
                   f"{select[0].removeprefix('val_')} {result.best_metric:.4f} at step {result.best_step}"
@@ -415,10 +418,11 @@ def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precis
                              "best_step": result.best_step, "history": result.history, "stopped_early": result.stopped_early}
     metrics.update(extra_metrics or {})
     durations["total"] = round(time.perf_counter() - prep.t_start, 2)
-    # early stopping can end a run before its planned steps: the estimate, restated for the steps run
+    # early stopping can end a run before its planned steps: the estimate (and its correction), restated for the steps run
     total = fitted.plan["total_steps"]
-    est["seconds_total_for_steps_run"] = est["seconds_total"] - (est["seconds_train"] + est["seconds_validation"]) \
-        * (1 - result.steps / total)
+    for e in (est, est.get("corrected")):
+        if e is not None:
+            e["seconds_total_for_steps_run"] = cost.restated_for_steps(e, result.steps, total)
     metrics["cost"] = {"estimated": est, "actual": {"seconds_total": durations["total"], "seconds_train": result.train_seconds,
                                                      "train_samples_per_second": result.samples_per_second,
                                                      "train_tokens_per_second": result.tokens / max(result.train_seconds, 1e-9),
@@ -611,6 +615,8 @@ def _print_summary(console: Console, task, metrics: dict, est: dict, durations: 
         if s["warning"]:
             console.print(f"[yellow]slice warning[/]: {metrics['main_metric']} differs by {s['largest_gap']:.3f} across {col} "
                           f"({s['between']['best']} vs {s['between']['worst']})")
+    if est.get("corrected"):
+        est = est["corrected"]  # the estimate as corrected by the first training steps
     rest_est, rest = est["seconds_total"] - est["seconds_train"], durations["total"] - durations["train"]
     console.print(f"[bold]cost[/] whole run estimated {_fmt_s(est['seconds_total'])} (training {_fmt_s(est['seconds_train'])} + "
                   f"the rest {_fmt_s(rest_est)}), actual {_fmt_s(durations['total'])} (training {_fmt_s(durations['train'])} + the rest "

@@ -7,6 +7,7 @@ state gives the memory.
 """
 from __future__ import annotations
 
+import math
 import resource
 import time
 
@@ -14,14 +15,51 @@ import numpy as np
 import torch
 
 from tuneforge.models.infer import autocast
-from tuneforge.training.loop import TrainData, default_loss, make_batches, training_batch
+from tuneforge.training.loop import TrainData, default_loss, make_batches, padded_width, training_batch
 
 _TAIL_SECONDS = 1.5  # reload, report (matplotlib plots) and model card, measured here: 0.4-1 s
 _DISK_BYTES_PER_SECOND = 100e6  # export writes fp32 weights, the final evaluation reads them back
 
 
 def _rss_bytes() -> int:
+    """The process's peak resident memory so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _current_rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakRSS:
+    """The peak resident memory while the block runs, sampled every 2 ms from a thread (the process's lifetime
+    peak, ru_maxrss, cannot be reset, and the block's peak is what one training step needs on top of the rest).
+    Where /proc is missing, the lifetime peak stands in."""
+
+    def __enter__(self) -> "PeakRSS":
+        import threading
+
+        self.peak = _current_rss() or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            rss = _current_rss()
+            if rss is None:
+                return
+            self.peak = max(self.peak, rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        now = _current_rss()
+        self.peak = max(self.peak, now) if now is not None else _rss_bytes()
 
 
 def _fwd_bwd(model, data: TrainData, idx, pad_id, device, precision, loss_fn) -> float:
@@ -96,7 +134,7 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     data = TrainData(ids, targets, positions)
     lengths = np.array([len(x) for x in ids])
     batches = make_batches(lengths.tolist(), batch_size, seed, 0, group_by_length)
-    widths = np.array([lengths[b].max() for b in batches])
+    widths = np.array([padded_width(int(lengths[b].max())) for b in batches])
     padded = np.array([len(b) for b in batches]) * widths
     largest = int(padded.argmax())
     typical = int(np.argsort(padded)[len(padded) // 2])
@@ -110,7 +148,9 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     def per_token_of(k: int, repeats: int) -> float:
         return min(_fwd_bwd(model, data, batches[k], pad_id, device, precision, loss_fn) for _ in range(repeats)) / padded[k]
 
-    first = per_token_of(largest, 1) * padded[largest]  # warms up the kernels, and sets the peak memory
+    peak_before = _rss_bytes()  # data, audit, baselines and the model so far
+    with PeakRSS() as step_memory:
+        first = per_token_of(largest, 1) * padded[largest]  # warms up the kernels, and sets the peak memory
     repeats = 2 if first < 2.0 else 1  # an LLM's packed batch takes seconds: once is enough, and cheaper
     probes = sorted({int(widths[k]): k for k in probes}.values(), key=lambda k: widths[k])  # packed rows: one width
     # a token costs more in a wider batch (attention; measured on MiniLM here, bf16: 145 us at width 32, 437 at
@@ -120,7 +160,8 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     per_token_at = np.interp(widths, [w for w, _ in measured], [c for _, c in measured])
     per_token = float(per_token_at[typical])
     steps_seconds = float((padded * per_token_at).mean()) * grad_accum * total_steps / world
-    steps_seconds += _optimizer_seconds(model) * total_steps
+    optimizer_s = _optimizer_seconds(model)
+    steps_seconds += optimizer_s * total_steps
     per_token_fp32_infer = min(_forward_seconds(model, data, batches[typical], pad_id, device)
                                for _ in range(repeats)) / padded[typical]
     # a forward is a third of forward+backward for a full fine-tune but half of it for LoRA (no weight gradients):
@@ -129,11 +170,15 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
         _forward_seconds(model, data, batches[typical], pad_id, device, precision) for _ in range(repeats)) / padded[typical]
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer_bytes = 2 * 4 * trainable  # AdamW keeps two fp32 moments per trainable weight
+    weights = sum(p.numel() for p in model.parameters())
+    # on top of the largest step: AdamW's two fp32 moments per trainable weight, the copy of the best validation
+    # weights the loop keeps, and at the end the exported model loaded again in fp32 for the test evaluation while the
+    # trained one is still held (the heap the steps grew is not given back in between)
+    extra = 2 * 4 * trainable + 4 * trainable + 4 * weights
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() + optimizer_bytes
+        peak = torch.cuda.max_memory_allocated() + extra
     else:
-        peak = _rss_bytes() + optimizer_bytes
+        peak = max(peak_before, step_memory.peak + extra)
     train_s = steps_seconds
     validation_s = per_token_infer * eval_rows_tokens * n_evals
     eval_s = validation_s + per_token_fp32_infer * infer_tokens
@@ -143,7 +188,80 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
             "seconds_export_and_report": float(tail_s),
             "seconds_total": float(seconds_so_far + train_s + eval_s + tail_s), "peak_memory_bytes": int(peak),
             "device": device.type, "precision": precision, "seconds_per_1k_tokens": float(per_token * 1000),
-            "trainable_parameters": int(trainable)}
+            "trainable_parameters": int(trainable),
+            # what the check against the real steps (EstimateCheck) predicts each step from
+            "per_token_curve": [[w, c] for w, c in measured], "optimizer_seconds_per_step": float(optimizer_s),
+            "world": world, "grad_accum": grad_accum}
+
+
+class EstimateCheck:
+    """The estimate checked against the real training steps: each step's time against what the warm-up's per-token
+    curve predicts for its batches. A busy moment during the warm-up (another process on the cores) inflates every
+    timed step there, by several times on 2 cores; the real steps then run faster than predicted (or slower, if the
+    machine got busy later). At a few points (the 8th step or 3% of the run, a quarter, half) the median ratio of the
+    steps since the last check is compared with the current belief; off by more than `tolerance`, the whole run is
+    estimated again from it and the measured evaluations, printed once, and kept in `est["corrected"]`."""
+
+    def __init__(self, est: dict, total_steps: int, n_evals: int, print_fn, tolerance: float = 0.3):
+        self.est, self.total, self.n_evals, self.print = est, total_steps, n_evals, print_fn
+        self.tolerance = tolerance
+        curve = est["per_token_curve"]
+        self.widths, self.costs = [w for w, _ in curve], [c for _, c in curve]
+        self.ratios: list[float] = []
+        self.step_seconds = 0.0
+        self.eval_seconds: list[float] = []
+        self.scale = 1.0
+        marks = {max(8, math.ceil(0.03 * total_steps)), math.ceil(0.25 * total_steps), math.ceil(0.5 * total_steps)}
+        self.marks = sorted(m for m in marks if 5 <= m < total_steps)
+
+    def predicted(self, shapes: list[tuple[int, int]]) -> float:
+        """Seconds the warm-up predicts for a step of micro-batches of these (rows, width) shapes."""
+        work = sum(rows * width * float(np.interp(width, self.widths, self.costs)) for rows, width in shapes)
+        return work + self.est["optimizer_seconds_per_step"]
+
+    def step(self, step: int, seconds: float, shapes: list[tuple[int, int]]) -> None:
+        self.step_seconds += seconds
+        self.ratios.append(seconds / max(self.predicted(shapes), 1e-9))
+        if self.marks and step >= self.marks[0]:
+            self.marks.pop(0)
+            window = self.ratios[1:] if len(self.ratios) > 2 else self.ratios  # the very first step sets kernels up
+            ratio = float(np.median(window))
+            self.ratios = []
+            if abs(math.log(ratio / self.scale)) > math.log(1 + self.tolerance):
+                self.scale = ratio
+                self._correct(step)
+
+    def evaluated(self, seconds: float) -> None:
+        self.eval_seconds.append(seconds)
+
+    def _correct(self, step: int) -> None:
+        est, left = self.est, (self.total - step) / self.total
+        train = self.step_seconds + est["seconds_train"] * left * self.scale
+        if self.eval_seconds:
+            validation = float(np.mean(self.eval_seconds)) * self.n_evals
+        else:
+            validation = est["seconds_validation"] * self.scale
+        test = (est["seconds_eval"] - est["seconds_validation"]) * self.scale
+        tail = est["seconds_export_and_report"]
+        total = est["seconds_so_far"] + train + validation + test + tail
+        first = est.get("corrected") is None
+        est["corrected"] = {"after_step": step, "ratio": round(self.scale, 3), "seconds_train": train,
+                            "seconds_validation": validation, "seconds_eval": validation + test,
+                            "seconds_export_and_report": tail, "seconds_so_far": est["seconds_so_far"],
+                            "seconds_total": total, "peak_memory_bytes": est["peak_memory_bytes"]}
+        why = "faster" if self.scale < 1 else "slower"
+        self.print(f"[bold]estimate[/] corrected after step {step}: the steps run {self.scale:.2f}x the time the "
+                   f"warm-up measured ({why}{'; the machine was busier during the warm-up' if first and self.scale < 1 else ''}): "
+                   f"whole run ~{_fmt(total)} (training ~{_fmt(train)}), was {_fmt(est['seconds_total'])}")
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def restated_for_steps(est: dict, steps: int, total: int) -> float:
+    """The whole-run estimate for the steps actually run (early stopping ends a run before its planned steps)."""
+    return est["seconds_total"] - (est["seconds_train"] + est["seconds_validation"]) * (1 - steps / total)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -47,7 +47,7 @@ def example_losses(model, examples: list[Encoded], pad_id: int, batch_size: int 
     device = next(model.parameters()).device
     model.eval()
     nll, count = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
-    for idx in length_batches([len(e.ids) for e in examples], batch_size, call_cost=256):
+    for idx in loss_batches(examples, batch_size, _vocab_size(model)):
         batch = _rows(examples, idx, pad_id, device)
         target = batch["labels"][:, 1:]
         keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
@@ -64,6 +64,36 @@ def example_losses(model, examples: list[Encoded], pad_id: int, batch_size: int 
         nll[idx] = sums.numpy()
         count[idx] = keep.sum(1).cpu().numpy()
     return nll, count
+
+
+# Logit elements one loss forward may hold: the head's output over the vocabulary at each labelled position (49k words:
+# 680 positions, 128 MB in fp32), and the loss makes a copy as large. Without it a batch of 64 plain-text chunks of 320
+# tokens held 4 GB of logits twice: the run's peak memory (7 GiB), and a heap that stayed that large.
+LOGITS_BUDGET = 1 << 25
+
+
+def _vocab_size(model) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return int(head.weight.shape[0]) if head is not None else int(getattr(model.config, "vocab_size", 1) or 1)
+
+
+def loss_batches(examples: list[Encoded], batch_size: int, vocab: int, budget: int | None = None) -> list[np.ndarray]:
+    """Batches of example indices for scoring: rows of similar length together (at most `batch_size`), cut further so
+    that the labelled positions of a batch times the vocabulary stay within `budget` logit elements (one example at
+    least)."""
+    kept = [sum(1 for lab in e.labels[1:] if lab != IGNORE) for e in examples]
+    cap = max(1, (LOGITS_BUDGET if budget is None else budget) // max(vocab, 1))
+    out = []
+    for idx in length_batches([len(e.ids) for e in examples], batch_size, call_cost=256):
+        chunk, used = [], 0
+        for i in idx.tolist():
+            if chunk and used + kept[i] > cap:
+                out.append(np.array(chunk))
+                chunk, used = [], 0
+            chunk.append(i)
+            used += kept[i]
+        out.append(np.array(chunk))
+    return out
 
 
 def mean_loss(nll: np.ndarray, count: np.ndarray) -> float:
