@@ -75,7 +75,11 @@ def test_search_writes_a_finished_run_best_yaml_trials_csv_and_report(base_confi
 
     page = (out / "report.html").read_text()
     assert "<h2>Search</h2>" in page and "Best trial vs the defaults" in page
-    assert "optimisation history" in page and "parameter importances" in page and "parallel coordinates" in page
+    assert "optimisation history" in page
+    # the tiny model may score the same in both complete trials on one CPU and not on another: the page says which
+    values = {json.loads((out / "search.json").read_text())["trials"][i]["value"] for i in (0, 1)}
+    assert ("parameter importances" in page) == (len(values) == 2)
+    assert ("made no difference here" in page) == (len(values) == 1)
 
     # best.yaml is a config `tuneforge run` takes as it is, writing beside the search, not over it
     best = load_config(out / "best.yaml")
@@ -279,3 +283,41 @@ def test_trials_evaluate_eight_times_per_epoch_unless_the_config_says(base_confi
     assert trial_config_with_cadence(own, {}, 100).train.eval_every == 5
     off = parse_config(base_config("x.csv", train={"eval_every": 0}) | {"tune": {"evaluations_per_epoch": None}})
     assert trial_config_with_cadence(off, {}, 100).train.eval_every == 0
+
+
+def _search_json(out: Path, values: list[float]) -> None:
+    """OUT/search.json of a finished 3-parameter study whose complete trials scored VALUES (no training)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, distribution_to_json
+
+    dists = {"train.learning_rate": FloatDistribution(1e-3, 2e-2, log=True),
+             "train.weight_decay": FloatDistribution(0.0, 0.1), "train.warmup_ratio": CategoricalDistribution([0.0, 0.06])}
+    trials = []
+    for i, v in enumerate(values):
+        params = {"train.learning_rate": 1e-3 * (1.8 ** i), "train.weight_decay": 0.02 * i, "train.warmup_ratio": (0.0, 0.06)[i % 2]}
+        trials.append({"number": i, "state": "COMPLETE", "value": v, "params": params,
+                       "distributions": {k: distribution_to_json(d) for k, d in dists.items()},
+                       "intermediate": [[3, v]], "duration_s": 1.0, "defaults": i == 0, "retry_of": None, "note": ""})
+    best = max(trials, key=lambda t: t["value"])
+    summary = {"study": "s", "storage": "sqlite:///x", "planned": len(values), "trials": len(values),
+               "complete": len(values), "pruned": 0, "failed": 0, "trials_that_chose_it": len(values),
+               "best_trial": best["number"], "best_value": best["value"], "best_params": best["params"],
+               "defaults_trial": 0, "defaults_value": values[0], "defaults_params": trials[0]["params"],
+               "chosen_by": "validation macro_f1", "direction": "maximize", "space": SPACE, "space_source": "tune.space",
+               "sampler": "TPE", "seed": 13, "pruner": "halving", "finished": True}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search.json").write_text(json.dumps({"summary": summary, "trials": trials}))
+
+
+def test_search_report_plots_importances_when_trials_differ_and_says_why_not_when_they_tie(tmp_path):
+    from tuneforge.tuning.report import search_section
+
+    _search_json(tmp_path / "differ", [0.41, 0.55, 0.62, 0.48, 0.70])
+    page = search_section(tmp_path / "differ")
+    assert "optimisation history" in page and "parameter importances" in page and "parallel coordinates" in page
+    assert "made no difference" not in page and "The config's own values were not beaten" not in page
+    assert "best (trial 4)" in page
+
+    _search_json(tmp_path / "tie", [0.3333, 0.3333, 0.3333])
+    page = search_section(tmp_path / "tie")
+    assert "optimisation history" in page and "parameter importances" not in page and "parallel coordinates" not in page
+    assert "Every complete trial scored 0.3333: the values searched made no difference here" in page
