@@ -8,8 +8,8 @@ from tuneforge.training import cost
 from tuneforge.training.loop import TRAIN_PAD_MULTIPLE, TrainData, padded_width, training_batch
 
 
-def _est(per_token: float = 1e-3, steps_s: float = 100.0) -> dict:
-    # a flat curve: each padded token 1 ms; a step of one 4x8 batch: 32 ms + 0 optimizer
+def _est(per_token: float = 1e-3, steps_s: float = 100 * 0.032) -> dict:
+    # a flat curve: each padded token 1 ms; a step of one 4x8 batch: 32 ms + 0 optimizer; 100 such steps
     return {"per_token_curve": [[8, per_token], [64, per_token]], "optimizer_seconds_per_step": 0.0,
             "seconds_so_far": 10.0, "seconds_train": steps_s, "seconds_validation": 5.0, "seconds_eval": 8.0,
             "seconds_export_and_report": 2.0, "seconds_total": 10.0 + steps_s + 8.0 + 2.0, "peak_memory_bytes": 1}
@@ -46,6 +46,21 @@ def test_a_machine_that_gets_busy_later_is_corrected_again():
     for step in range(1, 101):
         check.step(step, 0.032 * (1.0 if step <= 10 else 3.0), [(4, 8)])
     assert len(printed) == 1 and est["corrected"]["after_step"] == 25 and est["corrected"]["ratio"] == pytest.approx(3.0)
+
+
+def test_validation_slower_than_estimated_is_corrected_though_the_steps_run_as_predicted():
+    """The steps run as predicted, but each of the 4 validations takes 6 s, not the 1.25 s estimated: the projection
+    at the next check (step 25, after the first validation at step 20) is off by more than 30%, so it is restated."""
+    printed, est = [], _est()
+    check = cost.EstimateCheck(est, total_steps=100, n_evals=4, print_fn=printed.append)
+    for step in range(1, 101):
+        check.step(step, 0.032, [(4, 8)])
+        if step % 20 == 0:
+            check.evaluated(6.0)
+    assert len(printed) == 1 and "corrected after step 25 (validation takes 4.80x the time estimated)" in printed[0]
+    c = est["corrected"]
+    assert c["seconds_validation"] == pytest.approx(24.0) and c["seconds_train"] == pytest.approx(3.2)
+    assert c["seconds_total"] == pytest.approx(10.0 + 3.2 + 24.0 + 3.0 + 2.0)
 
 
 def test_peak_rss_sees_what_the_block_allocates():

@@ -225,16 +225,19 @@ class EstimateCheck:
         if self.marks and step >= self.marks[0]:
             self.marks.pop(0)
             window = self.ratios[1:] if len(self.ratios) > 2 else self.ratios  # the very first step sets kernels up
-            ratio = float(np.median(window))
+            self.scale = float(np.median(window))
             self.ratios = []
-            if abs(math.log(ratio / self.scale)) > math.log(1 + self.tolerance):
-                self.scale = ratio
-                self._correct(step)
+            projected = self._projection(step)
+            current = (self.est.get("corrected") or self.est)["seconds_total"]
+            if abs(math.log(projected["seconds_total"] / current)) > math.log(1 + self.tolerance):
+                self._correct(step, projected)
 
     def evaluated(self, seconds: float) -> None:
         self.eval_seconds.append(seconds)
 
-    def _correct(self, step: int) -> None:
+    def _projection(self, step: int) -> dict:
+        """The whole run from what training has shown by `step`: the steps run, the rest at the steps' speed, the
+        evaluations at their measured length (before the first: the estimate's, at the steps' speed)."""
         est, left = self.est, (self.total - step) / self.total
         train = self.step_seconds + est["seconds_train"] * left * self.scale
         if self.eval_seconds:
@@ -243,16 +246,22 @@ class EstimateCheck:
             validation = est["seconds_validation"] * self.scale
         test = (est["seconds_eval"] - est["seconds_validation"]) * self.scale
         tail = est["seconds_export_and_report"]
-        total = est["seconds_so_far"] + train + validation + test + tail
-        first = est.get("corrected") is None
-        est["corrected"] = {"after_step": step, "ratio": round(self.scale, 3), "seconds_train": train,
-                            "seconds_validation": validation, "seconds_eval": validation + test,
-                            "seconds_export_and_report": tail, "seconds_so_far": est["seconds_so_far"],
-                            "seconds_total": total, "peak_memory_bytes": est["peak_memory_bytes"]}
-        why = "faster" if self.scale < 1 else "slower"
-        self.print(f"[bold]estimate[/] corrected after step {step}: the steps run {self.scale:.2f}x the time the "
-                   f"warm-up measured ({why}{'; the machine was busier during the warm-up' if first and self.scale < 1 else ''}): "
-                   f"whole run ~{_fmt(total)} (training ~{_fmt(train)}), was {_fmt(est['seconds_total'])}")
+        return {"after_step": step, "ratio": round(self.scale, 3), "seconds_train": train,
+                "seconds_validation": validation, "seconds_eval": validation + test, "seconds_export_and_report": tail,
+                "seconds_so_far": est["seconds_so_far"],
+                "seconds_total": est["seconds_so_far"] + train + validation + test + tail,
+                "peak_memory_bytes": est["peak_memory_bytes"]}
+
+    def _correct(self, step: int, projected: dict) -> None:
+        was = (self.est.get("corrected") or self.est)["seconds_total"]
+        self.est["corrected"] = projected
+        if self.eval_seconds and abs(math.log(self.scale)) <= math.log(1 + self.tolerance):
+            why = f"validation takes {projected['seconds_validation'] / max(self.est['seconds_validation'], 1e-9):.2f}x the time estimated"
+        else:
+            why = (f"the steps run {self.scale:.2f}x the time the warm-up measured"
+                   + ("; the machine was busier during the warm-up" if self.scale < 1 else ""))
+        self.print(f"[bold]estimate[/] corrected after step {step} ({why}): whole run ~{_fmt(projected['seconds_total'])} "
+                   f"(training ~{_fmt(projected['seconds_train'])}), was {_fmt(was)}")
 
 
 def _fmt(seconds: float) -> str:
