@@ -17,7 +17,7 @@ runs, OUTDIR/summary.json is rewritten after each, OUTDIR/logs/STEP.log holds it
                alone, with 32 texts, 64 requests from 16 threads, a wrong key (401), /metrics; the classification
                run's served labels against `tuneforge predict` (fp32, CPU)
   llm-bench    bench/llm_serve_throughput.py at 8 clients, tuneforge vs the hand-written server (both on the GPU:
-               bench/gpu_llm_serve.py), one round, no soak
+               --peer-device cuda), one round, no soak
   run:NAME     the other examples (more of a task already run)
   fsdp         train.distributed.strategy fsdp with --nproc N on the classification config: N GPUs when there are
                2 or more, else "skipped: 1 GPU"; the dry run uses 2 CPU processes (gloo)

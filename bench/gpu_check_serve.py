@@ -153,8 +153,9 @@ def step_llm_bench(c: Check, limit: float, name: str) -> dict:
     if run is None:
         return {"status": "skipped", "why": f"run:{name} did not finish"}
     result = c.out / "llm_serve_throughput.json"
-    cmd = [c.python, str(ROOT / "bench" / "gpu_llm_serve.py"), str(run["dir"]), *c.s["llm_bench"], "--soak", "0",
-           "--skip-transformers-serve", "--peer-dtype", "bfloat16", "--out", str(result)]
+    cmd = [c.python, str(ROOT / "bench" / "llm_serve_throughput.py"), str(run["dir"]), *c.s["llm_bench"], "--soak", "0",
+           "--skip-transformers-serve", "--peer-dtype", "bfloat16", "--peer-device", "cuda" if c.mode == "gpu" else "cpu",
+           "--out", str(result)]
     rc, _ = c.sh(cmd, "llm-bench.log", limit)
     r = {"log": "logs/llm-bench.log"}
     if not result.is_file():

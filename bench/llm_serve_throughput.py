@@ -6,7 +6,7 @@
 
 Target (issue #12): >= 3x the hand-written server's completion tokens/s at 8 concurrent clients.
 
-RUN_DIR is a finished causal-LM run (default runs/assistant, which `make demo-llm` writes). Every server loads the
+RUN_DIR is a finished causal-LM run (default runs/assistant: `tuneforge run examples/assistant.yaml`). Every server loads the
 same RUN_DIR/model and runs as its own process on a loopback port; all are up at once and take turns, level by level,
 round after round (the order reversed every other round; medians reported; each round's ratio is paired, since this
 VM's speed drifts over minutes). Every request is the same for all: a streaming chat completion
@@ -32,7 +32,7 @@ The contenders:
                            sends whole words, so its first chunk comes at the first word's end).
   tuneforge                `tuneforge serve RUN_DIR --api-key-env ... --force` at its default precision (bf16 autocast
                            where the CPU has fast bf16; --tuneforge-precision fp32 for the peers' fp32).
-  transformers_serve       `transformers serve RUN_DIR/model --device cpu` (one request at a time).
+  transformers_serve       `transformers serve RUN_DIR/model --device PEER_DEVICE` (one request at a time).
   transformers_serve_cb    the same with --continuous-batching (paged attention, sdpa on CPU; its cache is sized from
                            the machine's total RAM: ~9.6 GB RSS on a 24 GB VM even for a tiny model; see
                            --cb-max-memory-percent). A contender that will not start or answer here is recorded with its
@@ -76,9 +76,10 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-model_dir, port, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+model_dir, port, dtype, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+print("hand-written server: model on", model.device, model.dtype, flush=True)
 eos = model.generation_config.eos_token_id
 eos = set(eos if isinstance(eos, list) else [eos])
 app = FastAPI()
@@ -108,7 +109,7 @@ def models():
 
 @app.post("/v1/chat/completions")
 def chat(body: dict):
-    inputs = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, return_tensors="pt")
+    inputs = tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, return_tensors="pt").to(device)
     n_prompt, max_tokens = inputs["input_ids"].shape[1], body.get("max_tokens") or 64
     kwargs = dict(**inputs, max_new_tokens=max_tokens, do_sample=False)
     rid = "chatcmpl-" + uuid.uuid4().hex
@@ -354,10 +355,11 @@ def _commands(args, run_dir: Path, tmp: Path, script: Path) -> dict:
     model = str(run_dir / "model")
     ts = Path(sys.executable).with_name("transformers")
     ts_cmd = [str(ts)] if ts.is_file() else [sys.executable, "-c", "from transformers.cli.transformers import main; main()"]
-    ts_args = lambda port: ts_cmd + ["serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",  # noqa: E731
+    ts_args = lambda port: ts_cmd + ["serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", args.peer_device,  # noqa: E731
                                      "--dtype", args.peer_dtype, "--log-level", "warning"]
     commands = {
-        "hand_written": (lambda port: [sys.executable, str(script), model, str(port), args.peer_dtype], "/ready"),
+        "hand_written": (lambda port: [sys.executable, str(script), model, str(port), args.peer_dtype, args.peer_device],
+                         "/ready"),
         "tuneforge": (lambda port: [sys.executable, "-m", "tuneforge", "serve", str(run_dir), "--api-key-env", KEY_ENV,
                                     "--force", "--port", str(port), "--precision", args.tuneforge_precision,
                                     "--max-tokens-cap", str(max(512, args.max_tokens)),
@@ -477,6 +479,8 @@ def main() -> int:
                     help="serve --precision (auto: bf16 autocast where the CPU has fast bf16, its default)")
     ap.add_argument("--peer-dtype", default="auto", help="dtype of the hand-written server and transformers serve "
                     "(auto: the weights', fp32 for a tuneforge export)")
+    ap.add_argument("--peer-device", default="cpu", help="device of the hand-written server and transformers serve "
+                    "(cuda where tuneforge serves on a GPU: the same hardware for all)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every server (default: unset; --smoke 1)")
     ap.add_argument("--skip-transformers-serve", action="store_true")
     ap.add_argument("--cb-max-memory-percent", type=float, default=None, help="transformers serve --cb-max-memory-percent "

@@ -74,7 +74,7 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
     if requested != "auto":
         return requested, "set in train.precision"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):  # emulated bf16 (pre-Ampere) is slow
             return "bf16", "GPU supports bf16"
         return "fp16", "GPU lacks bf16; fp16 autocast"
     if device.type == "cpu" and cpu_has_fast_bf16():

@@ -64,12 +64,12 @@ class PeakRSS:
 
 def _fwd_bwd(model, data: TrainData, idx, pad_id, device, precision, loss_fn) -> float:
     batch = training_batch(data, idx, pad_id, device)
+    _sync(device)
     t0 = time.perf_counter()
     with autocast(device, precision):
         loss = loss_fn(model, batch)
     loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return time.perf_counter() - t0
 
 
@@ -83,11 +83,19 @@ def _optimizer_seconds(model, max_grad_norm: float = 1.0) -> float:
         p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(params, lr=1e-4)
     opt.step()  # allocates the moments
+    _sync(params[0].device)
     t0 = time.perf_counter()
     for _ in range(2):
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
+    _sync(params[0].device)
     return (time.perf_counter() - t0) / 2
+
+
+def _sync(device: torch.device) -> None:
+    """Waits for the GPU's queued kernels: a CUDA call returns before its work is done, a timer must not."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -97,9 +105,11 @@ def _forward_seconds(model, data: TrainData, idx, pad_id, device, precision: str
     batch = training_batch(data, idx, pad_id, device)
     batch.pop("labels")
     model.eval()
+    _sync(device)
     t0 = time.perf_counter()
     with autocast(device, precision):
         model(**batch)
+    _sync(device)
     seconds = time.perf_counter() - t0
     model.train()
     return seconds
@@ -160,6 +170,8 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     per_token_at = np.interp(widths, [w for w, _ in measured], [c for _, c in measured])
     per_token = float(per_token_at[typical])
     steps_seconds = float((padded * per_token_at).mean()) * grad_accum * total_steps / world
+    # the steps' GPU peak, read before the optimizer's timing allocates copies of the weights and their moments
+    cuda_step_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     optimizer_s = _optimizer_seconds(model)
     steps_seconds += optimizer_s * total_steps
     per_token_fp32_infer = min(_forward_seconds(model, data, batches[typical], pad_id, device)
@@ -176,7 +188,7 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     # trained one is still held (the heap the steps grew is not given back in between)
     extra = 2 * 4 * trainable + 4 * trainable + 4 * weights
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() + extra
+        peak = cuda_step_peak + extra
     else:
         peak = max(peak_before, step_memory.peak + extra)
     train_s = steps_seconds

@@ -332,6 +332,8 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
                     c["samples"] += len(idx)  # the whole batch: every process counts the same
                     c["tokens"] += int(lengths_arr[idx].sum())
                 _optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
+                if device.type == "cuda":  # the step's kernels done before it is timed
+                    torch.cuda.synchronize(device)
                 step_seconds = time.perf_counter() - t0
                 c["train_seconds"] += step_seconds
                 c["step"] += 1

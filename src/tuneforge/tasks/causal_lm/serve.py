@@ -293,14 +293,16 @@ def mount(app: FastAPI, ctx) -> None:
 
         predictor = ctx.predictor
         ctx.state["info"].update(model=model_id, precision=predictor.precision)
-        if predictor.device.type == "cpu" and predictor.precision == "bf16" and cpu_has_fast_bf16():
+        # half precision on a GPU, or bf16 where the CPU computes it fast (elsewhere the fp32 pass would be slow)
+        if predictor.precision in ("bf16", "fp16") and (predictor.device.type != "cpu" or cpu_has_fast_bf16()):
             check = precision_check(predictor, settings.run_dir)
             ctx.state["info"]["bf16_check"] = check
             if "equal" in check:
-                log.info("bf16 check: %d of %d greedy outputs equal fp32's", check["equal"], check["of"])
+                log.info("%s check: %d of %d greedy outputs equal fp32's", check["precision"], check["equal"], check["of"])
                 if check["equal"] < check["of"]:
-                    log.warning("bf16 changes %d of %d greedy test outputs; serving in bf16 anyway (pass --precision fp32 "
-                                "to serve exactly what the evaluation measured)", check["of"] - check["equal"], check["of"])
+                    log.warning("%s changes %d of %d greedy test outputs; serving in %s anyway (pass --precision fp32 "
+                                "to serve exactly what the evaluation measured)", check["precision"],
+                                check["of"] - check["equal"], check["of"], check["precision"])
         predictor.cast_weights()  # bf16 / fp16 weights, not autocast at every decoding step
         metrics = LMMetrics(ctx.metrics.registry)
         hold = os.environ.get(HOLD_FILE_ENV)
