@@ -79,7 +79,7 @@ def _rss_of(pid: int) -> int:
     return 0
 
 
-def run_case(name: str, args: list[str], out: Path, busy: bool) -> dict:
+def run_case(name: str, args: list[str], out: Path, busy: bool, keep: Path | None = None) -> dict:
     """One `tuneforge run`, its output read line by line (the time each stage line appeared) and its resident memory
     sampled every 0.25 s; with `busy`, a spinning process beside it until the plan line is printed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -111,6 +111,9 @@ def run_case(name: str, args: list[str], out: Path, busy: bool) -> dict:
     if proc.returncode != 0:
         return {"case": name, "busy": busy, "exit_code": proc.returncode, "tail": [l for _, l in lines[-30:]]}
     m = json.loads((out / "metrics.json").read_text())
+    if keep is not None:  # the run's figures, for comparing its test metrics with another run of the same config
+        keep.mkdir(parents=True, exist_ok=True)
+        (keep / f"{name}-{'busy' if busy else 'quiet'}-metrics.json").write_text(json.dumps(m, indent=1))
     run = json.loads((out / "run.json").read_text())
     est, actual = m["cost"]["estimated"], m["cost"]["actual"]
     final = est.get("corrected") or est
@@ -145,6 +148,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="case names: demo, sms, llm-demo, plain-text")
     ap.add_argument("--busy", action="store_true", help="also run each case with a busy loop during the warm-up")
     ap.add_argument("--busy-only", action="store_true", help="run only the busy variant")
+    ap.add_argument("--keep", default=None, help="a folder to copy each run's metrics.json into")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results_estimate_accuracy.json"))
     args = ap.parse_args()
     results = {"machine": cpu_info(), "runs": []}
@@ -155,7 +159,8 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             for busy in ([True] if args.busy_only else [False, True] if args.busy else [False]):
-                r = run_case(name, case_args, Path(tmp) / f"{name}-{'busy' if busy else 'quiet'}", busy)
+                r = run_case(name, case_args, Path(tmp) / f"{name}-{'busy' if busy else 'quiet'}", busy,
+                             Path(args.keep) if args.keep else None)
                 results["runs"].append(r)
                 write_json(Path(args.out), results)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("rss_timeline", "stage_lines")}), flush=True)
