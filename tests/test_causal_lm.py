@@ -302,7 +302,7 @@ def _write_jsonl(path, rows):
 def test_the_columns_tell_the_format(tmp_path):
     import pandas as pd
 
-    from tuneforge.config import CausalLMTaskConfig
+    from tuneforge.tasks.causal_lm.spec import CausalLMTaskConfig
     from tuneforge.tasks.causal_lm.data import read_conversations
 
     task = CausalLMTaskConfig(type="causal-lm")

@@ -21,6 +21,8 @@ from tuneforge import artifacts
 from tuneforge.config import RunConfig, dump_config, parse_config
 from tuneforge.errors import OutputError
 from tuneforge.drift import PROFILE_FILE
+from tuneforge.evaluation.gate import judge
+from tuneforge.tasks import get_spec
 
 
 @contextmanager
@@ -410,6 +412,7 @@ def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precis
     with _stage(durations, "evaluate"):
         predictor = task.load_predictor(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
         metrics, test_outputs = task.evaluate(cfg, space, splits, prep.y, predictor, prep.baselines)
+        judge(metrics, cfg, get_spec(cfg.task.type).direction(metrics["main_metric"]))
         clean = _test_without_training_copies(prep, cfg, predictor)
         if clean is not None:
             metrics["test_without_training_copies"] = clean
@@ -471,6 +474,7 @@ def _test_without_training_copies(prep: Prepared, cfg: RunConfig, predictor) -> 
         return out | {"note": "every test row has a copy in training: nothing left to score"}
     splits, y, baselines = prep.task.test_subset(prep.data.splits, prep.y, prep.baselines, keep)
     result, _ = prep.task.evaluate(cfg, prep.space, splits, y, predictor, baselines)
+    judge(result, cfg, get_spec(cfg.task.type).direction(result["main_metric"]))
     return out | {k: result[k] for k in ("main_metric", "test", "best_baseline", "beats_baselines", "promoted",
                                          "promotion_reason") if k in result}
 

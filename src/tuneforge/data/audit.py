@@ -2,8 +2,8 @@
 
 Generic checks, each with a severity (info / warning / blocking) and the rows involved: duplicates
 within a split, leakage between splits, truncation against the tokenizer, outlier inputs and texts cut to
-data.max_text_chars on reading; each task adds its own (classification: class balance and likely label errors,
-tasks/classification/audit.py). Rows are 0-based data rows of the file they come from. Rows that cleaning
+data.max_text_chars on reading; each task adds its own through its `audit_sections` (class balance and likely
+label errors, for a task with labels). Rows are 0-based data rows of the file they come from. Rows that cleaning
 removed are listed once, under `cleaning`.
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The task registry: one entry per task, each a folder under tasks/ that supplies what differs per task
-(reading rows, targets, the model and its head, validation scores, baselines, test metrics, the predictor,
-the drift profile, any serving routes of its own). The stages (data, split, audit, training loop, report,
-serving) call that interface.
+"""The task registry: one entry per task, each a folder under tasks/ whose `spec.py` holds its facts (`TaskSpec`:
+config section, metrics and their direction, baselines, defaults, flags, card metadata) and names the object that
+supplies its behaviour (`Task`, tasks/spec.py). The stages (data, split, audit, training loop, report, serving) read
+the spec and call the behaviour; none of them names a task.
 
-An entry names `module:attribute`; it is imported when first used (torch stays out of `--help`), and
-checked then: a bad entry fails loudly, naming it. An unknown task name is an error listing the known ones.
+Specs are light (pydantic, no torch) and imported when first asked for; the behaviour when first used, and checked
+then: a bad entry fails loudly, naming it. An unknown task name is an error listing the known ones.
 """
 from __future__ import annotations
 
@@ -13,26 +13,43 @@ import importlib
 from tuneforge.errors import ConfigError
 
 TASKS: dict[str, str] = {
-    "text-classification": "tuneforge.tasks.classification:TASK",
-    "token-classification": "tuneforge.tasks.token_classification:TASK",
-    "causal-lm": "tuneforge.tasks.causal_lm:TASK",
+    "text-classification": "tuneforge.tasks.classification.spec:SPEC",
+    "token-classification": "tuneforge.tasks.token_classification.spec:SPEC",
+    "causal-lm": "tuneforge.tasks.causal_lm.spec:SPEC",
 }
+DEFAULT_TASK = "text-classification"  # a config or command line that names no task
 
-_REQUIRED = ("name", "prepare", "load_tokenizer", "audit_sections", "label_space", "encode", "load_model", "baselines", "validator", "evaluate",
-             "load_predictor", "settings", "reference_profile", "label_names", "observe", "summary_rows",
-             "describe_space", "prediction_table", "report_details", "peft_task_type", "model_class",
-             "token_lengths", "max_length", "lora_targets", "training_loss", "selection", "export", "intended_use",
-             "mount_routes", "search_space", "test_subset")
+
+def _load(ref: str):
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_spec(name: str):
+    """The facts of the task registered under `name`."""
+    from tuneforge.tasks.spec import TaskSpec
+
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}", fix=f"task.type must be one of: {', '.join(sorted(TASKS))}")
+    spec = _load(TASKS[name])
+    if not isinstance(spec, TaskSpec) or spec.name != name:
+        raise RuntimeError(f"task registry entry {name!r} -> {TASKS[name]} is broken: not a TaskSpec named {name!r}")
+    return spec
+
+
+def all_specs() -> list:
+    return [get_spec(name) for name in TASKS]
 
 
 def get_task(name: str):
-    """The task object registered under `name`."""
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}", fix=f"task.type must be one of: {', '.join(sorted(TASKS))}")
-    module, _, attr = TASKS[name].partition(":")
-    task = getattr(importlib.import_module(module), attr)
-    missing = [m for m in _REQUIRED if not hasattr(task, m)]
+    """The behaviour of the task registered under `name` (an object satisfying tasks.spec.Task)."""
+    from tuneforge.tasks.spec import Task
+
+    spec = get_spec(name)
+    task = _load(spec.behaviour)
+    wanted = [m for m in vars(Task) if not m.startswith("_")] + list(Task.__annotations__)
+    missing = [m for m in wanted if not hasattr(task, m)]
     if missing or task.name != name:
-        raise RuntimeError(f"task registry entry {name!r} -> {TASKS[name]} is broken: "
+        raise RuntimeError(f"task {name!r}: {spec.behaviour} does not satisfy tasks.spec.Task: "
                            f"missing {missing or 'nothing'}, name {getattr(task, 'name', None)!r}")
     return task

@@ -310,3 +310,6 @@ class CausalLMTask(TaskDefaults):
             rows.append([name] + [f"{m[k]:.4f}" if m.get(k) is not None else "-" for k in keys]
                         + [f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
         return header, rows
+
+
+TASK = CausalLMTask()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from tuneforge.config import ClassificationTaskConfig, DataConfig
+from tuneforge.config import DataConfig
+from tuneforge.tasks.classification.spec import ClassificationTaskConfig
 from tuneforge.data.clean import _NULL_WORDS, CleanResult, Examples, _is_null, cut_long, dedupe
 from tuneforge.data.load import detect_format, file_sha256, read_table, resolve_path
 from tuneforge.data.prepare import PreparedData, assemble, held_out_files

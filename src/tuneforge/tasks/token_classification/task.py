@@ -176,7 +176,6 @@ class TokenClassificationTask(TaskDefaults):
         return EntityPredictor.load(model_dir, device, precision)
 
     def evaluate(self, cfg, space: LabelSet, splits, y: dict, predictor, baselines: dict) -> tuple[dict, tuple]:
-        from tuneforge.evaluation.gate import beats_baselines, best_baseline, gate
         from tuneforge.tasks.token_classification.metrics import (bootstrap_f1_ci, entity_metrics, sentence_counts,
                                                                  type_confusion)
         from tuneforge.tasks.token_classification.predictor import tags_from_logits
@@ -192,9 +191,6 @@ class TokenClassificationTask(TaskDefaults):
         result = {"main_metric": cfg.eval.metric, "labels": list(space.types),
                   "test": {"model": scored(tags), "baselines": {n: scored(p) for n, p in baselines.items()}},
                   "type_confusion": type_confusion(gold, tags)}
-        result["best_baseline"] = best_baseline(result, cfg.eval.metric)
-        result["beats_baselines"] = beats_baselines(result, cfg.eval.metric)
-        result.update(gate(result, cfg))
         return result, (tags, scores)
 
     def reference_profile(self, predictor, texts: list[str], outputs: tuple) -> dict:
@@ -287,3 +283,6 @@ class EntityPredictor:
 
     def predict(self, texts: list[str], batch_size: int = 32) -> list[dict]:
         return [{"entities": found} for found in self._inner.predict(texts, batch_size)]
+
+
+TASK = TokenClassificationTask()
