@@ -167,7 +167,7 @@ def build_report(out: Path, run: dict | None = None) -> Path:
     the run supplies its table rows and its own sections (per class or per type, confusion, ...)."""
     from tuneforge import artifacts
     from tuneforge.artifacts import run_task_type
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks import get_spec, get_task
 
     m, data, run, audit = load_run(out, run)
     key = m["main_metric"]
@@ -188,7 +188,7 @@ def build_report(out: Path, run: dict | None = None) -> Path:
         from tuneforge.tuning.report import search_section
 
         parts.append(search_section(out))
-    parts.append("<h2>Data</h2>" + _table(["split", "rows", "classes / types", "sha256"],
+    parts.append("<h2>Data</h2>" + _table(["split", "rows", get_spec(run_task_type(out)).counted, "sha256"],
                  [[k, v["rows"], ", ".join(f"{c}: {n}" for c, n in v["class_counts"].items()), v["sha256"][:16]] for k, v in data["splits"].items()]))
     if audit:
         from tuneforge.data.audit import summarise

@@ -61,6 +61,11 @@ class TaskDefaults:
         cut = dataclasses.replace(splits, test=splits.test.subset(keep))
         return cut, {**y, "test": take(y["test"], keep, n)}, take(baselines, keep, n)
 
+    def card_facts(self, data_report: dict, model_settings: dict) -> dict:
+        """What the model card says of this model beyond its metrics: `variant` (a word after the task's name, or
+        None) and `inputs` (how long inputs are handled)."""
+        return {"variant": None, "inputs": "Inputs are truncated to the model's maximum length used in training."}
+
     def mount_routes(self, app, ctx) -> None:
         """Routes the task adds to the server beside /v1/predict (ctx: serving.app.ServeContext)."""
         return None

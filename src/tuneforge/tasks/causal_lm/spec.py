@@ -50,6 +50,7 @@ SPEC = TaskSpec(
               # 8 padded ones a TRL user steps on (8 rows took 4x fewer steps and ended at a higher loss)
               "train": {"method": "lora", "batch_size": 2, "target_steps": 200, "max_auto_epochs": 2},
               "train.lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["all-linear"]}},
+    counted="completions (most common)",
     quick_start_flags=(),  # prompt/completion, messages or text: told by the columns present
     flags=(Flag("--no-chat-template", "chat_template", False,
                 "join prompt and completion as they are instead of the model's chat template"),),

@@ -132,6 +132,10 @@ class ClassificationTask(TaskDefaults):
             rows.append([name, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
         return header, rows
 
+    def card_facts(self, data_report: dict, model_settings: dict) -> dict:
+        return {**super().card_facts(data_report, model_settings),
+                "variant": "multi-label" if data_report.get("multi_label") else None}
+
     def intended_use(self, metrics: dict) -> str:
         """The model card's intended-use paragraph."""
         return ("Classifying texts like those it was trained on (see the data summary) into the labels above. It is\n"

@@ -29,5 +29,6 @@ SPEC = TaskSpec(
     pipeline_tag="token-classification",
     card_metrics={"f1": {"type": "f1", "name": "entity F1 (strict, micro)"}, "precision": {"type": "precision"},
                   "recall": {"type": "recall"}},
+    counted="entity types",
     quick_start_flags=(),  # CoNLL / tokens+tags / text+spans files name their own fields
 )

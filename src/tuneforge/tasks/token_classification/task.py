@@ -230,6 +230,12 @@ class TokenClassificationTask(TaskDefaults):
                          f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
         return header, rows
 
+    def card_facts(self, data_report: dict, model_settings: dict) -> dict:
+        facts = super().card_facts(data_report, model_settings)
+        if "stride" in model_settings:
+            facts["inputs"] = "Long inputs are split into overlapping windows at prediction, as in training."
+        return facts
+
     def intended_use(self, metrics: dict) -> str:
         """The model card's intended-use paragraph."""
         return ("Finding entities of the types above in texts like those it was trained on (see the data summary). It is\n"
