@@ -178,7 +178,7 @@ def main() -> int:
     from tuneforge.config import parse_config
     from tuneforge.models.device import cpu_has_fast_bf16, cpu_info
     from tuneforge.models.resolve import resolve_model
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
     from tuneforge.tasks.causal_lm.encoding import uses_template
     from tuneforge.tasks.causal_lm.task import LMSpace, render
 

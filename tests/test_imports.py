@@ -113,7 +113,24 @@ def import_graph(src: Path = SRC) -> tuple[dict[str, dict[str, Import]], dict[st
                     if module in modules and module != name and (module not in own or module == target):
                         edges.setdefault(module, imp)
         graph[name] = edges
+    _behaviour_edges(graph, modules)
     return graph, statements
+
+
+def _behaviour_edges(graph: dict[str, dict[str, Import]], modules: dict[str, Path]) -> None:
+    """tasks/behaviour.py imports each task's behaviour by convention, `<the spec's package>.task`, not by a string
+    literal: those edges are added here from the TASKS entries, so a cycle through them is seen too."""
+    loader, registry = f"{ROOT}.tasks.behaviour", modules.get(f"{ROOT}.tasks")
+    if loader not in graph or registry is None:
+        return
+    tree = ast.parse(registry.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Dict) \
+                and "TASKS" in ast.unparse(node.targets[0] if isinstance(node, ast.Assign) else node.target):
+            for value in node.value.values:
+                target = value.value.partition(":")[0].rpartition(".")[0] + ".task"
+                if target in modules:
+                    graph[loader].setdefault(target, Import(0, f"behaviour_module(): {target}", (target,)))
 
 
 def find_cycles(graph: dict[str, dict]) -> list[list[str]]:
@@ -242,6 +259,8 @@ def test_the_registry_entries_are_edges():
         module = value.value.partition(":")[0]
         assert module in graph, f"TASKS entry {value.value!r} names no module under src/"
         assert module in graph["tuneforge.tasks"], f"the registry's entry {value.value!r} is not an edge"
+        behaviour = module.rpartition(".")[0] + ".task"
+        assert behaviour in graph["tuneforge.tasks.behaviour"], f"{behaviour} (the loader's import) is not an edge"
 
 
 def test_no_import_cycle():

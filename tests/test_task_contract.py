@@ -7,7 +7,8 @@ import pytest
 
 from tuneforge.config import TASK_CONFIGS, parse_config
 from tuneforge.errors import ConfigError
-from tuneforge.tasks import DEFAULT_TASK, TASKS, all_specs, get_spec, get_task
+from tuneforge.tasks import DEFAULT_TASK, TASKS, all_specs, get_spec
+from tuneforge.tasks.behaviour import get_task
 from tuneforge.tasks.spec import Task, TaskSpec
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "tuneforge"

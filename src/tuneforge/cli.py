@@ -364,7 +364,7 @@ def cmd_predict(args) -> int:
     from rich.table import Table
 
     from tuneforge.runlog import make_console
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
 
     out = Path(args.output)
     model_dir = out / "model" if (out / "model").is_dir() else out

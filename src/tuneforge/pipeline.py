@@ -159,7 +159,7 @@ def prepare(cfg: RunConfig, console: Console, kept: dict | None = None) -> Prepa
     splits, and the audit is not run again."""
     from tuneforge.errors import OutputError
     from tuneforge.models.resolve import check_model_files, resolve_model_info
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
 
     durations: dict[str, float] = {}
     task = get_task(cfg.task.type)
@@ -214,7 +214,7 @@ def prepare_shared(cfg: RunConfig, console: Console, accelerator, make=None) -> 
     import dataclasses
 
     from tuneforge.errors import TuneforgeError
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
     from tuneforge.training.distributed import broadcast_from_main, error_payload, raise_shared
 
     make = make or (lambda: prepare(cfg, console))
@@ -483,7 +483,7 @@ def audit_only(cfg: RunConfig, console: Console) -> dict:
     """`tuneforge audit`: the data stage and the audit, no model weights loaded."""
     from tuneforge.models.resolve import resolve_model
 
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
 
     task = get_task(cfg.task.type)
     data = task.prepare(cfg)

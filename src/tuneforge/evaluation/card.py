@@ -28,7 +28,8 @@ def build_card(out: Path, run: dict | None = None) -> Path:
     key = m["main_metric"]
     test = m["test"]
     from tuneforge.artifacts import run_task_type
-    from tuneforge.tasks import get_spec, get_task
+    from tuneforge.tasks import get_spec
+    from tuneforge.tasks.behaviour import get_task
 
     task_type = run_task_type(out)
     task, spec = get_task(task_type), get_spec(task_type)

@@ -54,7 +54,8 @@ def build_report(out: Path, run: dict | None = None) -> Path:
     the run supplies its table rows and its own sections (per class or per type, confusion, ...)."""
     from tuneforge import artifacts
     from tuneforge.artifacts import run_task_type
-    from tuneforge.tasks import get_spec, get_task
+    from tuneforge.tasks import get_spec
+    from tuneforge.tasks.behaviour import get_task
 
     m, data, run, audit = load_run(out, run)
     key = m["main_metric"]

@@ -249,7 +249,7 @@ class RunPredictor:
     @property
     def task(self):
         from tuneforge.artifacts import run_task_type
-        from tuneforge.tasks import get_task
+        from tuneforge.tasks.behaviour import get_task
 
         return get_task(run_task_type(self.run_dir))
 

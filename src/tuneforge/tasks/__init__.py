@@ -1,10 +1,11 @@
 """The task registry: one entry per task, each a folder under tasks/ whose `spec.py` holds its facts (`TaskSpec`:
-config section, metrics and their direction, baselines, defaults, flags, card metadata) and names the object that
-supplies its behaviour (`Task`, tasks/spec.py). The stages (data, split, audit, training loop, report, serving) read
-the spec and call the behaviour; none of them names a task.
+config section, metrics and their direction, baselines, defaults, flags, card metadata) and whose `task.py` holds
+`TASK`, its behaviour (`Task`, tasks/spec.py; loaded by tasks/behaviour.py). The stages (data, split, audit,
+training loop, report, serving) read the spec and call the behaviour; none of them names a task.
 
-Specs are light (pydantic, no torch) and imported when first asked for; the behaviour when first used, and checked
-then: a bad entry fails loudly, naming it. An unknown task name is an error listing the known ones.
+Facts sit low (the config builds its `task` section from them; pydantic, no torch), behaviour high (it uses the
+config, the data and model layers): this module names only the specs, so nothing it imports leads back to the
+config. A bad entry fails loudly, naming it; an unknown task name is an error listing the known ones.
 """
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ DEFAULT_TASK = "text-classification"  # a config or command line that names no t
 
 def _load(ref: str):
     module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise RuntimeError(f"task registry entry {ref} is broken: {err}") from err
 
 
 def get_spec(name: str):
@@ -39,17 +43,3 @@ def get_spec(name: str):
 
 def all_specs() -> list:
     return [get_spec(name) for name in TASKS]
-
-
-def get_task(name: str):
-    """The behaviour of the task registered under `name` (an object satisfying tasks.spec.Task)."""
-    from tuneforge.tasks.spec import Task
-
-    spec = get_spec(name)
-    task = _load(spec.behaviour)
-    wanted = [m for m in vars(Task) if not m.startswith("_")] + list(Task.__annotations__)
-    missing = [m for m in wanted if not hasattr(task, m)]
-    if missing or task.name != name:
-        raise RuntimeError(f"task {name!r}: {spec.behaviour} does not satisfy tasks.spec.Task: "
-                           f"missing {missing or 'nothing'}, name {getattr(task, 'name', None)!r}")
-    return task

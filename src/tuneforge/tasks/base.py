@@ -67,7 +67,7 @@ class TaskDefaults:
         return {"variant": None, "inputs": "Inputs are truncated to the model's maximum length used in training."}
 
     def mount_routes(self, app, ctx) -> None:
-        """Routes the task adds to the server beside /v1/predict (ctx: serving.app.ServeContext)."""
+        """Routes the task adds to the server beside /v1/predict (ctx: serving.context.ServeContext)."""
         return None
 
 

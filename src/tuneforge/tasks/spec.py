@@ -1,8 +1,8 @@
 """What a task is, in two parts: `TaskSpec`, the facts the generic stages read (its config section, metrics and
 their direction, baselines, defaults, flags, card metadata), and `Task`, the behaviour they call (reading rows,
 encoding, the model, baselines, evaluation, the predictor, drift, serving routes). A task folder's `spec.py`
-holds its `SPEC` and imports neither torch nor its behaviour; `SPEC.behaviour` names the object that satisfies
-`Task`, imported when first used."""
+holds its `SPEC` and imports neither torch nor its behaviour; `task.py` beside it holds `TASK`, the object that
+satisfies `Task` (loaded by tasks/behaviour.py when first used)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,7 +25,6 @@ class Flag:
 class TaskSpec:
     name: str                                  # task.type, and the registry's key
     config: type                               # the task's config section (a tuneforge.schema.Section)
-    behaviour: str                             # "module:attribute" of the object that satisfies `Task`
     metrics: dict[str, Direction]              # every test metric it reports, and which way is better
     selectable: tuple[str | None, ...]         # eval.metric choices, the first the default (None: by the data)
     baselines: tuple[str, ...]                 # eval.baselines choices, all run by default

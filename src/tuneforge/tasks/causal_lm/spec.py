@@ -31,7 +31,6 @@ class CausalLMTaskConfig(Section):
 SPEC = TaskSpec(
     name="causal-lm",
     config=CausalLMTaskConfig,
-    behaviour="tuneforge.tasks.causal_lm.task:TASK",
     summary="a generative LLM tuned on prompt/completion pairs, chats or plain text",
     metrics={"rouge_l": "max", "chrf": "max", "exact_match": "max", "perplexity": "min", "loss": "min",
              "accuracy": "max", "macro_f1": "max"},

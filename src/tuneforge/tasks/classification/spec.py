@@ -19,7 +19,6 @@ class ClassificationTaskConfig(Section):
 SPEC = TaskSpec(
     name="text-classification",
     config=ClassificationTaskConfig,
-    behaviour="tuneforge.tasks.classification.task:TASK",
     summary="one label (or several) per text",
     metrics={"macro_f1": "max", "accuracy": "max"},
     selectable=("macro_f1", "accuracy"),

@@ -21,7 +21,6 @@ class TokenClassificationTaskConfig(Section):
 SPEC = TaskSpec(
     name="token-classification",
     config=TokenClassificationTaskConfig,
-    behaviour="tuneforge.tasks.token_classification.task:TASK",
     summary="one tag per word: entities, clauses, parties",
     metrics={"f1": "max", "precision": "max", "recall": "max"},
     selectable=("f1",),
