@@ -279,7 +279,7 @@ def main() -> int:
         t0 = time.perf_counter()
         r = train(model, data, lambda m: {"val_loss": 0.0}, tcfg, cfg.eval, accelerator=acc, precision=precision,
                   pad_id=pad_id, checkpoint_dir=tmp / "ckpt", resume=False, loss_fn=task.training_loss(),
-                  select=task.selection(cfg))
+                  select=task.selection(cfg), collate=task.collate)
         wall = time.perf_counter() - t0
         raw = acc.unwrap_model(model, keep_fp32_wrapper=False)
         out = {"precision": precision, "packing": "packed rows (best fit decreasing), positions restarting per example",

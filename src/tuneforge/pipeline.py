@@ -327,7 +327,7 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
         result = train(model, train_data, validate, cfg.train, cfg.eval,
                        accelerator=accelerator, precision=precision, pad_id=pad_id,
                        checkpoint_dir=out / artifacts.CHECKPOINT, resume=resume, progress=report,
-                       loss_fn=loss_fn, select=select, monitor=check)
+                       loss_fn=loss_fn, select=select, monitor=check, collate=task.collate)
     console.print(f"[bold]trained[/] {result.steps} steps, {result.samples_per_second:.1f} rows/s "
                   f"({result.tokens / max(result.train_seconds, 1e-9):.0f} tokens/s); best validation "
                   f"{select[0].removeprefix('val_')} {result.best_metric:.4f} at step {result.best_step}"
@@ -352,7 +352,7 @@ def _estimate(prep: Prepared, cfg: RunConfig, model, precision: str, world: int)
                              eval_rows_tokens=sum(map(len, ids["val"])), n_evals=max(1, total // eval_every),
                              infer_tokens=sum(map(len, ids["test"])), pad_id=pad_id_of(prep.tokenizer), precision=precision,
                              seconds_so_far=time.perf_counter() - prep.t_start, positions=getattr(y["train"], "positions", None),
-                             loss_fn=prep.task.training_loss() or default_loss, world=world)
+                             loss_fn=prep.task.training_loss() or default_loss, world=world, collate=prep.task.collate)
 
 
 def estimate_cost(prep: Prepared, cfg: RunConfig, accelerator, precision: str) -> dict:
