@@ -26,7 +26,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     args = ap.parse_args()
 
-    from tuneforge.config import AuditConfig, DataConfig, ClassificationTaskConfig
+    from tuneforge.config import AuditConfig, DataConfig
+    from tuneforge.tasks.classification.spec import ClassificationTaskConfig
     from tuneforge.data.audit import audit
     from tuneforge.tasks.classification.audit import sections
     from tuneforge.data.load import read_table, resolve_path

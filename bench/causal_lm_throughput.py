@@ -178,7 +178,7 @@ def main() -> int:
     from tuneforge.config import parse_config
     from tuneforge.models.device import cpu_has_fast_bf16, cpu_info
     from tuneforge.models.resolve import resolve_model
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
     from tuneforge.tasks.causal_lm.encoding import uses_template
     from tuneforge.tasks.causal_lm.task import LMSpace, render
 
@@ -279,7 +279,7 @@ def main() -> int:
         t0 = time.perf_counter()
         r = train(model, data, lambda m: {"val_loss": 0.0}, tcfg, cfg.eval, accelerator=acc, precision=precision,
                   pad_id=pad_id, checkpoint_dir=tmp / "ckpt", resume=False, loss_fn=task.training_loss(),
-                  select=task.selection(cfg))
+                  select=task.selection(cfg), collate=task.collate)
         wall = time.perf_counter() - t0
         raw = acc.unwrap_model(model, keep_fp32_wrapper=False)
         out = {"precision": precision, "packing": "packed rows (best fit decreasing), positions restarting per example",

@@ -378,7 +378,7 @@ def _commands(args, run_dir: Path, tmp: Path, script: Path) -> dict:
 def test_prompts(run_dir: Path) -> tuple[list[list[dict]], str]:
     """The distinct prompts (messages before the last answer) of the run's test split, rebuilt from its config."""
     from tuneforge.config import load_config
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
 
     cfg = load_config(run_dir / "config.yaml")
     data = get_task("causal-lm").prepare(cfg)

@@ -138,7 +138,7 @@ def main() -> int:
     from tuneforge.models.infer import resolve_max_length, token_lengths
     from tuneforge.models.load import load_tokenizer, quiet_transformers
     from tuneforge.models.resolve import resolve_model
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
     from tuneforge.tasks.token_classification.encoding import IGNORE_INDEX, LabelSet, encode_windows, repair_bio
     from tuneforge.tasks.token_classification.metrics import entity_metrics
     from tuneforge.tasks.token_classification.task import _stride, _type_counts

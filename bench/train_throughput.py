@@ -152,7 +152,7 @@ def main() -> int:
     from tuneforge.tasks.classification.model import load_classifier
     from tuneforge.models.resolve import resolve_model
     from tuneforge.tasks.classification.labels import LabelSpace
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
     from tuneforge.training.loop import TrainData, train
     from tuneforge.models.device import resolve_precision
 

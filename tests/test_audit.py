@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from tuneforge.cli import main
-from tuneforge.config import AuditConfig, DataConfig, ClassificationTaskConfig
+from tuneforge.config import AuditConfig, DataConfig
+from tuneforge.tasks.classification.spec import ClassificationTaskConfig
 from tuneforge.data.audit import audit
 from tuneforge.data.neardup import near_pairs, normalise
 from tuneforge.tasks.classification.data import prepare_data

@@ -100,13 +100,15 @@ def _head_rows(model):
 def test_training_loss_flows_only_from_positions_that_predict_completion_tokens(tok, lm):
     """Autograd: d loss / d (final hidden state at t) is non-zero exactly where t predicts an assistant token,
     and the head (hence the mean) runs on exactly the completion tokens."""
+    from tuneforge.tasks.causal_lm import TASK
     from tuneforge.tasks.causal_lm.generate import packed_loss
     from tuneforge.training.loop import TrainData, training_batch
 
     examples = [encode_chat(tok, PAIR, True), encode_chat(tok, TWO_TURNS, True)]
     rows, labels, positions = pack(examples, 64, enabled=True)
     assert len(rows) == 1  # both in one row: the masking holds across the packed boundary
-    batch = training_batch(TrainData(rows, labels, positions), np.arange(1), tok.pad_token_id, torch.device("cpu"))
+    batch = training_batch(TrainData(rows, labels, positions), np.arange(1), tok.pad_token_id, torch.device("cpu"),
+                           TASK.collate)
     row_labels = batch["labels"][0].tolist()
     completion_tokens = sum(lab != IGNORE for e in examples for lab in e.labels)
     assert completion_tokens == 3 + 6
@@ -144,10 +146,12 @@ def _mixed_examples(tok) -> list[Encoded]:
 
 
 def _packed_batch(tok, examples, max_length):
+    from tuneforge.tasks.causal_lm import TASK
     from tuneforge.training.loop import TrainData, training_batch
 
     rows, labels, positions = pack(examples, max_length, enabled=True)
-    batch = training_batch(TrainData(rows, labels, positions), np.arange(len(rows)), tok.pad_token_id, torch.device("cpu"))
+    batch = training_batch(TrainData(rows, labels, positions), np.arange(len(rows)), tok.pad_token_id, torch.device("cpu"),
+                           TASK.collate)
     return rows, batch
 
 
@@ -302,7 +306,7 @@ def _write_jsonl(path, rows):
 def test_the_columns_tell_the_format(tmp_path):
     import pandas as pd
 
-    from tuneforge.config import CausalLMTaskConfig
+    from tuneforge.tasks.causal_lm.spec import CausalLMTaskConfig
     from tuneforge.tasks.causal_lm.data import read_conversations
 
     task = CausalLMTaskConfig(type="causal-lm")

@@ -330,6 +330,7 @@ def test_gradient_checkpointing_trains_to_the_same_loss(tiny_llama_dir):
 
     from tuneforge.config import TrainConfig
     from tuneforge.models.load import apply_method
+    from tuneforge.tasks.causal_lm import TASK
     from tuneforge.tasks.causal_lm.encoding import encode_chat, pack
     from tuneforge.tasks.causal_lm.generate import packed_loss
     from tuneforge.tasks.causal_lm.model import load_causal_lm, load_lm_tokenizer
@@ -347,7 +348,7 @@ def test_gradient_checkpointing_trains_to_the_same_loss(tiny_llama_dir):
             "CAUSAL_LM", "all-linear")
         model.train()
         assert model.base_model.model.is_gradient_checkpointing is checkpointing
-        batch = training_batch(TrainData(ids, labels, positions), list(range(len(ids))), 2, torch.device("cpu"))
+        batch = training_batch(TrainData(ids, labels, positions), list(range(len(ids))), 2, torch.device("cpu"), TASK.collate)
         loss = packed_loss(model, batch)
         loss.backward()
         grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))

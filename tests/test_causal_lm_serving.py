@@ -473,7 +473,7 @@ def test_bf16_check_compares_greedy_test_outputs_with_fp32(lm_run):
 
 
 def test_observe_labels_a_completion_by_how_it_ended():
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
 
     task = get_task("causal-lm")
     assert task.observe({"completion": "", "finish_reason": "stop", "completion_tokens": 0, "max_tokens": 8}) == (["(empty)"], 0.0)

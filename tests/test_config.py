@@ -142,13 +142,17 @@ def test_each_task_owns_its_section_and_a_key_of_another_task_is_named():
 
 def test_the_task_registry_resolves_names_and_fails_loudly_on_a_bad_entry(monkeypatch):
     from tuneforge import tasks
+    from tuneforge.tasks.behaviour import get_task
 
-    assert tasks.get_task("text-classification").model_class == "AutoModelForSequenceClassification"
+    assert get_task("text-classification").model_class == "AutoModelForSequenceClassification"
     with pytest.raises(ConfigError, match="must be one of: causal-lm, text-classification, token-classification"):
-        tasks.get_task("vision")
-    monkeypatch.setitem(tasks.TASKS, "broken", "tuneforge.tasks.classification:TASK")  # registered under another name
-    with pytest.raises(RuntimeError, match="'broken' -> tuneforge.tasks.classification:TASK is broken"):
-        tasks.get_task("broken")
-    monkeypatch.setitem(tasks.TASKS, "missing", "tuneforge.errors:ConfigError")  # lacks the interface
-    with pytest.raises(RuntimeError, match="missing \\['name'"):
-        tasks.get_task("missing")
+        get_task("vision")
+    monkeypatch.setitem(tasks.TASKS, "broken", "tuneforge.tasks.classification.spec:SPEC")  # another task's spec
+    with pytest.raises(RuntimeError, match="'broken' -> tuneforge.tasks.classification.spec:SPEC is broken"):
+        get_task("broken")
+    monkeypatch.setitem(tasks.TASKS, "missing", "tuneforge.errors:ConfigError")  # not a spec
+    with pytest.raises(RuntimeError, match="not a TaskSpec named 'missing'"):
+        get_task("missing")
+    monkeypatch.setitem(tasks.TASKS, "gone", "tuneforge.tasks.nowhere.spec:SPEC")  # no such module
+    with pytest.raises(RuntimeError, match="tuneforge.tasks.nowhere.spec:SPEC is broken"):
+        get_task("gone")

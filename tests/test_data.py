@@ -3,7 +3,8 @@ import json
 import pandas as pd
 import pytest
 
-from tuneforge.config import DataConfig, ClassificationTaskConfig
+from tuneforge.config import DataConfig
+from tuneforge.tasks.classification.spec import ClassificationTaskConfig
 from tuneforge.data.load import read_table
 from tuneforge.tasks.classification.data import prepare_data
 from tuneforge.data.split import content_hash

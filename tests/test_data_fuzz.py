@@ -25,7 +25,7 @@ import pytest
 
 from tuneforge.config import parse_config
 from tuneforge.errors import DataError, TuneforgeError
-from tuneforge.tasks import get_task
+from tuneforge.tasks.behaviour import get_task
 
 CASES = 40  # per reader; the whole file stays well under a minute on 2 cores
 WORDS = "the film was café naïve très good bad awful lovely über dull plot ünïcödé 東京 😀 actor scene".split()

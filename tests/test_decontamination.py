@@ -26,7 +26,7 @@ def _conll(path: Path, sentences) -> Path:
 
 
 def test_token_classification_leaves_out_copied_sentences_and_scores_the_test_file_whole(tmp_path):
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
 
     rng = random.Random(0)
     train = [_sentence(rng) for _ in range(120)]
@@ -48,7 +48,7 @@ def test_token_classification_leaves_out_copied_sentences_and_scores_the_test_fi
 
 
 def test_causal_lm_leaves_out_copied_prompts_whatever_the_answer(tmp_path):
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
 
     train, test = pair_rows(150, seed=0), pair_rows(40, seed=9)
     train.append({"prompt": test[5]["prompt"], "completion": "another answer"})   # row 150: same prompt
@@ -112,7 +112,7 @@ def test_block_refuses_and_allow_scores_the_clean_test_rows_too(base_config, wri
 
 
 def test_a_validation_file_is_taken_as_given(base_config, write_csv, tmp_path):
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
 
     rows, val_rows = make_rows(100), make_rows(20, seed=3)
     for i, r in enumerate(val_rows):

@@ -58,7 +58,7 @@ if os.environ.get("RANK") is not None and os.environ.get("TF_TRACE"):
 
     sys.addaudithook(_hook)
     import tuneforge.pipeline as _pipeline
-    from tuneforge.tasks.classification import ClassificationTask as _Task
+    from tuneforge.tasks.classification.task import ClassificationTask as _Task
 
     def _counted(name, fn):
         def wrapper(*a, **k):

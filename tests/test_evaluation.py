@@ -82,13 +82,33 @@ def _result(model_f1, low, base_f1):
 
 def test_gate_pass_and_fail():
     cfg = parse_config({"data": {"path": "x"}, "eval": {"gate": {"min_margin": 0.01, "ci_lower_above_baseline": True}}})
-    assert gate(_result(0.85, 0.82, 0.80), cfg)["promoted"] is True
-    small = gate(_result(0.805, 0.79, 0.80), cfg)
+    assert gate(_result(0.85, 0.82, 0.80), cfg, "max")["promoted"] is True
+    small = gate(_result(0.805, 0.79, 0.80), cfg, "max")
     assert small["promoted"] is False and "less than the required" in small["promotion_reason"]
-    wide = gate(_result(0.83, 0.79, 0.80), cfg)
+    wide = gate(_result(0.83, 0.79, 0.80), cfg, "max")
     assert wide["promoted"] is False and "lower bound" in wide["promotion_reason"]
     lenient = parse_config({"data": {"path": "x"}, "eval": {"gate": {"min_margin": 0.0, "ci_lower_above_baseline": False}}})
-    assert gate(_result(0.805, 0.70, 0.80), lenient)["promoted"] is True
+    assert gate(_result(0.805, 0.70, 0.80), lenient, "max")["promoted"] is True
+
+
+def test_gate_reads_the_metrics_direction_from_the_task_spec():
+    """Perplexity: lower is better (the causal LM's spec says so), so the best baseline is the lowest and the
+    model clears it by being lower, its CI's upper bound below it too."""
+    from tuneforge.evaluation.gate import judge
+    from tuneforge.tasks import get_spec
+
+    cfg = parse_config({"data": {"path": "x"}})
+    direction = get_spec("causal-lm").direction("perplexity")
+    assert direction == "min" and get_spec("text-classification").direction("macro_f1") == "max"
+    result = {"main_metric": "perplexity",
+              "test": {"model": {"perplexity": 12.0, "ci": {"low": 11.0, "high": 13.0}},
+                       "baselines": {"base_zero_shot": {"perplexity": 30.0}, "retrieval": {"perplexity": 20.0}}}}
+    judged = judge(result, cfg, direction)
+    assert judged["best_baseline"] == "retrieval" and judged["beats_baselines"] is True and judged["promoted"] is True
+    assert "upper bound is below it" in judged["promotion_reason"]
+    worse = judge({**result, "test": {**result["test"], "model": {"perplexity": 21.0, "ci": {"low": 19, "high": 23}}}},
+                  cfg, direction)
+    assert worse["beats_baselines"] is False and worse["promoted"] is False
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +159,7 @@ def test_run_records_slices_significance_calibration_and_gate(finished_run):
     # the gate (defaults: beat the best baseline's macro-F1 by 0.01, the CI's lower bound above it), from the saved numbers
     base = baselines[best]["macro_f1"]
     assert saved["promoted"] is (model["macro_f1"] - base >= 0.01 and model["ci"]["low"] > base)
-    assert saved["promotion_reason"] == gate(saved, parse_config(yaml.safe_load((out / "config.yaml").read_text())))["promotion_reason"]
+    assert saved["promotion_reason"] == gate(saved, parse_config(yaml.safe_load((out / "config.yaml").read_text())), "max")["promotion_reason"]
 
 
 def test_model_card_metadata_parses(finished_run):

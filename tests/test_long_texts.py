@@ -7,7 +7,7 @@ from rich.console import Console
 from conftest import make_rows
 from tuneforge.cli import main
 from tuneforge.config import parse_config
-from tuneforge.tasks import get_task
+from tuneforge.tasks.behaviour import get_task
 
 TEN_MB = 10_000_000
 

@@ -5,7 +5,8 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from tuneforge.config import AuditConfig, DataConfig, ClassificationTaskConfig
+from tuneforge.config import AuditConfig, DataConfig
+from tuneforge.tasks.classification.spec import ClassificationTaskConfig
 from tuneforge.data.audit import audit
 from tuneforge.tasks.classification.data import prepare_data
 

@@ -181,7 +181,7 @@ def test_a_combination_the_config_refuses_is_pruned_with_the_reason(base_config,
 
 
 def test_default_spaces_come_from_the_task_and_hold_the_config_values(base_config, write_csv):
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
 
     cfg = parse_config(base_config("x.csv", train={"method": "frozen", "weight_decay": 0.05, "epochs": None}))
     space, source = resolve_space(cfg, get_task("text-classification"), 6)

@@ -8,7 +8,9 @@ import openpyxl
 import pandas as pd
 import pytest
 
-from tuneforge.config import CausalLMTaskConfig, ClassificationTaskConfig, DataConfig
+from tuneforge.config import DataConfig
+from tuneforge.tasks.causal_lm.spec import CausalLMTaskConfig
+from tuneforge.tasks.classification.spec import ClassificationTaskConfig
 from tuneforge.data.load import read_table
 from tuneforge.errors import DataError
 from tuneforge.tasks.causal_lm.data import read_conversations

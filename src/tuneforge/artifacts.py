@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from tuneforge.tasks import DEFAULT_TASK
 from tuneforge.errors import OutputError
 
 CHECKPOINT = "checkpoint"
@@ -185,7 +186,7 @@ def staged_dir(final: Path):
 
 def run_task_type(out: Path) -> str:
     """The task of a finished run (OUT or OUT/model): from the model's config.json (so a model folder copied
-    out of its run still knows it), else the run's config.yaml; runs that predate both are text classification."""
+    out of its run still knows it), else the run's config.yaml; runs that predate both are the default task's."""
     import yaml
 
     for model_dir in (out / "model", out):
@@ -196,8 +197,8 @@ def run_task_type(out: Path) -> str:
                 return task
     for path in (out / "config.yaml", out.parent / "config.yaml"):
         if path.is_file():
-            return (yaml.safe_load(path.read_text()).get("task") or {}).get("type") or "text-classification"
-    return "text-classification"
+            return (yaml.safe_load(path.read_text()).get("task") or {}).get("type") or DEFAULT_TASK
+    return DEFAULT_TASK
 
 
 def library_versions() -> dict[str, str]:

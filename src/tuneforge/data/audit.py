@@ -2,8 +2,8 @@
 
 Generic checks, each with a severity (info / warning / blocking) and the rows involved: duplicates
 within a split, leakage between splits, truncation against the tokenizer, outlier inputs and texts cut to
-data.max_text_chars on reading; each task adds its own (classification: class balance and likely label errors,
-tasks/classification/audit.py). Rows are 0-based data rows of the file they come from. Rows that cleaning
+data.max_text_chars on reading; each task adds its own through its `audit_sections` (class balance and likely
+label errors, for a task with labels). Rows are 0-based data rows of the file they come from. Rows that cleaning
 removed are listed once, under `cleaning`.
 """
 from __future__ import annotations
@@ -24,11 +24,13 @@ def _worst(*levels: str) -> str:
     return max(levels, key=SEVERITIES.index, default="info")
 
 
-def _index(splits: Splits) -> list[tuple[str, int]]:
+def row_positions(splits: Splits) -> list[tuple[str, int]]:
+    """(split name, position in it) of every row, in the order the audit numbers them."""
     return [(name, k) for name, ex in splits.items() for k in range(len(ex))]
 
 
-def _ref(splits: Splits, name: str, k: int) -> dict:
+def row_ref(splits: Splits, name: str, k: int) -> dict:
+    """Where a row is, as a finding names it: its split, file and row as the user numbers it."""
     ex = dict(splits.items())[name]
     return {"split": name, "file": ex.source, "row": ex.rows[k]}
 
@@ -38,7 +40,7 @@ def duplicates_and_leakage(splits: Splits, cfg: AuditConfig, graph: DuplicateGra
 
     `graph` is the run's duplicate graph (computed once, when the data was split); without it, or at
     another threshold, the links are computed here."""
-    where = _index(splits)
+    where = row_positions(splits)
     if graph is None or graph.threshold != cfg.near_duplicate_threshold:
         texts = [t for _, ex in splits.items() for t in ex.texts]
         graph = duplicate_graph(texts, [(ex.source, r) for _, ex in splits.items() for r in ex.rows],
@@ -51,7 +53,7 @@ def duplicates_and_leakage(splits: Splits, cfg: AuditConfig, graph: DuplicateGra
         group = [position[n] for n in nodes if n in position]
         if len(group) < 2:
             continue
-        refs = [_ref(splits, *where[i]) for i in group]
+        refs = [row_ref(splits, *where[i]) for i in group]
         if len({r["split"] for r in refs}) > 1:
             leaks.append({"kind": "exact", "similarity": 1.0, "rows": refs})
         else:
@@ -59,7 +61,7 @@ def duplicates_and_leakage(splits: Splits, cfg: AuditConfig, graph: DuplicateGra
     for a, b, sim in graph.near:
         if a not in position or b not in position:
             continue
-        refs = [_ref(splits, *where[position[a]]), _ref(splits, *where[position[b]])]
+        refs = [row_ref(splits, *where[position[a]]), row_ref(splits, *where[position[b]])]
         entry = {"kind": "near", "similarity": round(sim, 4), "rows": refs}
         (leaks if refs[0]["split"] != refs[1]["split"] else dup_near).append(entry)
     n_dup = sum(len(g["rows"]) - 1 for g in dup_exact) + len(dup_near)
@@ -128,7 +130,7 @@ def outliers(splits: Splits) -> dict:
             elif len(text) > long_cut:
                 reason = f"very long ({len(text)} chars; median {median:.0f})"
             if reason:
-                rows.append({**_ref(splits, name, k), "reason": reason})
+                rows.append({**row_ref(splits, name, k), "reason": reason})
     return {"severity": "warning" if rows else "info", "rows": rows, "median_chars": median}
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-_NULL_WORDS = {"nan", "none", "null", "<na>"}
+NULL_WORDS = {"nan", "none", "null", "<na>"}  # a missing value exported as text ("NaN", "None", ...), any case
 
 
 @dataclass
@@ -50,7 +50,8 @@ def cut_long(text: str, limit: int, notes: list[dict], file: str, row: int, fiel
     return text[:limit]
 
 
-def _is_null(value) -> bool:
+def is_null(value) -> bool:
+    """A missing cell: None, NaN or pandas' NA."""
     return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
 
 

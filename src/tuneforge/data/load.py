@@ -39,7 +39,8 @@ def resolve_path(ref: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / rel
 
 
-def _strip_compression(path: Path) -> tuple[str, str | None]:
+def split_compression(path: Path) -> tuple[str, str | None]:
+    """(format suffix, compression suffix or None): data.csv.gz -> (".csv", ".gz")."""
     suffixes = [s.lower() for s in path.suffixes]
     comp = suffixes[-1] if suffixes and suffixes[-1] in _DECOMPRESS else None
     rest = suffixes[:-1] if comp else suffixes
@@ -49,7 +50,7 @@ def _strip_compression(path: Path) -> tuple[str, str | None]:
 def detect_format(path: Path, fmt: str = "auto") -> str:
     if fmt != "auto":
         return fmt
-    suffix, _ = _strip_compression(path)
+    suffix, _ = split_compression(path)
     by_suffix = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
                  ".parquet": "parquet", ".pq": "parquet", ".xlsx": "xlsx", ".xlsm": "xlsx"}
     if suffix == ".xls":  # the binary Excel 97-2003 format: another reader (xlrd), not worth a dependency
@@ -69,13 +70,14 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed by its suffix (.gz, .bz2, .xz); an unreadable file is a DataError."""
     try:
         data = path.read_bytes()
     except OSError as err:
         raise DataError(f"cannot read the file ({err.strerror or err})", path=path,
                         fix="check that the file is readable (permissions) and is a regular file") from None
-    _, comp = _strip_compression(path)
+    _, comp = split_compression(path)
     if comp:
         try:
             data = _DECOMPRESS[comp](data)
@@ -85,7 +87,8 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def _decode(data: bytes, path: Path, encoding: str, header_lines: int) -> str:
+def decode_text(data: bytes, path: Path, encoding: str, header_lines: int) -> str:
+    """The bytes as text; bytes not in `encoding` are a DataError naming the data row (after `header_lines`)."""
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as err:
@@ -143,8 +146,9 @@ def _has_lone_surrogate(value) -> bool:
     return False
 
 
-def _read_csv(text: str, path: Path) -> pd.DataFrame:
-    sep = "\t" if _strip_compression(path)[0] == ".tsv" else ","
+def read_csv_text(text: str, path: Path) -> pd.DataFrame:
+    """A CSV (a TSV by its suffix) as a DataFrame of strings, nothing guessed as NaN."""
+    sep = "\t" if split_compression(path)[0] == ".tsv" else ","
     try:
         # Every cell as a string, nothing guessed as NaN: empty cells stay "" and are cleaned later.
         return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_filter=False)
@@ -174,7 +178,7 @@ def _read_jsonl(text: str, path: Path) -> pd.DataFrame:
 
 
 def _read_xlsx(data: bytes, path: Path, sheet: str | int | None) -> pd.DataFrame:
-    """One sheet of a workbook, read as _read_csv reads a CSV: the first row is the header, every cell a string
+    """One sheet of a workbook, read as read_csv_text reads a CSV: the first row is the header, every cell a string
     (numbers as Excel shows them unformatted, e.g. 3 or 2.5), empty cells "" (cleaned later), blank rows kept so
     data row i is the sheet's row i + 2."""
     try:
@@ -225,16 +229,16 @@ def read_table(path: Path, fmt: str = "auto", encoding: str = "utf-8", sheet: st
         raise DataError("is a directory, not a data file", path=path, fix="point data.path at a CSV, JSONL, Parquet or .xlsx file")
     fmt = detect_format(path, fmt)
     if fmt == "xlsx":
-        df = _read_xlsx(_read_bytes(path), path, sheet)
+        df = _read_xlsx(read_bytes(path), path, sheet)
     elif fmt == "parquet":
         try:
-            df = pd.read_parquet(io.BytesIO(_read_bytes(path)))
+            df = pd.read_parquet(io.BytesIO(read_bytes(path)))
         except Exception as err:  # pyarrow raises many types for a bad file
             raise DataError(f"cannot read Parquet ({type(err).__name__}: {err})", path=path,
                             fix="check that the file is a Parquet file, or set data.format") from None
     else:
-        text = _decode(_read_bytes(path), path, encoding, header_lines=1 if fmt == "csv" else 0)
-        df = _read_csv(text, path) if fmt == "csv" else _read_jsonl(text, path)
+        text = decode_text(read_bytes(path), path, encoding, header_lines=1 if fmt == "csv" else 0)
+        df = read_csv_text(text, path) if fmt == "csv" else _read_jsonl(text, path)
     if df.columns.duplicated().any():  # Parquet allows it; df[name] would then be a table, not a column
         twice = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
         raise DataError(f"column names appear twice: {', '.join(twice)}", path=path, column=twice[0],

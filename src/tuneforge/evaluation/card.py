@@ -8,17 +8,14 @@ from pathlib import Path
 import yaml
 
 
-_CARD_METRICS = {"accuracy": {"type": "accuracy"}, "macro_f1": {"type": "f1", "name": "macro-F1", "args": {"average": "macro"}},
-                 "f1": {"type": "f1", "name": "entity F1 (strict, micro)"}, "precision": {"type": "precision"},
-                 "recall": {"type": "recall"}}
-
-
-def _model_index(m: dict, name: str, data_hash: str, task_type: str) -> list[dict]:
+def _model_index(m: dict, name: str, data_hash: str, spec) -> list[dict]:
+    """The Hub's model-index: the test metrics the task's spec maps to Hub metric entries (its card_metrics)."""
     test = m["test"]["model"]
     return [{"name": name, "results": [{
-        "task": {"type": task_type, "name": task_type.replace("-", " ").title()},
+        "task": {"type": spec.pipeline_tag, "name": spec.pipeline_tag.replace("-", " ").title()},
         "dataset": {"type": "custom", "name": f"test split sha256:{data_hash[:16]}"},
-        "metrics": [{**spec, "value": round(test[k], 4)} for k, spec in _CARD_METRICS.items() if k in test],
+        "metrics": [{**entry, "value": round(test[k], 4)} for k, entry in spec.card_metrics.items()
+                    if isinstance(test.get(k), (int, float))],
     }]}]
 
 
@@ -30,22 +27,24 @@ def build_card(out: Path, run: dict | None = None) -> Path:
     m, data, run, _ = load_run(out, run)
     key = m["main_metric"]
     test = m["test"]
-    from tuneforge.tasks import get_task
-
     from tuneforge.artifacts import run_task_type
+    from tuneforge.tasks import get_spec
+    from tuneforge.tasks.behaviour import get_task
 
     task_type = run_task_type(out)
-    task = get_task(task_type)
+    task, spec = get_task(task_type), get_spec(task_type)
+    facts = task.card_facts(data, json.loads((out / "model" / "config.json").read_text()).get("tuneforge", {}))
+    variant = facts.get("variant")
     model_class = task.model_class
     name = out.resolve().name
     meta = {
         "library_name": "transformers",
-        "pipeline_tag": task_type,
+        "pipeline_tag": spec.pipeline_tag,
         "base_model": run["model"]["reference"],
-        "tags": ["tuneforge", task_type] + (["multi-label"] if data.get("multi_label") else []),
+        "tags": ["tuneforge", task_type] + ([variant] if variant else []),
         "datasets": [f"sha256:{f['sha256']}" for f in data["files"]],
-        "metrics": sorted({spec["type"] for k, spec in _CARD_METRICS.items() if k in test["model"]}),
-        "model-index": _model_index(m, name, data["test_sha256"], task_type),
+        "metrics": sorted({e["type"] for k, e in spec.card_metrics.items() if isinstance(test["model"].get(k), (int, float))}),
+        "model-index": _model_index(m, name, data["test_sha256"], spec),
         "tuneforge": {"promoted": m.get("promoted"), "test_split_sha256": data["test_sha256"],
                       "labels": m["labels"], "main_metric": key},
     }
@@ -58,16 +57,14 @@ def build_card(out: Path, run: dict | None = None) -> Path:
         slices.append(f"- **{col}**: {groups}; largest gap {s['largest_gap']:.3f}" + (" (above the warning threshold)" if s["warning"] else ""))
     labels_line = f"Labels: {', '.join(f'`{lab}`' for lab in m['labels'])}." if m["labels"] else ""
     removed = ", ".join(f"{k}: {v}" for k, v in data["removed_counts"].items()) or "none"
-    limits = "- " + ("Long inputs are split into overlapping windows at prediction, as in training." if "stride" in
-                     json.loads((out / "model" / "config.json").read_text()).get("tuneforge", {}) else
-                     "Inputs are truncated to the model's maximum length used in training.")
+    limits = "- " + facts["inputs"]
     if m.get("calibration"):
         ece = m["calibration"]["ece"]
         limits += f"\n- Probabilities are {'reasonably' if ece < 0.05 else 'not well'} calibrated (expected calibration error {ece:.3f})."
     body = f"""
 # {name}
 
-A {task_type.replace('-', ' ')} model{' (multi-label)' if data.get('multi_label') else ''} fine-tuned by tuneforge from
+A {task_type.replace('-', ' ')} model{f' ({variant})' if variant else ''} fine-tuned by tuneforge from
 `{run['model']['reference']}` ({run['model']['architecture']}, {run['model']['parameters'] / 1e6:.1f}M parameters).
 {labels_line}
 
@@ -79,7 +76,7 @@ A {task_type.replace('-', ' ')} model{' (multi-label)' if data.get('multi_label'
 ## Training data
 {splits['train']['rows']} training, {splits['val']['rows']} validation and {splits['test']['rows']} test rows
 (test split sha256 `{data['test_sha256'][:16]}`, {'carved from the data, stratified' if data['test_source'] == 'carved' else 'a separate file'}).
-Rows removed by cleaning: {removed}. Class counts in training: {', '.join(f'{c} {n}' for c, n in splits['train']['class_counts'].items())}.
+Rows removed by cleaning: {removed}. {spec.counted.capitalize()} in training: {', '.join(f'{c} {n}' for c, n in splits['train']['class_counts'].items())}.
 
 ## Results on the test split
 | | {' | '.join(header)} |

@@ -5,30 +5,29 @@ drift monitor.
     tuneforge serve runs/sentiment --api-key-env TUNEFORGE_API_KEY
 
 Any task plugs in through a `predict(texts) -> [{"label": ..., "probabilities": {...}}]` callable
-and its label names, and may mount routes of its own (`task.mount_routes(app, ctx)`, given a ServeContext:
-the causal LM mounts the OpenAI API); nothing here is specific to one task.
+and its label names, and may mount routes of its own (`task.mount_routes(app, ctx)`, given a ServeContext, see
+context.py: the causal LM mounts the OpenAI API); nothing here is specific to one task.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from tuneforge.serving.batcher import MicroBatcher
-from tuneforge.drift import DEFAULT_THRESHOLDS, NO_LABEL, logged_label
+from tuneforge.serving.context import InvalidJSON, ServeContext, ServeMetrics, ServeSettings, json_body_openapi, load_json
 from tuneforge.serving.monitor import RequestLog, drift_report, log_url
 
 if TYPE_CHECKING:
@@ -37,74 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tuneforge.serve")
 
 
-@dataclass
-class ServeSettings:
-    run_dir: Path
-    api_key: str | None = None                # None only with no_auth
-    max_batch_size: int = 64
-    max_wait_ms: float = 10.0                 # under load only; 0 = greedy (see batcher.py)
-    max_texts: int = 64                       # per request
-    max_chars: int = 10_000                   # per text
-    max_body_bytes: int = 1_000_000           # 413 above it, by Content-Length or counted as a chunked body arrives
-    body_timeout_s: float = 30.0              # 408 when a client takes longer to send its body (stalled or trickling)
-    request_timeout_s: float = 30.0
-    monitor_url: str | None = None            # default: sqlite file in the run directory
-    retention_days: float = 30.0
-    log_text: bool = False
-    drift_window: int = 1000
-    drift_min_rows: int = 50
-    drift_thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
-    max_tokens_cap: int = 512                 # causal LM: max_tokens a request may ask for
-    max_prompt_tokens: int | None = None      # causal LM: None = the model's context window
-
-
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     texts: list[str]
-
-
-class InvalidJSON(ValueError):
-    """A request body that is not JSON a client should send; the message says what is wrong with it."""
-
-
-def _no_constant(name: str):
-    raise InvalidJSON(f"{name} is not a JSON value: send numbers only")
-
-
-def load_json(raw: bytes):
-    """The body as JSON, strictly: NaN / Infinity literals, nesting too deep for the parser, non-UTF-8 bytes and strings
-    holding a lone surrogate (which no tokenizer, log or response can encode) are InvalidJSON, not a 500 later."""
-    try:
-        data = json.loads(raw, parse_constant=_no_constant)
-    except json.JSONDecodeError as err:
-        raise InvalidJSON(f"{err.msg} at character {err.pos}") from None
-    except UnicodeDecodeError:
-        raise InvalidJSON("the body is not UTF-8") from None
-    except RecursionError:
-        raise InvalidJSON("nested too deeply") from None
-    try:
-        json.dumps(data, ensure_ascii=False).encode()  # what a log or a reply will do with its strings
-    except UnicodeEncodeError:
-        raise InvalidJSON("a string holds a lone surrogate (\\ud800-\\udfff): not valid Unicode") from None
-    except RecursionError:
-        raise InvalidJSON("nested too deeply") from None
-    return data
-
-
-def json_body_openapi(model: type[BaseModel]) -> dict:
-    """`openapi_extra` for a route that parses its body itself: the model's JSON schema, its $defs inlined (a $ref
-    into the model's own $defs does not resolve inside the OpenAPI document)."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node):
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {k: inline(v) for k, v in node.items()}
-        return [inline(v) for v in node] if isinstance(node, list) else node
-
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 class BodyLimits:
@@ -171,75 +105,31 @@ def parse_predict_request(raw: bytes) -> PredictRequest:
 _PREDICT_OPENAPI = json_body_openapi(PredictRequest)
 
 
-class _Metrics:
-    def __init__(self, labels: list[str]):
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("tuneforge_requests", "HTTP requests", ["endpoint", "status"], registry=r)
-        self.latency = Histogram("tuneforge_request_latency_seconds", "Request latency", ["endpoint"], registry=r,
-                                 buckets=(.002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.batch = Histogram("tuneforge_batch_size", "Texts per forward pass", registry=r,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.labels = Counter("tuneforge_predicted_label", "Predicted labels", ["label"], registry=r)
-        self.confidence = Histogram("tuneforge_prediction_confidence", "Confidence of the predicted label", registry=r,
-                                    buckets=(.5, .6, .7, .8, .9, .95, .99, 1.0))
-        self.drift = Gauge("tuneforge_drift_psi", "Population stability index vs the training reference", ["signal"], registry=r)
-        self.drift_alarm = Gauge("tuneforge_drift_alarm", "1 when a signal's PSI exceeds its threshold", ["signal"], registry=r)
-        for lab in labels:
-            self.labels.labels(lab)
-
-
-@dataclass
-class ServeContext:
-    """What a task's `mount_routes(app, ctx)` gets. `authorise` is a FastAPI dependency (bearer key); `on_start(fn)` and
-    `on_stop(fn)` register calls made in the lifespan after the model is loaded and before it is released. From
-    start-up on: `predictor`, `metrics` (its `.registry` takes the task's own metrics), `request_log`, and
-    `record(texts, results, latency_ms)`, which counts results and logs them as /v1/predict does. A start hook may
-    replace `state["predict"]` (what /v1/predict calls) and add JSON to /ready under `state["info"]`."""
-    settings: ServeSettings
-    authorise: Callable
-    state: dict
-    start_hooks: list[Callable[[], None]] = field(default_factory=list)
-    stop_hooks: list[Callable[[], None]] = field(default_factory=list)
-
-    def on_start(self, fn: Callable[[], None]) -> None:
-        self.start_hooks.append(fn)
-
-    def on_stop(self, fn: Callable[[], None]) -> None:
-        self.stop_hooks.append(fn)
-
-    @property
-    def predictor(self):
-        return self.state["predictor"]
-
-    @property
-    def metrics(self) -> "_Metrics":
-        return self.state["metrics"]
-
-    @property
-    def request_log(self) -> RequestLog:
-        return self.state["log"]
-
-    def record(self, texts: list[str], results: list[dict], latency_ms: float) -> None:
-        """Predicted labels and confidence into the metrics, and each result into the request log (any thread)."""
-        decisions = [self.state["observe"](r) for r in results]
-        for chosen, conf in decisions:
-            for label in chosen or [NO_LABEL]:  # multi-label: each label counts, not each combination
-                self.metrics.labels.labels(label).inc()
-            self.metrics.confidence.observe(conf)
-        self.request_log.write(texts, [logged_label(c) for c, _ in decisions], [conf for _, conf in decisions], latency_ms)
-
-
 def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Callable, list[str]]],
                reference: dict | None = None) -> FastAPI:
     """`load_predictor()` returns (predict(texts) -> results, label names, observe(result) -> (labels, confidence));
     it runs once, at start-up. `observe` is the task's view of one result for metrics and the request log. A loader
-    with a `task` attribute (run_predictor's) lets that task mount its own routes."""
-    state: dict = {"info": {}}
+    with a `task` attribute (run_predictor's) lets that task mount its own routes, given the ServeContext."""
+    ctx = ServeContext(settings)
+    app = FastAPI(title="tuneforge", lifespan=_lifespan(ctx, load_predictor))
+    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)  # inside `measure`
+    _measure_requests(app, ctx.state)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    _mount_routes(app, ctx, reference)
+    task = getattr(load_predictor, "task", None)
+    if task is not None:
+        task.mount_routes(app, ctx)
+    return app
+
+
+def _lifespan(ctx: ServeContext, load_predictor: Callable):
+    """Load the model and run the task's start hooks, then start the batcher; at shutdown, the reverse."""
+    settings, state = ctx.settings, ctx.state
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         predict, labels, observe = load_predictor()
-        metrics = _Metrics(labels)
+        metrics = ServeMetrics(labels)
         request_log = RequestLog(log_url(settings.run_dir, settings.monitor_url), settings.retention_days, settings.log_text)
         state.update(predictor=getattr(load_predictor, "predictor", None), predict=predict, observe=observe,
                      metrics=metrics, log=request_log)
@@ -264,20 +154,12 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
             await run_in_threadpool(hook)
         request_log.close()
 
-    app = FastAPI(title="tuneforge", lifespan=lifespan)
+    return lifespan
 
-    async def authorise(request: Request) -> None:  # async: no thread-pool hop per request
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.encode(), settings.api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                headers={"WWW-Authenticate": "Bearer"})
 
-    ctx = ServeContext(settings, authorise, state)
+def _measure_requests(app: FastAPI, state: dict) -> None:
+    """Count and time each request to a route of the app (not any path a client makes up: the metrics stay bounded)."""
     known_paths: set[str] = set()  # filled on first request, when every route is registered
-    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)  # inside `measure`
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
@@ -291,10 +173,15 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
             state["metrics"].latency.labels(endpoint).observe(time.perf_counter() - t0)
         return response
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"detail": f"invalid request: {problems}. Expected JSON {{\"texts\": [\"...\"]}}"}, 422)
+
+async def _invalid_request(request: Request, exc: RequestValidationError):
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"detail": f"invalid request: {problems}. Expected JSON {{\"texts\": [\"...\"]}}"}, 422)
+
+
+def _mount_routes(app: FastAPI, ctx: ServeContext, reference: dict | None) -> None:
+    """/health, /ready, /metrics, /v1/predict and /v1/monitor."""
+    settings, state = ctx.settings, ctx.state
 
     @app.get("/health")
     async def health():
@@ -308,10 +195,10 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
 
     @app.get("/metrics")
     async def prometheus():
-        await run_in_threadpool(_update_drift_gauges)  # a database query: off the event loop
+        await run_in_threadpool(_update_drift_gauges, ctx, reference)  # a database query: off the event loop
         return Response(generate_latest(state["metrics"].registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/predict", dependencies=[Depends(authorise)], openapi_extra=_PREDICT_OPENAPI,
+    @app.post("/v1/predict", dependencies=[Depends(ctx.authorise)], openapi_extra=_PREDICT_OPENAPI,
               responses={422: {"description": "invalid request, or a limit exceeded (named in `detail`)"}})
     async def predict(request: Request):
         body = parse_predict_request(await request.body())  # JSON whatever the Content-Type (curl -d)
@@ -328,27 +215,26 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
             raise HTTPException(504, f"prediction took longer than {settings.request_timeout_s} s") from None
         return {"predictions": results}
 
-    def _report() -> dict:
-        rows = state["log"].recent(settings.drift_window)
-        report = drift_report(reference, rows, settings.drift_thresholds, settings.drift_min_rows)
-        for name, sig in report["signals"].items():
-            if sig["drift"]:
-                log.warning("drift on %s: PSI %.3f > %.3f", name, sig["psi"], sig["threshold"])
-        return report
-
-    def _update_drift_gauges() -> None:
-        for name, sig in _report()["signals"].items():
-            state["metrics"].drift.labels(name).set(sig["psi"])
-            state["metrics"].drift_alarm.labels(name).set(1 if sig["drift"] else 0)
-
-    @app.get("/v1/monitor", dependencies=[Depends(authorise)])
+    @app.get("/v1/monitor", dependencies=[Depends(ctx.authorise)])
     async def monitor():
-        return await run_in_threadpool(_report)
+        return await run_in_threadpool(_drift_now, ctx, reference)
 
-    task = getattr(load_predictor, "task", None)
-    if task is not None:
-        task.mount_routes(app, ctx)
-    return app
+
+def _drift_now(ctx: ServeContext, reference: dict | None) -> dict:
+    """The drift report over the latest logged requests; each drifting signal is logged as a warning."""
+    settings = ctx.settings
+    rows = ctx.request_log.recent(settings.drift_window)
+    report = drift_report(reference, rows, settings.drift_thresholds, settings.drift_min_rows)
+    for name, sig in report["signals"].items():
+        if sig["drift"]:
+            log.warning("drift on %s: PSI %.3f > %.3f", name, sig["psi"], sig["threshold"])
+    return report
+
+
+def _update_drift_gauges(ctx: ServeContext, reference: dict | None) -> None:
+    for name, sig in _drift_now(ctx, reference)["signals"].items():
+        ctx.metrics.drift.labels(name).set(sig["psi"])
+        ctx.metrics.drift_alarm.labels(name).set(1 if sig["drift"] else 0)
 
 
 @dataclass
@@ -363,7 +249,7 @@ class RunPredictor:
     @property
     def task(self):
         from tuneforge.artifacts import run_task_type
-        from tuneforge.tasks import get_task
+        from tuneforge.tasks.behaviour import get_task
 
         return get_task(run_task_type(self.run_dir))
 

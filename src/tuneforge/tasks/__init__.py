@@ -1,10 +1,11 @@
-"""The task registry: one entry per task, each a folder under tasks/ that supplies what differs per task
-(reading rows, targets, the model and its head, validation scores, baselines, test metrics, the predictor,
-the drift profile, any serving routes of its own). The stages (data, split, audit, training loop, report,
-serving) call that interface.
+"""The task registry: one entry per task, each a folder under tasks/ whose `spec.py` holds its facts (`TaskSpec`:
+config section, metrics and their direction, baselines, defaults, flags, card metadata) and whose `task.py` holds
+`TASK`, its behaviour (`Task`, tasks/spec.py; loaded by tasks/behaviour.py). The stages (data, split, audit,
+training loop, report, serving) read the spec and call the behaviour; none of them names a task.
 
-An entry names `module:attribute`; it is imported when first used (torch stays out of `--help`), and
-checked then: a bad entry fails loudly, naming it. An unknown task name is an error listing the known ones.
+Facts sit low (the config builds its `task` section from them; pydantic, no torch), behaviour high (it uses the
+config, the data and model layers): this module names only the specs, so nothing it imports leads back to the
+config. A bad entry fails loudly, naming it; an unknown task name is an error listing the known ones.
 """
 from __future__ import annotations
 
@@ -13,26 +14,32 @@ import importlib
 from tuneforge.errors import ConfigError
 
 TASKS: dict[str, str] = {
-    "text-classification": "tuneforge.tasks.classification:TASK",
-    "token-classification": "tuneforge.tasks.token_classification:TASK",
-    "causal-lm": "tuneforge.tasks.causal_lm:TASK",
+    "text-classification": "tuneforge.tasks.classification.spec:SPEC",
+    "token-classification": "tuneforge.tasks.token_classification.spec:SPEC",
+    "causal-lm": "tuneforge.tasks.causal_lm.spec:SPEC",
 }
-
-_REQUIRED = ("name", "prepare", "load_tokenizer", "audit_sections", "label_space", "encode", "load_model", "baselines", "validator", "evaluate",
-             "load_predictor", "settings", "reference_profile", "label_names", "observe", "summary_rows",
-             "describe_space", "prediction_table", "report_details", "peft_task_type", "model_class",
-             "token_lengths", "max_length", "lora_targets", "training_loss", "selection", "export", "intended_use",
-             "mount_routes", "search_space", "test_subset")
+DEFAULT_TASK = "text-classification"  # a config or command line that names no task
 
 
-def get_task(name: str):
-    """The task object registered under `name`."""
+def _load(ref: str):
+    module, _, attr = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise RuntimeError(f"task registry entry {ref} is broken: {err}") from err
+
+
+def get_spec(name: str):
+    """The facts of the task registered under `name`."""
+    from tuneforge.tasks.spec import TaskSpec
+
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}", fix=f"task.type must be one of: {', '.join(sorted(TASKS))}")
-    module, _, attr = TASKS[name].partition(":")
-    task = getattr(importlib.import_module(module), attr)
-    missing = [m for m in _REQUIRED if not hasattr(task, m)]
-    if missing or task.name != name:
-        raise RuntimeError(f"task registry entry {name!r} -> {TASKS[name]} is broken: "
-                           f"missing {missing or 'nothing'}, name {getattr(task, 'name', None)!r}")
-    return task
+    spec = _load(TASKS[name])
+    if not isinstance(spec, TaskSpec) or spec.name != name:
+        raise RuntimeError(f"task registry entry {name!r} -> {TASKS[name]} is broken: not a TaskSpec named {name!r}")
+    return spec
+
+
+def all_specs() -> list:
+    return [get_spec(name) for name in TASKS]

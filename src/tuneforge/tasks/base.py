@@ -61,9 +61,43 @@ class TaskDefaults:
         cut = dataclasses.replace(splits, test=splits.test.subset(keep))
         return cut, {**y, "test": take(y["test"], keep, n)}, take(baselines, keep, n)
 
+    def card_facts(self, data_report: dict, model_settings: dict) -> dict:
+        """What the model card says of this model beyond its metrics: `variant` (a word after the task's name, or
+        None) and `inputs` (how long inputs are handled)."""
+        return {"variant": None, "inputs": "Inputs are truncated to the model's maximum length used in training."}
+
     def mount_routes(self, app, ctx) -> None:
-        """Routes the task adds to the server beside /v1/predict (ctx: serving.app.ServeContext)."""
+        """Routes the task adds to the server beside /v1/predict (ctx: serving.context.ServeContext)."""
         return None
+
+    # --- training batches: the loop feeds the model what this returns, whatever the targets' shape ---
+    def collate(self, examples: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
+        """One training batch (CPU tensors; the loop moves them) from its rows' encoded examples, as
+        `training.loop.TrainData.examples` gives them: {"input_ids": [...], "labels": ...} per row.
+
+        input_ids are padded with `pad_id` to the widest row, rounded up to `pad_to_multiple_of` (the loop's cost
+        estimate counts those widths), beside their attention mask. labels are stacked where a row has one numpy
+        value (a class id, a multi-hot row), or padded with -100, the label the loss ignores, to the inputs' width
+        where a row has a list (one per input token). A task whose rows hold more (packed positions) or whose targets
+        are shaped otherwise (decoder labels of their own length, image class ids beside pixel values) overrides this."""
+        import numpy as np
+        import torch
+
+        from tuneforge.models.infer import collate
+
+        extra = sorted(set(examples[0]) - {"input_ids", "labels"})
+        if extra:
+            raise TypeError(f"the default collate reads input_ids and labels, not {extra}: the task must override collate")
+        batch = collate([e["input_ids"] for e in examples], pad_id, multiple=pad_to_multiple_of)
+        targets = [e["labels"] for e in examples]
+        if isinstance(targets[0], (list, tuple)):
+            labels = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
+            for r, row in enumerate(targets):
+                labels[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+            batch["labels"] = labels
+        else:
+            batch["labels"] = torch.from_numpy(np.stack(targets))
+        return batch
 
 
 def epochs_range(epochs: float | None, max_auto_epochs: float) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from tuneforge.models.infer import autocast
-from tuneforge.training.loop import TrainData, default_loss, make_batches, padded_width, training_batch
+from tuneforge.training.loop import TrainData, default_collate, default_loss, make_batches, padded_width, training_batch
 
 _TAIL_SECONDS = 1.5  # reload, report (matplotlib plots) and model card, measured here: 0.4-1 s
 _DISK_BYTES_PER_SECOND = 100e6  # export writes fp32 weights, the final evaluation reads them back
@@ -62,8 +62,8 @@ class PeakRSS:
         self.peak = max(self.peak, now) if now is not None else _rss_bytes()
 
 
-def _fwd_bwd(model, data: TrainData, idx, pad_id, device, precision, loss_fn) -> float:
-    batch = training_batch(data, idx, pad_id, device)
+def _fwd_bwd(model, data: TrainData, idx, pad_id, device, precision, loss_fn, collate) -> float:
+    batch = training_batch(data, idx, pad_id, device, collate)
     _sync(device)
     t0 = time.perf_counter()
     with autocast(device, precision):
@@ -99,10 +99,11 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _forward_seconds(model, data: TrainData, idx, pad_id, device, precision: str = "fp32") -> float:
+def _forward_seconds(model, data: TrainData, idx, pad_id, device, precision: str = "fp32",
+                     collate=default_collate) -> float:
     """One inference pass on a batch: at fp32 (the final evaluation scores the fp32 export) or at the training
     precision (validation)."""
-    batch = training_batch(data, idx, pad_id, device)
+    batch = training_batch(data, idx, pad_id, device, collate)
     batch.pop("labels")
     model.eval()
     _sync(device)
@@ -131,7 +132,7 @@ def estimate(model, *args, **kwargs) -> dict:
 def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: int, seed: int, group_by_length: bool,
               total_steps: int, grad_accum: int, eval_rows_tokens: int, n_evals: int, infer_tokens: int,
               pad_id: int, precision: str, seconds_so_far: float = 0.0, positions: list | None = None,
-              loss_fn=default_loss, world: int = 1) -> dict:
+              loss_fn=default_loss, world: int = 1, collate=default_collate) -> dict:
     """Estimated seconds and peak memory of the whole run; `model` is left with zero gradients.
 
     With `world` processes each computes its 1/world slice of every batch, measured here with this process's own
@@ -139,7 +140,8 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
 
     Parts: what the run has spent already (data, audit, baselines: measured), training (warm-up steps
     times the planned padded tokens), evaluation (validation passes at the training precision, the final
-    test pass at fp32, as the exported model is scored) and the tail (export, reload, report)."""
+    test pass at fp32, as the exported model is scored) and the tail (export, reload, report). `collate` and `loss_fn`
+    are the task's, as the loop gets them."""
     device = next(model.parameters()).device
     data = TrainData(ids, targets, positions)
     lengths = np.array([len(x) for x in ids])
@@ -156,7 +158,7 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     model.train()
 
     def per_token_of(k: int, repeats: int) -> float:
-        return min(_fwd_bwd(model, data, batches[k], pad_id, device, precision, loss_fn) for _ in range(repeats)) / padded[k]
+        return min(_fwd_bwd(model, data, batches[k], pad_id, device, precision, loss_fn, collate) for _ in range(repeats)) / padded[k]
 
     peak_before = _rss_bytes()  # data, audit, baselines and the model so far
     with PeakRSS() as step_memory:
@@ -174,12 +176,12 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     cuda_step_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     optimizer_s = _optimizer_seconds(model)
     steps_seconds += optimizer_s * total_steps
-    per_token_fp32_infer = min(_forward_seconds(model, data, batches[typical], pad_id, device)
+    per_token_fp32_infer = min(_forward_seconds(model, data, batches[typical], pad_id, device, collate=collate)
                                for _ in range(repeats)) / padded[typical]
     # a forward is a third of forward+backward for a full fine-tune but half of it for LoRA (no weight gradients):
     # validation is measured, not assumed
     per_token_infer = per_token_fp32_infer if precision == "fp32" else min(
-        _forward_seconds(model, data, batches[typical], pad_id, device, precision) for _ in range(repeats)) / padded[typical]
+        _forward_seconds(model, data, batches[typical], pad_id, device, precision, collate) for _ in range(repeats)) / padded[typical]
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weights = sum(p.numel() for p in model.parameters())

@@ -20,8 +20,8 @@ import torch
 
 from tuneforge.config import EvalConfig, TrainConfig
 from tuneforge.errors import ConfigError, TuneforgeError
-from tuneforge.models.infer import collate
 from tuneforge.models.load import load_trainable_state, set_train_mode, trainable_state
+from tuneforge.tasks.base import TaskDefaults
 from tuneforge.training.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -31,9 +31,22 @@ class TrainingInterrupted(TuneforgeError):
 
 @dataclass
 class TrainData:
+    """The training rows as the task encoded them. The loop reads the input ids' lengths (to group batches and count
+    tokens); the rest it hands to the task's collate untouched."""
     ids: list[list[int]]
-    targets: np.ndarray | list  # one target per row (array), or one per token (a list of lists)
+    targets: np.ndarray | list  # one per row, in the task's shape: a class id, a multi-hot row, a label per token, ...
     positions: list[list[int]] | None = None  # packed rows: positions restarting at 0 for each example in the row
+
+    def examples(self, idx) -> list[dict]:
+        """Rows `idx` as a task's collate takes them: input_ids, labels and, for packed rows, position_ids."""
+        if self.positions is None:
+            return [{"input_ids": self.ids[i], "labels": self.targets[i]} for i in idx]
+        return [{"input_ids": self.ids[i], "labels": self.targets[i], "position_ids": self.positions[i]} for i in idx]
+
+
+def default_collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """The batch most tasks build (tasks.base.TaskDefaults.collate): for callers that pass no task's own."""
+    return TaskDefaults().collate(examples, pad_id, pad_to_multiple_of)
 
 
 def default_loss(model, batch: dict) -> torch.Tensor:
@@ -74,8 +87,9 @@ def make_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gro
 
 def loss_units(targets) -> np.ndarray:
     """What the loss averages over, per row: the row itself (one target per row: a class, or a multi-hot row whose
-    labels all count alike), or its labelled tokens (a target per token, -100 = none), as token classification's
-    loss and the causal LM's packed loss average over labelled tokens (a packed row's first label is always -100)."""
+    labels all count alike), or its labelled tokens (a list of targets, -100 = none), as token classification's
+    loss and the causal LM's packed loss average over labelled tokens (a packed row's first label is always -100),
+    and a decoder's loss over its labels. Only several processes need it (rank_slice)."""
     if isinstance(targets, np.ndarray):
         return np.ones(len(targets))
     return np.array([sum(1 for t in row if t != -100) for row in targets], dtype=float)
@@ -110,32 +124,19 @@ def padded_width(width: int) -> int:
     return -(-width // TRAIN_PAD_MULTIPLE) * TRAIN_PAD_MULTIPLE
 
 
-def training_batch(data: TrainData, idx: np.ndarray, pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Inputs padded to the batch's widest row (rounded up to TRAIN_PAD_MULTIPLE); targets stacked (one per row) or,
-    when each row has a target per token (a list per row), padded with -100, the label the loss ignores.
+def batch_shape(lengths: np.ndarray, idx: np.ndarray) -> tuple[int, int]:
+    """(rows, padded width) of a batch: the work the cost estimate measures per token and checks each step against
+    (cost.py widths its probes alike). The task's collate pads the inputs to it; what else it builds rides along."""
+    return len(idx), padded_width(int(lengths[idx].max()))
 
-    Packed rows (`data.positions`) carry position ids instead of an attention mask: transformers then builds a
-    block-diagonal causal mask from the restarts, so the examples packed in a row never see each other. The
-    padding continues as one more "example" (positions from 0) whose labels are all -100."""
-    batch = collate([data.ids[i] for i in idx], pad_id, device, multiple=TRAIN_PAD_MULTIPLE)
-    if data.positions is not None:
-        width = batch["input_ids"].shape[1]
-        positions = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            n = len(data.positions[i])
-            positions[r, :n] = torch.as_tensor(data.positions[i], dtype=torch.long)
-            positions[r, n:] = torch.arange(width - n)
-        del batch["attention_mask"]
-        batch["position_ids"] = positions.to(device)
-        batch["use_cache"] = False  # a cache would switch the packed mask off
-    if isinstance(data.targets, np.ndarray):
-        batch["labels"] = torch.from_numpy(data.targets[idx]).to(device)
-    else:
-        labels = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
-        for r, i in enumerate(idx):
-            labels[r, : len(data.targets[i])] = torch.as_tensor(data.targets[i], dtype=torch.long)
-        batch["labels"] = labels.to(device)
-    return batch
+
+def training_batch(data: TrainData, idx: np.ndarray, pad_id: int, device,
+                   collate: Callable[[list[dict], int, int], dict] = default_collate) -> dict:
+    """Rows `idx` as the task's `collate` batches them (inputs padded to the widest row, rounded up to
+    TRAIN_PAD_MULTIPLE; targets, position ids or decoder inputs as the task shapes them), tensors moved to `device`.
+    The loop never looks inside: it feeds the batch to the task's loss."""
+    batch = collate(data.examples(idx), pad_id, TRAIN_PAD_MULTIPLE)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _rng_state() -> tuple:
@@ -210,14 +211,17 @@ def _optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: flo
 
 def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg: TrainConfig, ecfg: EvalConfig,
           *, accelerator, precision: str, pad_id: int, checkpoint_dir: Path, resume: bool, progress=None,
-          loss_fn: Callable = default_loss, select: tuple[str, str] | None = None, monitor=None) -> TrainResult:
+          loss_fn: Callable = default_loss, select: tuple[str, str] | None = None, monitor=None,
+          collate: Callable[[list[dict], int, int], dict] = default_collate) -> TrainResult:
     """Train `model` in place; on return it holds the best weights by the validation metric.
 
     `validate(model)` is the task's: it scores the model on the validation split and returns
     {"val_loss": ..., "val_<eval.metric>": ...}; the test split never reaches the loop. `select` is the
     task's (key of that row, "max" or "min") that picks the best step: by default (val_<eval.metric>, max).
-    `loss_fn(model, batch)` is the task's training loss (default: the model's own). `monitor` (cost.EstimateCheck)
-    sees each step's seconds and batch shapes, and each evaluation's seconds.
+    `loss_fn(model, batch)` is the task's training loss (default: the model's own), on the batches the task's
+    `collate(examples, pad_id, pad_to_multiple_of)` builds (default: tasks.base.TaskDefaults.collate); the loop
+    makes no assumption about the targets' shape. `monitor` (cost.EstimateCheck) sees each step's seconds and batch
+    shapes, and each evaluation's seconds.
 
     With several processes each takes its slice of every batch (`rank_slice`), has its own dropout stream, and all
     stop together on Ctrl-C. FSDP saves no checkpoints: its weights are sharded across the processes."""
@@ -248,7 +252,8 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
         state, best, c = load_checkpoint(checkpoint_dir, optimizer=optimizer, scheduler=scheduler, rank=rank)
         load_trainable_state(raw, state)
     lengths = [len(x) for x in train_data.ids]
-    lengths_arr, units = np.asarray(lengths), loss_units(train_data.targets)
+    lengths_arr = np.asarray(lengths)
+    units = loss_units(train_data.targets) if world > 1 else None
 
     last_checkpoint = time.monotonic()
 
@@ -320,8 +325,8 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
                 shapes = []
                 for k, idx in enumerate(group):
                     mine, weight = rank_slice(idx, units, rank, world)
-                    batch = training_batch(train_data, mine, pad_id, device)
-                    shapes.append(tuple(batch["input_ids"].shape))
+                    batch = training_batch(train_data, mine, pad_id, device, collate)
+                    shapes.append(batch_shape(lengths_arr, mine))
                     sync = k == len(group) - 1
                     ctx = accelerator.no_sync(model) if (world > 1 and not sync) else contextlib.nullcontext()
                     with ctx, accelerator.autocast():

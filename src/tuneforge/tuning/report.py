@@ -10,7 +10,7 @@ from pathlib import Path
 
 import matplotlib
 
-from tuneforge.evaluation.report import _img, _png, _table
+from tuneforge.html import img, png, table
 from tuneforge.tuning.space import fmt_value
 
 
@@ -59,7 +59,7 @@ def search_section(out: Path) -> str:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if complete:
             ax = vis.plot_optimization_history(study, target_name=name)
-            parts.append(_img(_png(ax.figure), f"optimisation history: {metric} of each trial and the best so far"))
+            parts.append(img(png(ax.figure), f"optimisation history: {metric} of each trial and the best so far"))
         varying = _varying(complete)
         if len({t["value"] for t in complete}) == 1 and len(complete) >= 2:
             parts.append(f"<p>Every complete trial scored {complete[0]['value']:.4f}: the values searched made no "
@@ -67,10 +67,10 @@ def search_section(out: Path) -> str:
         elif len(complete) >= 2 and len(varying) >= 2:
             evaluator = optuna.importance.FanovaImportanceEvaluator(seed=s["seed"])
             ax = vis.plot_param_importances(study, evaluator=evaluator, params=varying, target_name=name)
-            parts.append(_img(_png(ax.figure), f"parameter importances (fANOVA over the {len(complete)} complete trials)"))
+            parts.append(img(png(ax.figure), f"parameter importances (fANOVA over the {len(complete)} complete trials)"))
             ax = vis.plot_parallel_coordinate(study, params=varying, target_name=name)
             fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
-            parts.append(_img(_png(fig), f"parallel coordinates: each complete trial's values and its {metric}"))
+            parts.append(img(png(fig), f"parallel coordinates: each complete trial's values and its {metric}"))
         else:
             parts.append(f"<p>Parameter importances and parallel coordinates need at least 2 complete trials and 2 "
                          f"parameters that vary among them (here {len(complete)} and {len(varying)}).</p>")
@@ -88,11 +88,11 @@ def _best_vs_defaults(s: dict) -> str:
     rows += [[k, fmt_value(d.get(k, "-")), fmt_value(b.get(k, "-"))] for k in s["space"]]
     header = ["", f"defaults (trial {s['defaults_trial']})", f"best (trial {s['best_trial']})"]
     same = "" if s["best_trial"] != s["defaults_trial"] else "<p>The config's own values were not beaten.</p>"
-    return same + _table(header, rows)
+    return same + table(header, rows)
 
 
 def _trials_table(trials: list[dict], keys: list[str]) -> str:
     rows = [[t["number"], t["state"].lower(), "-" if t["value"] is None else f"{t['value']:.4f}",
              *[fmt_value(t["params"].get(k, "-")) for k in keys],
              "-" if t["duration_s"] is None else f"{t['duration_s']:.0f}", t["note"]] for t in trials]
-    return _table(["trial", "state", "value", *[k.removeprefix("train.") for k in keys], "s", "note"], rows)
+    return table(["trial", "state", "value", *[k.removeprefix("train.") for k in keys], "s", "note"], rows)

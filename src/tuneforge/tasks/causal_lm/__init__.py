@@ -1,4 +1,2 @@
-"""Causal LM (generative LLM) fine-tuning: instruction pairs, chats and plain text (see task.py)."""
-from tuneforge.tasks.causal_lm.task import CausalLMTask
-
-TASK = CausalLMTask()
+"""Causal LM (generative LLM) fine-tuning: instruction pairs, chats and plain text. Facts in spec.py, behaviour in
+task.py."""

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneforge.data.clean import Examples, _is_null, cut_long
+from tuneforge.data.clean import Examples, cut_long, is_null
 from tuneforge.data.load import detect_format, file_sha256, parse_json, read_table, resolve_path
 from tuneforge.errors import DataError, shown
 
@@ -57,7 +57,7 @@ def detect_kind(columns: list[str], task, text_column: str, path: Path) -> str:
 
 
 def _string(value, path: Path, row: int, field: str, allow_empty: bool = False) -> str:
-    if _is_null(value):
+    if is_null(value):
         raise DataError(f"{field} is missing (null)", path=path, row=row, column=field,
                         fix="fill it in or remove the row")
     if not isinstance(value, str):
@@ -87,7 +87,7 @@ def _messages(value, path: Path, row: int, column: str) -> list[dict]:
         if not isinstance(m, dict):
             raise DataError(f"{where} is a {type(m).__name__}, not a {{role, content}} object", path=path, row=row,
                             column=where, fix='each message is {"role": "user", "content": "..."}')
-        if "role" not in m or _is_null(m.get("role")):
+        if "role" not in m or is_null(m.get("role")):
             raise DataError(f"{where} has no role", path=path, row=row, column=f"{where}.role",
                             fix=f"give every message a role: one of {', '.join(ROLES)}")
         if not isinstance(m["role"], str) or m["role"] not in ROLES:

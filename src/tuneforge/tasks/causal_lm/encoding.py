@@ -168,3 +168,22 @@ def pack(examples: list[Encoded], max_length: int, enabled: bool = True) -> tupl
         labels.append(row_labels)
         positions.append(row_pos)
     return ids, labels, positions
+
+
+def packed_batch(batch: dict, positions: list[list[int]]) -> dict:
+    """A training batch of packed rows (`batch`: padded input ids, attention mask, labels) with each row's position
+    ids in place of the attention mask: transformers then builds a block-diagonal causal mask from the restarts,
+    so the examples packed in a row never see each other. The padding continues as one more "example" (positions
+    from 0) whose labels are all -100."""
+    import torch
+
+    width = batch["input_ids"].shape[1]
+    position_ids = torch.zeros((len(positions), width), dtype=torch.long)
+    for r, row in enumerate(positions):
+        n = len(row)
+        position_ids[r, :n] = torch.as_tensor(row, dtype=torch.long)
+        position_ids[r, n:] = torch.arange(width - n)
+    del batch["attention_mask"]
+    batch["position_ids"] = position_ids
+    batch["use_cache"] = False  # a cache would switch the packed mask off
+    return batch

@@ -38,7 +38,6 @@ def main_metric(cfg, space) -> str:
 
 
 def evaluate(cfg, space, splits, y: dict, predictor, baselines: dict) -> tuple[dict, list[str]]:
-    from tuneforge.evaluation.gate import beats_baselines, best_baseline, gate
     from tuneforge.tasks.causal_lm.generate import example_losses
 
     key = main_metric(cfg, space)
@@ -67,9 +66,6 @@ def evaluate(cfg, space, splits, y: dict, predictor, baselines: dict) -> tuple[d
     skipped = sorted(set(scored) - set(result["test"]["baselines"]))
     if skipped:
         result["baselines_without_" + key] = {n: scored[n] for n in skipped}
-    result["best_baseline"] = best_baseline(result, key)
-    result["beats_baselines"] = beats_baselines(result, key)
-    result.update(gate(result, cfg))
     result["samples"] = _samples(cfg, test, generations, baselines)
     return result, details  # each generation and how it ended, for the drift reference (None for plain text)
 

@@ -177,6 +177,16 @@ class CausalLMTask(TaskDefaults):
 
         return load_causal_lm(model_dir, seed, trust_remote_code)
 
+    def collate(self, examples: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
+        """As the default; packed rows (examples with position_ids) carry their positions instead of an attention
+        mask (encoding.packed_batch)."""
+        from tuneforge.tasks.causal_lm.encoding import packed_batch
+
+        if "position_ids" not in examples[0]:
+            return super().collate(examples, pad_id, pad_to_multiple_of)
+        rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+        return packed_batch(super().collate(rows, pad_id, pad_to_multiple_of), [e["position_ids"] for e in examples])
+
     def lora_targets(self):
         return "all-linear"
 
@@ -310,3 +320,6 @@ class CausalLMTask(TaskDefaults):
             rows.append([name] + [f"{m[k]:.4f}" if m.get(k) is not None else "-" for k in keys]
                         + [f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
         return header, rows
+
+
+TASK = CausalLMTask()

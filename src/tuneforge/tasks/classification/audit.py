@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 
 from tuneforge.config import AuditConfig
-from tuneforge.data.audit import _index, _ref
+from tuneforge.data.audit import row_positions, row_ref
 from tuneforge.data.split import Splits
 
 
@@ -48,7 +48,7 @@ def label_issues(splits: Splits, multi_label: bool, cfg: AuditConfig, seed: int)
     from sklearn.linear_model import SGDClassifier
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    where = _index(splits)
+    where = row_positions(splits)
     texts = [t for _, ex in splits.items() for t in ex.texts]
     given = [lab for _, ex in splits.items() for lab in ex.labels]
     classes = sorted(set(given))
@@ -61,11 +61,11 @@ def label_issues(splits: Splits, multi_label: bool, cfg: AuditConfig, seed: int)
     clf = SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=30, tol=1e-4, random_state=seed)
     probs = cross_val_predict(clf, x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
     ranked = find_label_issues(y, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
-    rows = [{**_ref(splits, *where[i]), "given": classes[y[i]], "suggested": classes[int(probs[i].argmax())],
+    rows = [{**row_ref(splits, *where[i]), "given": classes[y[i]], "suggested": classes[int(probs[i].argmax())],
              "confidence_in_given": round(float(probs[i, y[i]]), 4)} for i in ranked]
     share = len(rows) / max(len(y), 1)
     # the least-confident 10% of all rows, most suspect first: where a reviewer should start
     least = np.argsort(probs[np.arange(len(y)), y], kind="stable")[: max(1, len(y) // 10)]
     return {"severity": "warning" if share > 0.02 else "info", "method": "cleanlab find_label_issues, "
             f"{folds}-fold out-of-fold TF-IDF + logistic SGD", "share": round(share, 4), "rows": rows,
-            "least_confident_10pct": [_ref(splits, *where[i]) for i in least]}
+            "least_confident_10pct": [row_ref(splits, *where[i]) for i in least]}

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from tuneforge.config import ClassificationTaskConfig, DataConfig
-from tuneforge.data.clean import _NULL_WORDS, CleanResult, Examples, _is_null, cut_long, dedupe
+from tuneforge.config import DataConfig
+from tuneforge.tasks.classification.spec import ClassificationTaskConfig
+from tuneforge.data.clean import NULL_WORDS, CleanResult, Examples, cut_long, dedupe, is_null
 from tuneforge.data.load import detect_format, file_sha256, read_table, resolve_path
 from tuneforge.data.prepare import PreparedData, assemble, held_out_files
 from tuneforge.errors import DataError, shown
@@ -27,11 +28,11 @@ def _require_columns(df: pd.DataFrame, cfg: DataConfig, path: Path, extra: list[
 def _text_of(value, i: int, cfg: DataConfig, path: Path) -> str | None:
     """The text of a cell, or None if the row must be dropped as invalid (drop_invalid)."""
     problem = None
-    if _is_null(value):
+    if is_null(value):
         problem = "text is missing (null/NaN)"
     elif not isinstance(value, str):
         problem = f"text is a {type(value).__name__} ({shown(value)}), not a string"
-    elif value.strip().lower() in _NULL_WORDS:
+    elif value.strip().lower() in NULL_WORDS:
         problem = f"text is the placeholder {value.strip()!r}, a sign of a missing value exported as text"
     if problem is None:
         return value
@@ -45,7 +46,7 @@ def _label_of(value, i: int, cfg: DataConfig, task: ClassificationTaskConfig, pa
     """str (single-label), tuple of str (multi-label), or None if missing."""
     if hasattr(value, "tolist") and not isinstance(value, str):  # Parquet lists arrive as numpy arrays
         value = value.tolist()
-    if _is_null(value) or (isinstance(value, str) and not value.strip()):
+    if is_null(value) or (isinstance(value, str) and not value.strip()):
         return None
     if task.multi_label:
         parts = value if isinstance(value, (list, tuple)) else str(value).split(cfg.label_separator)
@@ -65,7 +66,7 @@ def clean(df: pd.DataFrame, cfg: DataConfig, task: ClassificationTaskConfig, pat
     """Validated rows; duplicates and texts with conflicting labels removed unless `as_given` (a held-out file the
     user supplies is scored as it is: its duplicates are reported by the audit, not removed)."""
     _require_columns(df, cfg, path, list(extra_columns))
-    extra_values = {c: ["" if _is_null(v) else str(v) for v in df[c].tolist()] for c in extra_columns}
+    extra_values = {c: ["" if is_null(v) else str(v) for v in df[c].tolist()] for c in extra_columns}
     source = str(path)
     removed: list[dict] = []
     long_texts: list[dict] = []

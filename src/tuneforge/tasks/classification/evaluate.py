@@ -5,7 +5,8 @@ import numpy as np
 
 from tuneforge.config import RunConfig
 from tuneforge.data.split import Splits
-from tuneforge.evaluation.gate import beats_baselines, best_baseline, gate
+from tuneforge.evaluation.gate import best_baseline
+from tuneforge.tasks.classification.spec import SPEC
 from tuneforge.tasks.classification import baselines as bl
 from tuneforge.tasks.classification.stats import calibration, mcnemar, paired_bootstrap, slice_metrics
 from tuneforge.tasks.classification.labels import LabelSpace, bootstrap_ci, main_metric, metrics
@@ -68,9 +69,7 @@ def evaluate_all(space: LabelSpace, cfg: RunConfig, splits: Splits, y: dict[str,
                  "baselines": {name: _scored(space, cfg, y_test, pred) for name, pred in predictions.items()}},
     }
     key = cfg.eval.metric
-    best = best_baseline(result, key)
-    result["beats_baselines"] = beats_baselines(result, key)
-    result["best_baseline"] = best
+    best = best_baseline(result, key, SPEC.direction(key))  # the significance tests are against it
     if best is not None:
         result["significance"] = {
             "against": best,
@@ -81,5 +80,4 @@ def evaluate_all(space: LabelSpace, cfg: RunConfig, splits: Splits, y: dict[str,
     result["calibration"] = calibration(space, y_test, test_probs)
     result["slices"] = {col: slice_metrics(space, key, y_test, model_pred, splits.test.extras[col],
                                            cfg.eval.slice_max_gap, cfg.eval.slice_min_rows) for col in cfg.eval.slices}
-    result.update(gate(result, cfg))
     return result

@@ -1,4 +1,2 @@
-"""Token classification (entities, clauses, parties): one tag per word, BIO inside, entity-level metrics."""
-from tuneforge.tasks.token_classification.task import TokenClassificationTask
-
-TASK = TokenClassificationTask()
+"""Token classification (entities, clauses, parties): one tag per word, BIO inside, entity-level metrics. Facts in
+spec.py, behaviour in task.py."""

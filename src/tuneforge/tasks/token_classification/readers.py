@@ -23,8 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneforge.data.load import (_decode, _read_bytes, _read_csv, _strip_compression, parse_json, read_table,
-                                 resolve_path, split_lines)
+from tuneforge.data.load import (decode_text, parse_json, read_bytes, read_csv_text, read_table, resolve_path,
+                                 split_compression, split_lines)
 from tuneforge.errors import ConfigError, DataError, shown
 from tuneforge.tasks.token_classification.sentence import Sentence
 
@@ -69,7 +69,7 @@ def detect_token_format(path: Path, fmt: str = "auto") -> str:
             raise ConfigError(f"unknown token-classification data format '{fmt}'",
                               fix=f"use one of auto, {', '.join(FORMATS)}")
         return fmt
-    suffix, _ = _strip_compression(path)
+    suffix, _ = split_compression(path)
     if suffix not in _SUFFIX_FORMAT:
         raise DataError(f"cannot tell the token-classification format from the suffix '{suffix or '(none)'}'",
                         path=path, fix="name the file .conll/.txt/.iob (CoNLL), .jsonl, .csv or .xlsx, or set the format "
@@ -134,7 +134,7 @@ def read_sentences(path: Path, *, fmt: str = "auto", scheme: str = "auto", stric
         elif fmt == "jsonl":
             items = _parse_jsonl(text, path, columns)
         else:
-            items = _parse_rows(_read_csv(text, path), path, columns)
+            items = _parse_rows(read_csv_text(text, path), path, columns)
 
     tagged = [it for it, _ in items if isinstance(it, _Tagged)]
     for it in tagged:
@@ -166,7 +166,7 @@ def _load_text(path: Path, fmt: str, encoding: str) -> str:
     if path.is_dir():
         raise DataError("is a directory, not a data file", path=path,
                         fix="point the data path at a CoNLL, JSONL or CSV file")
-    data = _read_bytes(path)
+    data = read_bytes(path)
     if fmt == "conll":  # rows of CoNLL are sentences, not lines: report the line only
         try:
             text = data.decode(encoding)
@@ -182,7 +182,7 @@ def _load_text(path: Path, fmt: str, encoding: str) -> str:
             raise DataError(f"unknown encoding '{encoding}'", path=path,
                             fix="set the encoding to e.g. utf-8 or latin-1") from None
     else:
-        text = _decode(data, path, encoding, header_lines=1 if fmt == "csv" else 0)
+        text = decode_text(data, path, encoding, header_lines=1 if fmt == "csv" else 0)
     return text[1:] if text.startswith("\ufeff") else text  # a byte-order mark is not part of the first token
 
 

@@ -176,7 +176,6 @@ class TokenClassificationTask(TaskDefaults):
         return EntityPredictor.load(model_dir, device, precision)
 
     def evaluate(self, cfg, space: LabelSet, splits, y: dict, predictor, baselines: dict) -> tuple[dict, tuple]:
-        from tuneforge.evaluation.gate import beats_baselines, best_baseline, gate
         from tuneforge.tasks.token_classification.metrics import (bootstrap_f1_ci, entity_metrics, sentence_counts,
                                                                  type_confusion)
         from tuneforge.tasks.token_classification.predictor import tags_from_logits
@@ -192,9 +191,6 @@ class TokenClassificationTask(TaskDefaults):
         result = {"main_metric": cfg.eval.metric, "labels": list(space.types),
                   "test": {"model": scored(tags), "baselines": {n: scored(p) for n, p in baselines.items()}},
                   "type_confusion": type_confusion(gold, tags)}
-        result["best_baseline"] = best_baseline(result, cfg.eval.metric)
-        result["beats_baselines"] = beats_baselines(result, cfg.eval.metric)
-        result.update(gate(result, cfg))
         return result, (tags, scores)
 
     def reference_profile(self, predictor, texts: list[str], outputs: tuple) -> dict:
@@ -233,6 +229,12 @@ class TokenClassificationTask(TaskDefaults):
             rows.append([name, f"{m['f1']:.4f}", f"{m['precision']:.4f}", f"{m['recall']:.4f}",
                          f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
         return header, rows
+
+    def card_facts(self, data_report: dict, model_settings: dict) -> dict:
+        facts = super().card_facts(data_report, model_settings)
+        if "stride" in model_settings:
+            facts["inputs"] = "Long inputs are split into overlapping windows at prediction, as in training."
+        return facts
 
     def intended_use(self, metrics: dict) -> str:
         """The model card's intended-use paragraph."""
@@ -287,3 +289,6 @@ class EntityPredictor:
 
     def predict(self, texts: list[str], batch_size: int = 32) -> list[dict]:
         return [{"entities": found} for found in self._inner.predict(texts, batch_size)]
+
+
+TASK = TokenClassificationTask()
