@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tuneforge.models.infer import collate
-from tuneforge.tasks import get_task
+from tuneforge.tasks.behaviour import get_task
 from tuneforge.tasks.base import TaskDefaults
 from tuneforge.training.loop import TRAIN_PAD_MULTIPLE, TrainData, padded_width, training_batch
 
