@@ -100,7 +100,7 @@ def _head_rows(model):
 def test_training_loss_flows_only_from_positions_that_predict_completion_tokens(tok, lm):
     """Autograd: d loss / d (final hidden state at t) is non-zero exactly where t predicts an assistant token,
     and the head (hence the mean) runs on exactly the completion tokens."""
-    from tuneforge.tasks.causal_lm import TASK
+    from tuneforge.tasks.causal_lm.task import TASK
     from tuneforge.tasks.causal_lm.generate import packed_loss
     from tuneforge.training.loop import TrainData, training_batch
 
@@ -146,7 +146,7 @@ def _mixed_examples(tok) -> list[Encoded]:
 
 
 def _packed_batch(tok, examples, max_length):
-    from tuneforge.tasks.causal_lm import TASK
+    from tuneforge.tasks.causal_lm.task import TASK
     from tuneforge.training.loop import TrainData, training_batch
 
     rows, labels, positions = pack(examples, max_length, enabled=True)

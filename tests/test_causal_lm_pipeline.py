@@ -330,7 +330,7 @@ def test_gradient_checkpointing_trains_to_the_same_loss(tiny_llama_dir):
 
     from tuneforge.config import TrainConfig
     from tuneforge.models.load import apply_method
-    from tuneforge.tasks.causal_lm import TASK
+    from tuneforge.tasks.causal_lm.task import TASK
     from tuneforge.tasks.causal_lm.encoding import encode_chat, pack
     from tuneforge.tasks.causal_lm.generate import packed_loss
     from tuneforge.tasks.causal_lm.model import load_causal_lm, load_lm_tokenizer
