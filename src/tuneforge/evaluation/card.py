@@ -19,6 +19,22 @@ def _model_index(m: dict, name: str, data_hash: str, spec) -> list[dict]:
     }]}]
 
 
+def _metadata(m: dict, data: dict, run: dict, spec, name: str, variant: str | None) -> dict:
+    """The card's YAML header: what the Hub reads (pipeline tag, base model, metrics, model-index)."""
+    return {
+        "library_name": "transformers",
+        "pipeline_tag": spec.pipeline_tag,
+        "base_model": run["model"]["reference"],
+        "tags": ["tuneforge", spec.name] + ([variant] if variant else []),
+        "datasets": [f"sha256:{f['sha256']}" for f in data["files"]],
+        "metrics": sorted({e["type"] for k, e in spec.card_metrics.items()
+                           if isinstance(m["test"]["model"].get(k), (int, float))}),
+        "model-index": _model_index(m, name, data["test_sha256"], spec),
+        "tuneforge": {"promoted": m.get("promoted"), "test_split_sha256": data["test_sha256"],
+                      "labels": m["labels"], "main_metric": m["main_metric"]},
+    }
+
+
 def build_card(out: Path, run: dict | None = None) -> Path:
     """OUT/model/README.md from the run's stored JSON (`run`: the run info of one finishing, before run.json)."""
     from tuneforge import artifacts
@@ -26,7 +42,6 @@ def build_card(out: Path, run: dict | None = None) -> Path:
 
     m, data, run, _ = load_run(out, run)
     key = m["main_metric"]
-    test = m["test"]
     from tuneforge.artifacts import run_task_type
     from tuneforge.tasks import get_spec
     from tuneforge.tasks.behaviour import get_task
@@ -37,17 +52,7 @@ def build_card(out: Path, run: dict | None = None) -> Path:
     variant = facts.get("variant")
     model_class = task.model_class
     name = out.resolve().name
-    meta = {
-        "library_name": "transformers",
-        "pipeline_tag": spec.pipeline_tag,
-        "base_model": run["model"]["reference"],
-        "tags": ["tuneforge", task_type] + ([variant] if variant else []),
-        "datasets": [f"sha256:{f['sha256']}" for f in data["files"]],
-        "metrics": sorted({e["type"] for k, e in spec.card_metrics.items() if isinstance(test["model"].get(k), (int, float))}),
-        "model-index": _model_index(m, name, data["test_sha256"], spec),
-        "tuneforge": {"promoted": m.get("promoted"), "test_split_sha256": data["test_sha256"],
-                      "labels": m["labels"], "main_metric": key},
-    }
+    meta = _metadata(m, data, run, spec, name, variant)
     header, cells = task.summary_rows(m)
     rows = [f"| {row[0]}{'' if k == 0 else ' (baseline)'} | " + " | ".join(row[1:]) + " |" for k, row in enumerate(cells)]
     splits = data["splits"]
