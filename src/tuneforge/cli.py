@@ -121,17 +121,15 @@ def _task_flags(p) -> None:
 def _task_flag_overrides(args, task: str) -> dict:
     """task.KEY -> value for the task's own flags given on the command line; another task's flag is an error."""
     from tuneforge.errors import ConfigError
-    from tuneforge.tasks import all_specs
+    from tuneforge.tasks import all_specs, get_spec
 
-    out = {}
+    own = {flag.name for flag in get_spec(task).flags}
     for spec in all_specs():
         for flag in spec.flags:
-            if getattr(args, flag.name.lstrip("-").replace("-", "_"), False):
-                if spec.name != task:
-                    raise ConfigError(f"{flag.name} is a {spec.name} flag, and this run's task is {task}",
-                                      fix=f"drop {flag.name}, or pass --task {spec.name}")
-                out[("task", flag.key)] = flag.value
-    return out
+            if flag.name not in own and getattr(args, flag.dest, False):
+                raise ConfigError(f"{flag.name} is a {spec.name} flag, and this run's task is {task}",
+                                  fix=f"drop {flag.name}, or pass --task {spec.name}")
+    return {("task", flag.key): flag.value for flag in get_spec(task).flags if getattr(args, flag.dest, False)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,7 +64,8 @@ def build_report(out: Path, run: dict | None = None) -> Path:
              f'<p class="verdict {"ok" if m.get("promoted") else "no"}">{"PROMOTED" if m.get("promoted") else "NOT PROMOTED"}: '
              f'{html.escape(m.get("promotion_reason", ""))}</p>']
     parts.append("<h2>Model vs baselines (test split)</h2>" + img(plot_vs_baselines(test, key), f"test {key}: model vs baselines"))
-    task = get_task(run_task_type(out))
+    task_type = run_task_type(out)
+    task = get_task(task_type)
     header, rows = task.summary_rows(m)
     parts.append(table(["", *header], rows))
     details = task.report_details(m)
@@ -76,7 +77,7 @@ def build_report(out: Path, run: dict | None = None) -> Path:
         from tuneforge.tuning.report import search_section
 
         parts.append(search_section(out))
-    parts.append("<h2>Data</h2>" + table(["split", "rows", get_spec(run_task_type(out)).counted, "sha256"],
+    parts.append("<h2>Data</h2>" + table(["split", "rows", get_spec(task_type).counted, "sha256"],
                  [[k, v["rows"], ", ".join(f"{c}: {n}" for c, n in v["class_counts"].items()), v["sha256"][:16]] for k, v in data["splits"].items()]))
     if audit:
         from tuneforge.data.audit import summarise

@@ -20,6 +20,11 @@ class Flag:
     value: Any
     help: str
 
+    @property
+    def dest(self) -> str:
+        """argparse's attribute for it: --no-chat-template -> no_chat_template."""
+        return self.name.lstrip("-").replace("-", "_")
+
 
 @dataclass(frozen=True)
 class TaskSpec:
