@@ -77,7 +77,7 @@ def task_run(request):
 
 def _app(run_dir, tmp_path, **overrides):
     settings = ServeSettings(run_dir=run_dir, api_key=KEY, monitor_url=f"sqlite:///{tmp_path / 'log.sqlite'}",
-                             max_tokens_cap=CAP, **overrides)
+                             options={"max_tokens_cap": CAP}, **overrides)
     return create_app(settings, run_predictor(run_dir), reference=load_reference(run_dir))
 
 

@@ -80,3 +80,101 @@ def test_a_tasks_own_flag_sets_its_key_and_another_tasks_flag_is_refused(tmp_pat
     args = build_parser().parse_args(["run", "--data", data])
     with pytest.raises(ConfigError, match="quick start needs --text-column and --label-column"):
         _config_from_args(args)
+
+
+# ------------------------------------------------------------------ what a prediction reads comes from the task
+
+def _toy_task_and_spec():
+    from pydantic import BaseModel, ConfigDict
+
+    class ImagesRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        images: list[str]
+
+    spec = TaskSpec(name="toy-images", config=object, metrics={"accuracy": "max"}, selectable=("accuracy",),
+                    baselines=(), summary="toy", pipeline_tag="image-classification", input="image",
+                    inputs="images", request=ImagesRequest, input_help="an image")
+
+    class ToyTask:
+        name = "toy-images"
+
+        def check_inputs(self, items, settings):
+            return "image 0 is not an image" if items and items[0] == "junk" else None
+
+        def input_size(self, item):
+            return 7 * len(item)  # "pixels": not characters
+
+        def mount_routes(self, app, ctx):
+            return None
+
+    return ToyTask(), spec
+
+
+def test_predict_route_reads_the_request_model_check_and_size_of_the_served_task(monkeypatch, tmp_path):
+    import sqlite3
+
+    from fastapi.testclient import TestClient
+
+    import tuneforge.tasks as registry
+    from tuneforge.serving.app import create_app
+    from tuneforge.serving.context import ServeSettings
+
+    task, spec = _toy_task_and_spec()
+    real = registry.get_spec
+    monkeypatch.setattr(registry, "get_spec", lambda name: spec if name == spec.name else real(name))
+    seen = []
+
+    def load():
+        def predict(items):
+            seen.extend(items)
+            return [{"label": "cat", "probabilities": {"cat": 0.9, "dog": 0.1}} for _ in items]
+        return predict, ["cat", "dog"], lambda r: ([r["label"]], r["probabilities"][r["label"]])
+
+    load.task = task
+    settings = ServeSettings(run_dir=tmp_path, api_key=None, monitor_url=f"sqlite:///{tmp_path / 'log.sqlite'}")
+    with TestClient(create_app(settings, load)) as client:
+        ok = client.post("/v1/predict", json={"images": ["abc", "de"]})
+        assert ok.status_code == 200 and [p["label"] for p in ok.json()["predictions"]] == ["cat", "cat"]
+        assert seen == ["abc", "de"]
+        wrong = client.post("/v1/predict", json={"texts": ["abc"]})
+        assert wrong.status_code == 422 and 'Expected JSON {"images": ["..."]}' in wrong.json()["detail"]
+        refused = client.post("/v1/predict", json={"images": ["junk"]})
+        assert refused.status_code == 422 and refused.json()["detail"] == "image 0 is not an image"
+        empty = client.post("/v1/predict", json={"images": []})
+        assert empty.status_code == 422 and "images is empty" in empty.json()["detail"]
+        schema = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]["requestBody"]
+        assert list(schema["content"]["application/json"]["schema"]["properties"]) == ["images"]
+    sizes = sorted(r[0] for r in sqlite3.connect(tmp_path / "log.sqlite").execute("SELECT input_chars FROM predictions"))
+    assert sizes == [14, 21]  # the task's measure (7 per character here), not len(text)
+
+
+def test_drift_bins_the_input_size_with_the_reference_edges():
+    from tuneforge.drift import profile
+    from tuneforge.serving.monitor import drift_report
+
+    edges = [0, 1000, 5000, 10**9]  # a task's own bins (pixels, say)
+    reference = profile([400] * 60, ["a"] * 60, [0.9] * 60, ["a"], edges)
+    same = drift_report(reference, [(700, "a", 0.9)] * 60, {})
+    moved = drift_report(reference, [(7000, "a", 0.9)] * 60, {})
+    assert reference["length"]["edges"] == edges
+    assert not same["signals"]["length"]["drift"] and moved["signals"]["length"]["drift"]
+    # with the default character bins 400 and 700 fall in different bins: the edges are the reference's
+    assert profile([400], ["a"], [0.9], ["a"])["length"]["shares"] != profile([700], ["a"], [0.9], ["a"])["length"]["shares"]
+
+
+def test_predict_and_serve_flags_come_from_the_specs(monkeypatch):
+    import tuneforge.tasks as registry
+    from tuneforge.cli import _serve_option_values, build_parser
+    from tuneforge.errors import ConfigError
+
+    _, spec = _toy_task_and_spec()
+    real = registry.all_specs
+    monkeypatch.setattr(registry, "all_specs", lambda: [*real(), spec])
+    parser = build_parser()
+    args = parser.parse_args(["predict", "runs/x", "--image", "a.png", "--image", "b.png", "--text", "hi"])
+    assert args.image == ["a.png", "b.png"] and args.text == ["hi"]
+    serve = parser.parse_args(["serve", "runs/x", "--max-tokens-cap", "64"])
+    assert _serve_option_values(serve, "causal-lm") == {"max_tokens_cap": 64, "max_prompt_tokens": None}
+    assert _serve_option_values(serve, "text-classification") == {}
+    with pytest.raises(ConfigError, match="--max-prompt-tokens is 0: it must be at least 1"):
+        _serve_option_values(parser.parse_args(["serve", "runs/x", "--max-prompt-tokens", "0"]), "causal-lm")

@@ -132,6 +132,49 @@ def _task_flag_overrides(args, task: str) -> dict:
     return {("task", flag.key): flag.value for flag in get_spec(task).flags if getattr(args, flag.dest, False)}
 
 
+def _predict_dest(spec) -> str:
+    return spec.input.replace("-", "_")
+
+
+def _predict_input_flags(p) -> None:
+    """`predict --<input>` for what each task reads (--text, --image, ...; repeatable), added once per input kind."""
+    from tuneforge.tasks import all_specs
+
+    seen = set()
+    for spec in all_specs():
+        if spec.input not in seen:
+            seen.add(spec.input)
+            p.add_argument(f"--{spec.input}", dest=_predict_dest(spec), action="append", default=[], help=spec.input_help)
+
+
+def _serve_options(p) -> None:
+    """Each task's own `serve` flags (its spec's `serve_options`), added once per name."""
+    from tuneforge.tasks import all_specs
+
+    seen = set()
+    for spec in all_specs():
+        for opt in spec.serve_options:
+            if opt.name not in seen:
+                seen.add(opt.name)
+                p.add_argument(opt.name, type=opt.type, help=f"{spec.name}: {opt.help} (default: {opt.default or 'none'})")
+
+
+def _serve_option_values(args, task: str) -> dict:
+    """ServeSettings.options of the run's task: each of its serve flags' value, or its default; a value under its
+    minimum is an error."""
+    from tuneforge.errors import ConfigError
+    from tuneforge.tasks import get_spec
+
+    options = {}
+    for opt in get_spec(task).serve_options:
+        value = getattr(args, opt.dest, None)
+        if value is not None and opt.minimum is not None and value < opt.minimum:
+            raise ConfigError(f"{opt.name} is {value}: it must be at least {opt.minimum}",
+                              fix=f"pass {opt.name} N with N >= {opt.minimum}")
+        options[opt.key] = opt.default if value is None else value
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune a pre-trained model for your task, with the evidence.")
     parser.add_argument("--version", action=_VersionAction, help="print the tuneforge, torch and transformers versions and exit")
@@ -153,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(method=None, epochs=None, overwrite=False)
     p = sub.add_parser("predict", help="predict labels with a finished run's model")
     p.add_argument("output", help="output directory of a finished run (or its model/ directory)")
-    p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
-    p.add_argument("--input", help="file of texts: .txt (one per line), or CSV/JSONL/Parquet with the run's text column")
-    p.add_argument("--text-column", help="text column of --input (default: the run's)")
+    _predict_input_flags(p)
+    p.add_argument("--input", help="file of inputs: .txt (one text per line), or CSV/JSONL/Parquet with the run's input "
+                                   "column (a task may read more: a folder of images)")
+    p.add_argument("--text-column", help="the column of --input holding the inputs (default: the run's)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     p = sub.add_parser("report", help="rebuild report.html (and the model card) from a finished run's stored results")
     p.add_argument("output", help="output directory of a finished run")
@@ -169,15 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=64, help="texts (generative models: sequences) per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="under load, how long a batch waits to fill (an idle server never waits); 0 = greedy")
-    p.add_argument("--max-tokens-cap", type=int, default=512,
-                   help="generative models: the most max_tokens a request may ask for (422 above it)")
-    p.add_argument("--max-prompt-tokens", type=int,
-                   help="generative models: the longest prompt accepted, in tokens (default: the model's context window)")
+    _serve_options(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on a bf16 GPU or an AMX CPU, fp16 on an older GPU, else fp32")
-    p.add_argument("--max-texts", type=int, default=64, help="texts per request")
-    p.add_argument("--max-chars", type=int, default=10_000, help="characters per text")
+    p.add_argument("--max-texts", type=int, default=64, help="inputs (texts, images) per request")
+    p.add_argument("--max-chars", type=int, default=10_000, help="characters per text (a task may set its own limit)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size (413 above it)")
     p.add_argument("--body-timeout-s", type=float, default=30.0,
                    help="how long a client may take to send its request body, stalled or trickling (408 after it)")
@@ -322,40 +363,6 @@ def cmd_audit(args) -> int:
     return 0
 
 
-def _read_texts(args, out: Path) -> list[str]:
-    from tuneforge.errors import DataError
-
-    texts = list(args.text)
-    if args.input:
-        path = Path(args.input)
-        if path.suffix == ".txt":
-            if not path.is_file():
-                raise DataError("file does not exist", path=path, fix="check the --input path")
-            try:
-                texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            except UnicodeDecodeError as err:
-                line = path.read_bytes().count(b"\n", 0, err.start)
-                raise DataError(f"text is not valid utf-8 (line {line + 1})", path=path, row=line,
-                                fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
-        else:
-            import yaml
-
-            from tuneforge.data.load import read_table
-
-            column = args.text_column
-            if column is None and (out / "config.yaml").is_file():
-                column = yaml.safe_load((out / "config.yaml").read_text())["data"]["text_column"]
-            column = column or "text"
-            df = read_table(path)
-            if column not in df.columns:
-                raise DataError(f"text column '{column}' not found; the columns are: {', '.join(map(str, df.columns))}",
-                                path=path, column=column, fix="pass --text-column")
-            texts += [str(t) for t in df[column].tolist()]
-    if not texts:
-        raise DataError("no texts to predict", fix='pass --text "..." or --input FILE')
-    return texts
-
-
 def cmd_predict(args) -> int:
     import json
 
@@ -364,24 +371,28 @@ def cmd_predict(args) -> int:
     from tuneforge.runlog import make_console
     from tuneforge.tasks.behaviour import get_task
 
+    from tuneforge.artifacts import run_task_type
+    from tuneforge.tasks import get_spec
+
     out = Path(args.output)
     model_dir = out / "model" if (out / "model").is_dir() else out
-    texts = _read_texts(args, out)
-    from tuneforge.artifacts import run_task_type
-
-    task = get_task(run_task_type(out))
-    results = task.load_predictor(model_dir).predict(texts)
+    run_dir = out if (out / "model").is_dir() else out.parent
+    spec = get_spec(run_task_type(out))
+    task = get_task(spec.name)
+    inputs = task.read_inputs(getattr(args, _predict_dest(spec)) or [], Path(args.input) if args.input else None,
+                              args.text_column, run_dir)
+    results = task.load_predictor(model_dir).predict(inputs)
     if args.json:
-        for text, r in zip(texts, results):
-            print(json.dumps({"text": text, **r}, ensure_ascii=False))
+        for item, r in zip(inputs, results):
+            print(json.dumps({spec.input: str(item), **r}, ensure_ascii=False))
         return 0
-    columns, rows = task.prediction_table(texts, results)
+    columns, rows = task.prediction_table(inputs, results)
     table = Table(show_lines=False)
-    table.add_column("text", overflow="fold", max_width=60)
+    table.add_column(spec.input, overflow="fold", max_width=60)
     for col in columns:
         table.add_column(col)
-    for text, row in zip(texts, rows):
-        table.add_row(text, *row)
+    for item, row in zip(inputs, rows):
+        table.add_row(str(item), *row)
     make_console().print(table)
     return 0
 
@@ -403,6 +414,7 @@ def cmd_serve(args) -> int:
 
     import uvicorn
 
+    from tuneforge.artifacts import run_task_type
     from tuneforge.errors import ConfigError
     from tuneforge.models.device import resolve_device
     from tuneforge.serving.app import ServeSettings, run_predictor, create_app, require_promoted
@@ -415,16 +427,16 @@ def cmd_serve(args) -> int:
     if key is None and not args.no_auth:
         raise ConfigError(f"no API key: environment variable {args.api_key_env} is empty",
                           fix=f"export {args.api_key_env}=SECRET (clients send 'Authorization: Bearer SECRET'), or pass --no-auth")
-    for flag, value in (("--max-tokens-cap", args.max_tokens_cap), ("--max-prompt-tokens", args.max_prompt_tokens),
-                        ("--max-batch-size", args.max_batch_size), ("--max-body-bytes", args.max_body_bytes)):
+    options = _serve_option_values(args, run_task_type(out))
+    for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-body-bytes", args.max_body_bytes)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} is {value}: it must be at least 1", fix=f"pass {flag} N with N >= 1")
     if not args.body_timeout_s > 0:
         raise ConfigError(f"--body-timeout-s is {args.body_timeout_s}: it must be above 0", fix="pass --body-timeout-s 30")
     settings = ServeSettings(run_dir=out, api_key=None if args.no_auth else key, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, max_texts=args.max_texts, max_chars=args.max_chars,
-                             monitor_url=args.monitor_url, log_text=args.log_text, max_tokens_cap=args.max_tokens_cap,
-                             max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes,
+                             monitor_url=args.monitor_url, log_text=args.log_text, options=options,
+                             max_body_bytes=args.max_body_bytes,
                              body_timeout_s=args.body_timeout_s)
     RequestLog(log_url(out, settings.monitor_url)).close()  # a bad URL fails here, before the server starts
     _log_to_stderr()

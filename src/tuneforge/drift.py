@@ -1,5 +1,5 @@
-"""Drift profiles: binned distributions of what a model sees and says (input length, predicted label,
-confidence), and the population stability index (PSI) between two of them. Written at training time as
+"""Drift profiles: binned distributions of what a model sees and says (input size: the `length` signal, characters
+of a text unless the task bins its own measure with its own edges; predicted label, confidence), and the population stability index (PSI) between two of them. Written at training time as
 the reference (the test split as the model saw it), compared by the server's monitor with live traffic.
 Neither torch nor the server is imported here.
 """
@@ -22,14 +22,17 @@ def _shares(counts) -> list[float]:
     return [c / total for c in counts]
 
 
-def profile(lengths: list[int], labels: list[str], confidences: list[float], label_names: list[str]) -> dict:
-    """Binned distributions of the watched signals: input length in characters, the predicted labels
-    (entity types), the confidence, and how many labels a prediction carries (entities per text)."""
+def profile(lengths: list[int], labels: list[str], confidences: list[float], label_names: list[str],
+            length_edges: list[int] | None = None) -> dict:
+    """Binned distributions of the watched signals: input size (`lengths`, binned by `length_edges`: by default
+    characters of a text), the predicted labels (entity types), the confidence, and how many labels a prediction
+    carries (entities per text)."""
     counts = [len(lab.split(",")) if lab else 0 for lab in labels]
+    length_edges = length_edges or LENGTH_EDGES
     return {
         "n": len(lengths),
         "count": {"edges": COUNT_EDGES, "shares": _shares(np.histogram(counts, COUNT_EDGES)[0])},
-        "length": {"edges": LENGTH_EDGES, "shares": _shares(np.histogram(lengths, LENGTH_EDGES)[0])},
+        "length": {"edges": length_edges, "shares": _shares(np.histogram(lengths, length_edges)[0])},
         "confidence": {"edges": CONFIDENCE_EDGES, "shares": _shares(np.histogram(confidences, CONFIDENCE_EDGES)[0])},
         "label": {"names": label_names, "shares": _shares(_label_counts(labels, label_names))},
     }
@@ -53,11 +56,11 @@ def logged_label(labels: list[str]) -> str:
     return ",".join(labels)
 
 
-def profile_of(texts: list[str], results: list[dict], label_names: list[str]) -> dict:
-    """The reference profile of predictions `results` on `texts`."""
+def profile_of(sizes: list[int], results: list[dict], label_names: list[str], length_edges: list[int] | None = None) -> dict:
+    """The reference profile of predictions `results` on inputs of `sizes` (characters of a text, by default)."""
     decisions = [decision(r) for r in results]
-    return profile([len(t) for t in texts], [logged_label(labs) for labs, _ in decisions],
-                   [conf for _, conf in decisions], label_names)
+    return profile(sizes, [logged_label(labs) for labs, _ in decisions], [conf for _, conf in decisions], label_names,
+                   length_edges)
 
 
 def _label_counts(labels: list[str], names: list[str]) -> list[int]:

@@ -58,7 +58,7 @@ class Prepared:
     model_dir: Path
     conversion: dict | None
     tokenizer: object
-    space: object
+    label_space: object  # the task's label space: classes, entity types, or the LM's prompt format
     audit: dict
     max_length: int
     max_length_why: str
@@ -174,7 +174,7 @@ def prepare(cfg: RunConfig, console: Console, kept: dict | None = None) -> Prepa
         console.print(f"[bold]model[/] converted {conversion['source']} to safetensors in {conversion['seconds']:.1f} s "
                       f"(cached in {model_dir}; later runs reuse it)")
     tokenizer = task.load_tokenizer(model_dir)
-    space = task.label_space(cfg, data)
+    label_space = task.label_space(cfg, data)
     if kept is not None:
         changed = [name for name, h in _split_hashes(data.report).items() if kept["splits"].get(name) != h]
         if changed:
@@ -188,12 +188,12 @@ def prepare(cfg: RunConfig, console: Console, kept: dict | None = None) -> Prepa
             audit_report, max_length, max_length_why = audit_data(cfg, task, data, tokenizer, model_dir, console)
     check_audit(audit_report)
     console.print(f"[bold]data[/] {len(splits.train)} train / {len(splits.val)} validation / {len(splits.test)} test rows, "
-                  f"{task.describe_space(space)}; {_groups_phrase(data.report)}; removed "
+                  f"{task.describe_space(label_space)}; {_groups_phrase(data.report)}; removed "
                   f"{sum(data.report['removed_counts'].values())} rows {data.report['removed_counts'] or ''}"
                   + _decontamination_phrase(data.report))
     with _stage(durations, "tokenize"):
-        ids, y = task.encode(cfg, tokenizer, space, splits, max_length)
-    return Prepared(cfg, task, data, model_dir, conversion, tokenizer, space, audit_report, max_length, max_length_why,
+        ids, y = task.encode(cfg, tokenizer, label_space, splits, max_length)
+    return Prepared(cfg, task, data, model_dir, conversion, tokenizer, label_space, audit_report, max_length, max_length_why,
                     ids, y, console, durations)
 
 
@@ -275,7 +275,7 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
 
     task, console, durations, ids, y = prep.task, prep.console, prep.durations, prep.ids, prep.y
     with _stage(durations, "load_model"):
-        model = task.load_model(prep.model_dir, prep.space, cfg.train.seed, cfg.model.trust_remote_code)
+        model = task.load_model(prep.model_dir, prep.label_space, cfg.train.seed, cfg.model.trust_remote_code)
     info = describe(prep.model_dir)
     method = cfg.train.method
     if method == "frozen" and info["layers"]:
@@ -289,7 +289,7 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
     # --- baselines, before any weight changes (a probe may use the pre-trained encoder) ---
     if prep.baselines is None:
         with _stage(durations, "baselines"):  # one process scores the test split, so only it needs them
-            prep.baselines = task.baselines(cfg, prep.space, prep.data.splits, ids, y, model, pad_id, precision) \
+            prep.baselines = task.baselines(cfg, prep.label_space, prep.data.splits, ids, y, model, pad_id, precision) \
                 if accelerator.is_main_process else {}
         if keep_baselines and accelerator.is_main_process:
             artifacts.write_json(out / artifacts.BASELINES, {"splits": _split_hashes(prep.data.report),
@@ -318,7 +318,7 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
                       f"peak memory ~{est['peak_memory_bytes'] / 2**30:.1f} GiB on {est['device']}")
 
     # --- train ---
-    validate = task.validator(cfg, prep.space, prep.tokenizer, prep.max_length, ids["val"], y["val"], pad_id, precision)
+    validate = task.validator(cfg, prep.label_space, prep.tokenizer, prep.max_length, ids["val"], y["val"], pad_id, precision)
     select = task.selection(cfg)
     from tuneforge.training.cost import EstimateCheck
 
@@ -360,7 +360,7 @@ def estimate_cost(prep: Prepared, cfg: RunConfig, accelerator, precision: str) -
     the pre-trained model with the config's method, on the accelerator's device (the weights do not change it)."""
     from tuneforge.models.load import apply_method
 
-    model = prep.task.load_model(prep.model_dir, prep.space, cfg.train.seed, cfg.model.trust_remote_code)
+    model = prep.task.load_model(prep.model_dir, prep.label_space, cfg.train.seed, cfg.model.trust_remote_code)
     model = apply_method(model, cfg.train, prep.task.peft_task_type, prep.task.lora_targets()).to(accelerator.device)
     try:
         return _estimate(prep, cfg, model, precision, accelerator.num_processes)
@@ -380,7 +380,7 @@ def _trained_model(prep: Prepared, cfg: RunConfig, accelerator, model):
     state = full_state_dict(accelerator, model)
     if not accelerator.is_main_process:
         return None
-    whole = apply_method(prep.task.load_model(prep.model_dir, prep.space, cfg.train.seed, cfg.model.trust_remote_code),
+    whole = apply_method(prep.task.load_model(prep.model_dir, prep.label_space, cfg.train.seed, cfg.model.trust_remote_code),
                          cfg.train, prep.task.peft_task_type, prep.task.lora_targets())
     whole.load_state_dict(state)
     return whole.eval()
@@ -395,23 +395,23 @@ def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precis
     from tuneforge.models.load import export_adapter, export_model
     from tuneforge.training import cost
 
-    task, durations, splits, space = prep.task, prep.durations, prep.data.splits, prep.space
-    result, est, raw = fitted.result, fitted.estimate, fitted.model
+    task, durations, splits, label_space = prep.task, prep.durations, prep.data.splits, prep.label_space
+    result, est, trained = fitted.result, fitted.estimate, fitted.model
     # --- export, then evaluate the exported model exactly as a user will load it ---
     with _stage(durations, "export"):
         with artifacts.staged_dir(out / "model") as staging:  # model/ appears whole, or not at all
-            export_model(raw, prep.tokenizer, staging)
-            _record_settings(staging, task.settings(cfg, prep.max_length, space))
-            task.export(cfg, staging, prep.tokenizer, space)
+            export_model(trained, prep.tokenizer, staging)
+            _record_settings(staging, task.settings(cfg, prep.max_length, label_space))
+            task.export(cfg, staging, prep.tokenizer, label_space)
         if cfg.output.keep_adapter:
             try:
                 with artifacts.writing(out / "adapter"):
-                    export_adapter(raw, out / "adapter")  # staged in adapter.tmp and renamed
+                    export_adapter(trained, out / "adapter")  # staged in adapter.tmp and renamed
             finally:
                 shutil.rmtree(out / "adapter.tmp", ignore_errors=True)
     with _stage(durations, "evaluate"):
         predictor = task.load_predictor(out / "model", device=accelerator.device)  # fp32: the metrics a user's load gives
-        metrics, test_outputs = task.evaluate(cfg, space, splits, prep.y, predictor, prep.baselines)
+        metrics, test_outputs = task.evaluate(cfg, label_space, splits, prep.y, predictor, prep.baselines)
         judge(metrics, cfg, get_spec(cfg.task.type).direction(metrics["main_metric"]))
         clean = _test_without_training_copies(prep, cfg, predictor)
         if clean is not None:
@@ -473,7 +473,7 @@ def _test_without_training_copies(prep: Prepared, cfg: RunConfig, predictor) -> 
     if not keep:
         return out | {"note": "every test row has a copy in training: nothing left to score"}
     splits, y, baselines = prep.task.test_subset(prep.data.splits, prep.y, prep.baselines, keep)
-    result, _ = prep.task.evaluate(cfg, prep.space, splits, y, predictor, baselines)
+    result, _ = prep.task.evaluate(cfg, prep.label_space, splits, y, predictor, baselines)
     judge(result, cfg, get_spec(cfg.task.type).direction(result["main_metric"]))
     return out | {k: result[k] for k in ("main_metric", "test", "best_baseline", "beats_baselines", "promoted",
                                          "promotion_reason") if k in result}

@@ -66,7 +66,7 @@ def duplicates_and_leakage(splits: Splits, cfg: AuditConfig, graph: DuplicateGra
         (leaks if refs[0]["split"] != refs[1]["split"] else dup_near).append(entry)
     n_dup = sum(len(g["rows"]) - 1 for g in dup_exact) + len(dup_near)
     duplicates = {"severity": "warning" if n_dup else "info", "normalised_exact": dup_exact, "near": dup_near,
-                  "threshold": cfg.near_duplicate_threshold, "rows_affected": n_dup}
+                  "threshold": cfg.near_duplicate_threshold, "measure": graph.similarity, "rows_affected": n_dup}
     # drop: copies of held-out rows never reach training, so a leak that involves training is a fault (blocking);
     # one between the user's own validation and test files is theirs to know (a warning)
     with_training = any(r["split"] == "train" for g in leaks for r in g["rows"])
@@ -178,7 +178,7 @@ def summarise(name: str, s: dict) -> str:
     if name == "leakage":
         return f"{len(s['groups'])} groups, {s['held_out_rows_leaked']} held-out rows leaked" if s["groups"] else "none"
     if name == "duplicates":
-        return f"{len(s['normalised_exact'])} normalised-exact groups, {len(s['near'])} near pairs (Jaccard >= {s['threshold']})"
+        return f"{len(s['normalised_exact'])} normalised-exact groups, {len(s['near'])} near pairs ({s.get('measure', 'Jaccard')} >= {s['threshold']})"
     if name == "label_issues":
         return f"{len(s['rows'])} likely label errors ({s['share']:.1%})"
     if name == "truncation":

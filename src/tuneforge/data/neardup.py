@@ -94,12 +94,15 @@ def near_pairs(normalised: list[str], threshold: float, seed: int = 0) -> list[t
 class DuplicateGraph:
     """Exact (after normalisation) and near-duplicate links between rows, computed once per run and shared
     by the split (which keeps each connected group in one split) and the audit (which reports the links).
-    Node i is the row `keys[i]` = (file, data row)."""
+    Node i is the row `keys[i]` = (file, data row). A task whose inputs are not text builds its own (images: the same
+    pixels, and a perceptual-hash similarity); `exact_means` / `similarity` say what its links mean in messages."""
 
     keys: list[tuple[str, int]]
     exact: list[list[int]]
     near: list[tuple[int, int, float]]
     threshold: float
+    exact_means: str = "the same text (after normalising case, punctuation and spaces)"
+    similarity: str = "Jaccard"
 
     def node_of(self) -> dict[tuple[str, int], int]:
         return {key: i for i, key in enumerate(self.keys)}

@@ -69,8 +69,8 @@ def _decontaminate(main: Examples, graph: DuplicateGraph, roles: dict[str, tuple
         m = matches[k]
         file, row = graph.keys[m["node"]]
         split_name = roles[(file, row)]
-        what = "the same text (after normalising case, punctuation and spaces)" if m["kind"] == "exact" else \
-            f"a near copy (Jaccard {m['similarity']:.2f} >= {threshold})"
+        what = graph.exact_means if m["kind"] == "exact" else \
+            f"a near copy ({graph.similarity} {m['similarity']:.2f} >= {threshold})"
         removed.append({"file": main.source, "row": main.rows[k], "reason": HELD_OUT_COPY,
                         "detail": f"{what} of {'test' if split_name == 'test' else 'validation'} row {row} of {file}; "
                                   "left out of training (audit.leakage: drop)",
@@ -81,17 +81,22 @@ def _decontaminate(main: Examples, graph: DuplicateGraph, roles: dict[str, tuple
 
 def assemble(main: Examples, held: dict[str, Examples], files: list[dict], removed: list[dict], cfg: DataConfig,
              near_duplicate_threshold: float, report: dict, class_counts, strata: list[str] | None = None,
-             leakage: str = "drop") -> PreparedData:
+             leakage: str = "drop", find_duplicates=None) -> PreparedData:
     """The generic half of the data stage, for any task's examples: the duplicate graph (once), decontamination
     against the held-out files (`held`: "val" and/or "test" Examples the user supplied, taken as given), the
     group-aware split, and the data report. Rows of the data file that are duplicates or near duplicates (Jaccard
     >= `near_duplicate_threshold`, as the audit counts them) stay together in one split. `class_counts(labels)`
     counts a split's labels (classes, entity types); `strata` is the task's stratification key per row of `main`;
-    `leakage` is audit.leakage (see the module docstring)."""
+    `leakage` is audit.leakage (see the module docstring). `find_duplicates(examples, keys, threshold)` builds the
+    duplicate graph over the rows of main and the held-out files in that order (default: texts, normalised and
+    MinHashed; a task whose inputs are not text passes its own)."""
     held = {role: ex for role, ex in held.items() if ex is not None}
     parts = [main] + [held[r] for r in HELD_OUT_ROLES if r in held]
-    graph = duplicate_graph([t for ex in parts for t in ex.texts],
-                            [(ex.source, r) for ex in parts for r in ex.rows], near_duplicate_threshold)
+    keys = [(ex.source, r) for ex in parts for r in ex.rows]
+    if find_duplicates is None:
+        graph = duplicate_graph([t for ex in parts for t in ex.texts], keys, near_duplicate_threshold)
+    else:
+        graph = find_duplicates(parts, keys, near_duplicate_threshold)
     roles = {(held[r].source, row): r for r in HELD_OUT_ROLES if r in held for row in held[r].rows}
     kept, copies = _decontaminate(main, graph, roles, leakage, near_duplicate_threshold)
     if copies:

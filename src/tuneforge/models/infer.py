@@ -101,7 +101,9 @@ def autocast(device: torch.device, precision: str):
 
 
 def pad_id_of(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    """The tokenizer's padding id (0 without one: an image processor pads nothing)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else 0
 
 
 @torch.no_grad()

@@ -4,9 +4,11 @@ drift monitor.
 
     tuneforge serve runs/sentiment --api-key-env TUNEFORGE_API_KEY
 
-Any task plugs in through a `predict(texts) -> [{"label": ..., "probabilities": {...}}]` callable
-and its label names, and may mount routes of its own (`task.mount_routes(app, ctx)`, given a ServeContext, see
-context.py: the causal LM mounts the OpenAI API); nothing here is specific to one task.
+Any task plugs in through a `predict(inputs) -> [prediction, ...]` callable and its label names; its spec names
+the /v1/predict body (`request`, whose `inputs` field holds the texts, images, ...) and its `check_inputs` and
+`input_size` say what is refused and how big an input is; it may mount routes of its own
+(`task.mount_routes(app, ctx)`, given a ServeContext, see context.py: the causal LM mounts the OpenAI API). Nothing
+here is specific to one task.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from tuneforge.serving.batcher import MicroBatcher
@@ -36,9 +38,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("tuneforge.serve")
 
 
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    texts: list[str]
+@dataclass(frozen=True)
+class PredictInputs:
+    """What /v1/predict reads, from the served task: the body's model, the field holding the inputs, the check that
+    refuses some (a 422 reason, or None) and an input's size for the request log and drift."""
+    request: type[BaseModel]
+    field: str
+    check: Callable[[list, ServeSettings], str | None]
+    size: Callable[[object], int]
+    example: str
+
+    @classmethod
+    def of(cls, task) -> "PredictInputs":
+        """The served task's (None: texts, as the text tasks read them)."""
+        from tuneforge.tasks import get_spec
+        from tuneforge.tasks.base import TaskDefaults
+        from tuneforge.tasks.spec import TaskSpec, TextsRequest
+
+        spec = get_spec(task.name) if task is not None else TaskSpec("", object, {}, (), (), "", "", request=TextsRequest)
+        task = task if task is not None else TaskDefaults()
+        return cls(spec.request, spec.inputs, task.check_inputs, task.input_size, spec.request_example())
 
 
 class BodyLimits:
@@ -83,26 +102,23 @@ class BodyLimits:
         await self.app(scope, limited_receive, send)
 
 
-def parse_predict_request(raw: bytes) -> PredictRequest:
-    """The body read as JSON whatever its Content-Type says (`curl -d` sends application/x-www-form-urlencoded).
-
-    Errors are the ones FastAPI gives a JSON body, so clients see the same 422 "invalid request: ..." messages.
+def parse_predict_request(body: bytes, model: type[BaseModel]) -> BaseModel:
+    """The body read as JSON whatever its Content-Type says (`curl -d` sends application/x-www-form-urlencoded), as
+    the task's request `model`. Errors are the ones FastAPI gives a JSON body, so clients see the same 422
+    "invalid request: ..." messages.
     """
-    if not raw:
+    if not body:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
     try:
-        data = load_json(raw)
+        data = load_json(body)
     except InvalidJSON as err:
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {err}",
                                        "input": {}}]) from None
     try:
         # from_attributes: a non-object body reads "Input should be a valid dictionary or object ...", as in FastAPI
-        return PredictRequest.model_validate(data, from_attributes=True)
+        return model.model_validate(data, from_attributes=True)
     except ValidationError as err:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]) from None
-
-
-_PREDICT_OPENAPI = json_body_openapi(PredictRequest)
 
 
 def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Callable, list[str]]],
@@ -110,13 +126,19 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
     """`load_predictor()` returns (predict(texts) -> results, label names, observe(result) -> (labels, confidence));
     it runs once, at start-up. `observe` is the task's view of one result for metrics and the request log. A loader
     with a `task` attribute (run_predictor's) lets that task mount its own routes, given the ServeContext."""
-    ctx = ServeContext(settings)
+    task = getattr(load_predictor, "task", None)
+    inputs = PredictInputs.of(task)
+    ctx = ServeContext(settings, input_size=inputs.size)
     app = FastAPI(title="tuneforge", lifespan=_lifespan(ctx, load_predictor))
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)  # inside `measure`
     _measure_requests(app, ctx.state)
-    app.add_exception_handler(RequestValidationError, _invalid_request)
-    _mount_routes(app, ctx, reference)
-    task = getattr(load_predictor, "task", None)
+
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"detail": f"invalid request: {problems}. Expected JSON {inputs.example}"}, 422)
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    _mount_routes(app, ctx, reference, inputs)
     if task is not None:
         task.mount_routes(app, ctx)
     return app
@@ -134,12 +156,12 @@ def _lifespan(ctx: ServeContext, load_predictor: Callable):
         state.update(predictor=getattr(load_predictor, "predictor", None), predict=predict, observe=observe,
                      metrics=metrics, log=request_log)
 
-        def predict_observed(texts: list[str]) -> list[dict]:
+        def predict_observed(items: list) -> list[dict]:
             """Runs in the batch worker thread: model, metrics and request log, off the event loop."""
             t0 = time.perf_counter()
-            results = state["predict"](texts)
-            metrics.batch.observe(len(texts))
-            ctx.record(texts, results, (time.perf_counter() - t0) * 1000)
+            results = state["predict"](items)
+            metrics.batch.observe(len(items))
+            ctx.record(items, results, (time.perf_counter() - t0) * 1000)
             return results
 
         for hook in ctx.start_hooks:
@@ -174,12 +196,7 @@ def _measure_requests(app: FastAPI, state: dict) -> None:
         return response
 
 
-async def _invalid_request(request: Request, exc: RequestValidationError):
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
-    return JSONResponse({"detail": f"invalid request: {problems}. Expected JSON {{\"texts\": [\"...\"]}}"}, 422)
-
-
-def _mount_routes(app: FastAPI, ctx: ServeContext, reference: dict | None) -> None:
+def _mount_routes(app: FastAPI, ctx: ServeContext, reference: dict | None, inputs: PredictInputs) -> None:
     """/health, /ready, /metrics, /v1/predict and /v1/monitor."""
     settings, state = ctx.settings, ctx.state
 
@@ -198,19 +215,20 @@ def _mount_routes(app: FastAPI, ctx: ServeContext, reference: dict | None) -> No
         await run_in_threadpool(_update_drift_gauges, ctx, reference)  # a database query: off the event loop
         return Response(generate_latest(state["metrics"].registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/predict", dependencies=[Depends(ctx.authorise)], openapi_extra=_PREDICT_OPENAPI,
+    @app.post("/v1/predict", dependencies=[Depends(ctx.authorise)], openapi_extra=json_body_openapi(inputs.request),
               responses={422: {"description": "invalid request, or a limit exceeded (named in `detail`)"}})
     async def predict(request: Request):
-        body = parse_predict_request(await request.body())  # JSON whatever the Content-Type (curl -d)
-        if not body.texts:
-            raise HTTPException(422, "texts is empty: send at least one text")
-        if len(body.texts) > settings.max_texts:
-            raise HTTPException(422, f"{len(body.texts)} texts is over the limit of {settings.max_texts} per request")
-        too_long = [i for i, t in enumerate(body.texts) if len(t) > settings.max_chars]
-        if too_long:
-            raise HTTPException(422, f"text {too_long[0]} is over the limit of {settings.max_chars} characters")
+        body = parse_predict_request(await request.body(), inputs.request)  # JSON whatever the Content-Type (curl -d)
+        items = getattr(body, inputs.field)
+        if not items:
+            raise HTTPException(422, f"{inputs.field} is empty: send at least one")
+        if len(items) > settings.max_texts:
+            raise HTTPException(422, f"{len(items)} {inputs.field} is over the limit of {settings.max_texts} per request")
+        refused = inputs.check(items, settings)
+        if refused:
+            raise HTTPException(422, refused)
         try:
-            results = await asyncio.wait_for(state["batcher"].submit(body.texts), settings.request_timeout_s)
+            results = await asyncio.wait_for(state["batcher"].submit(items), settings.request_timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(504, f"prediction took longer than {settings.request_timeout_s} s") from None
         return {"predictions": results}

@@ -36,8 +36,7 @@ class ServeSettings:
     drift_window: int = 1000
     drift_min_rows: int = 50
     drift_thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
-    max_tokens_cap: int = 512                 # causal LM: max_tokens a request may ask for
-    max_prompt_tokens: int | None = None      # causal LM: None = the model's context window
+    options: dict = field(default_factory=dict)  # the run's task's own serve flags by key (its spec's serve_options)
 
 
 # ------------------------------------------------------------------ request bodies
@@ -112,12 +111,13 @@ class ServeContext:
     """What a task's `mount_routes(app, ctx)` gets. `authorise` is a FastAPI dependency (bearer key); `on_start(fn)` and
     `on_stop(fn)` register calls made in the lifespan after the model is loaded and before it is released. From
     start-up on: `predictor`, `metrics` (its `.registry` takes the task's own metrics), `request_log`, and
-    `record(texts, results, latency_ms)`, which counts results and logs them as /v1/predict does. A start hook may
+    `record(inputs, results, latency_ms)`, which counts results and logs them as /v1/predict does. A start hook may
     replace `state["predict"]` (what /v1/predict calls) and add JSON to /ready under `state["info"]`."""
     settings: ServeSettings
     state: dict = field(default_factory=lambda: {"info": {}})
     start_hooks: list[Callable[[], None]] = field(default_factory=list)
     stop_hooks: list[Callable[[], None]] = field(default_factory=list)
+    input_size: Callable[[object], int] = len  # the served task's measure of an input (request log, drift)
 
     async def authorise(self, request: Request) -> None:  # async: no thread-pool hop per request
         """A 401 unless the request carries the server's key as 'Authorization: Bearer KEY' (when it has one)."""
@@ -147,11 +147,12 @@ class ServeContext:
     def request_log(self) -> RequestLog:
         return self.state["log"]
 
-    def record(self, texts: list[str], results: list[dict], latency_ms: float) -> None:
+    def record(self, inputs: list, results: list[dict], latency_ms: float) -> None:
         """Predicted labels and confidence into the metrics, and each result into the request log (any thread)."""
         decisions = [self.state["observe"](r) for r in results]
         for chosen, conf in decisions:
             for label in chosen or [NO_LABEL]:  # multi-label: each label counts, not each combination
                 self.metrics.labels.labels(label).inc()
             self.metrics.confidence.observe(conf)
-        self.request_log.write(texts, [logged_label(c) for c, _ in decisions], [conf for _, conf in decisions], latency_ms)
+        self.request_log.write(inputs, [logged_label(c) for c, _ in decisions], [conf for _, conf in decisions], latency_ms,
+                               sizes=[self.input_size(x) for x in inputs])

@@ -1,8 +1,9 @@
 """Prediction log and drift: every prediction goes to a request log (SQLite by default, PostgreSQL by
 URL); the recent window is compared with the reference profile saved at training time by the
-population stability index (PSI) of input length, predicted label and confidence.
+population stability index (PSI) of input size (the `length` signal: characters of a text, by default; a task
+measures its own inputs), predicted label and confidence.
 
-Raw text is never stored unless asked: only its length and a hash.
+Raw input is never stored unless asked: only its size and a hash.
 """
 from __future__ import annotations
 
@@ -66,10 +67,15 @@ class RequestLog:
                           "input_sha256 TEXT, label TEXT, confidence DOUBLE PRECISION, latency_ms DOUBLE PRECISION, text TEXT)")
         self._last_prune = 0.0
 
-    def write(self, texts: list[str], labels: list[str], confidences: list[float], latency_ms: float) -> None:
+    def write(self, inputs: list, labels: list[str], confidences: list[float], latency_ms: float,
+              sizes: list[int] | None = None) -> None:
+        """One row per prediction. `sizes`: each input's size by the task's measure (default: characters of a text);
+        it goes in the column input_chars (the name predates inputs other than text)."""
         now = time.time()
-        rows = [(now, len(t), hashlib.sha256(t.encode()).hexdigest(), lab, conf, latency_ms, t if self.keep_text else None)
-                for t, lab, conf in zip(texts, labels, confidences)]
+        sizes = sizes if sizes is not None else [len(x) for x in inputs]
+        texts = [x if isinstance(x, str) else repr(x) for x in inputs]
+        rows = [(now, size, hashlib.sha256(t.encode()).hexdigest(), lab, conf, latency_ms, t if self.keep_text else None)
+                for t, size, lab, conf in zip(texts, sizes, labels, confidences)]
         sql = f"INSERT INTO predictions VALUES ({', '.join([self.ph] * 7)})"
         with self.lock:
             cur = self.conn.cursor()
@@ -96,7 +102,8 @@ def drift_report(reference: dict | None, rows: list[tuple], thresholds: dict[str
     if len(rows) < min_rows:
         return {"status": "insufficient_data", "window": len(rows), "min_rows": min_rows, "signals": {}}
     lengths, labels, confs = zip(*rows)
-    now = profile(list(lengths), list(labels), list(confs), reference.get("label", {}).get("names", []))
+    edges = reference.get("length", {}).get("edges")  # the task's bins of its input size (characters of a text)
+    now = profile(list(lengths), list(labels), list(confs), reference.get("label", {}).get("names", []), edges)
     signals = {}
     for name in (s for s in SIGNALS if s in reference):  # a reference written before a signal existed lacks it
         value = psi(reference[name]["shares"], now[name]["shares"])

@@ -47,7 +47,7 @@ class TaskDefaults:
             space["train.lora.r"] = [8, 16, 32]
         return space
 
-    def export(self, cfg, model_dir: Path, tokenizer, space) -> None:
+    def export(self, cfg, model_dir: Path, tokenizer, label_space) -> None:
         """Anything the task adds to the exported model directory."""
         return None
 
@@ -65,6 +65,47 @@ class TaskDefaults:
         """What the model card says of this model beyond its metrics: `variant` (a word after the task's name, or
         None) and `inputs` (how long inputs are handled)."""
         return {"variant": None, "inputs": "Inputs are truncated to the model's maximum length used in training."}
+
+    # --- what a prediction reads: texts, by default ---
+    def read_inputs(self, values: list[str], path: Path | None, column: str | None, run_dir: Path) -> list[str]:
+        """`tuneforge predict`'s inputs: the texts given as flags, then those of `path`: a .txt file (one per line), or
+        a CSV/JSONL/Parquet file's `column` (default: the run's data.text_column)."""
+        from tuneforge.errors import DataError
+
+        texts = list(values)
+        if path is not None and path.suffix == ".txt":
+            if not path.is_file():
+                raise DataError("file does not exist", path=path, fix="check the --input path")
+            try:
+                texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except UnicodeDecodeError as err:
+                line = path.read_bytes().count(b"\n", 0, err.start)
+                raise DataError(f"text is not valid utf-8 (line {line + 1})", path=path, row=line,
+                                fix="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+        elif path is not None:
+            from tuneforge.data.load import read_table
+
+            column = column or run_data_setting(run_dir, "text_column") or "text"
+            df = read_table(path)
+            if column not in df.columns:
+                raise DataError(f"text column '{column}' not found; the columns are: {', '.join(map(str, df.columns))}",
+                                path=path, column=column, fix="pass --text-column")
+            texts += [str(t) for t in df[column].tolist()]
+        if not texts:
+            raise DataError("no texts to predict", fix='pass --text "..." or --input FILE')
+        return texts
+
+    def check_inputs(self, items: list[str], settings) -> str | None:
+        """Why a /v1/predict request's inputs are refused (a 422), or None: a text over serve --max-chars."""
+        too_long = [i for i, t in enumerate(items) if len(t) > settings.max_chars]
+        if too_long:
+            return f"text {too_long[0]} is over the limit of {settings.max_chars} characters"
+        return None
+
+    def input_size(self, item: str) -> int:
+        """An input's size as the request log keeps it and the drift monitor bins it (the `length` signal):
+        characters of a text."""
+        return len(item)
 
     def mount_routes(self, app, ctx) -> None:
         """Routes the task adds to the server beside /v1/predict (ctx: serving.context.ServeContext)."""
@@ -98,6 +139,14 @@ class TaskDefaults:
         else:
             batch["labels"] = torch.from_numpy(np.stack(targets))
         return batch
+
+
+def run_data_setting(run_dir: Path, key: str):
+    """data.`key` of the run's config.yaml in `run_dir` (None when the run has none)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    return (yaml.safe_load(path.read_text()).get("data") or {}).get(key) if path.is_file() else None
 
 
 def epochs_range(epochs: float | None, max_auto_epochs: float) -> dict:

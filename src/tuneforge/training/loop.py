@@ -236,7 +236,7 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
         set_fsdp_units(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
-    raw = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model)
     sharded = is_sharded(accelerator)
     if sharded and resume:
         raise ConfigError("--resume is not available with train.distributed.strategy fsdp: its checkpoints would need "
@@ -250,7 +250,7 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
     best = None
     if resume:
         state, best, c = load_checkpoint(checkpoint_dir, optimizer=optimizer, scheduler=scheduler, rank=rank)
-        load_trainable_state(raw, state)
+        load_trainable_state(unwrapped, state)
     lengths = [len(x) for x in train_data.ids]
     lengths_arr = np.asarray(lengths)
     units = loss_units(train_data.targets) if world > 1 else None
@@ -279,7 +279,7 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
             rng = _rank_rng_states(accelerator)  # every process's own stream, for an exact resume
             c["loss_sum"] = _mean_loss_sum()  # the same on all, so rank 0's counters resume every process
         if accelerator.is_main_process:
-            save_checkpoint(checkpoint_dir, trainable=trainable_state(raw), best=best, optimizer=optimizer,
+            save_checkpoint(checkpoint_dir, trainable=trainable_state(unwrapped), best=best, optimizer=optimizer,
                             scheduler=scheduler, counters=c, rank_rng=rng)
         accelerator.wait_for_everyone()
 
@@ -294,16 +294,16 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
         row = {"step": c["step"], "epoch": round(c["step"] / per_epoch, 3), "lr": scheduler.get_last_lr()[0],
                "train_loss": loss_sum / max(c["loss_n"], 1)}
         t_eval = time.perf_counter()
-        row.update(validate(raw))
+        row.update(validate(unwrapped))
         if monitor is not None:
             monitor.evaluated(time.perf_counter() - t_eval)
         if sharded:
-            reshard(raw)  # FSDP keeps the root unit gathered after a forward: its weights would be the copies, not the shards
+            reshard(unwrapped)  # FSDP keeps the root unit gathered after a forward: its weights would be the copies, not the shards
         c["loss_sum"], c["loss_n"] = 0.0, 0
         c["history"].append(row)
         if sign * row[metric_key] > sign * c["best_metric"]:
             c["best_metric"], c["best_step"], c["bad_evals"] = row[metric_key], c["step"], 0
-            best = trainable_state(raw)
+            best = trainable_state(unwrapped)
         else:
             c["bad_evals"] += 1
         if progress:
@@ -315,7 +315,7 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
     stop = AgreedStop().install() if world > 1 else None  # several processes: Ctrl-C is taken at a step boundary
     agreed = False
     try:
-        set_train_mode(raw)
+        set_train_mode(unwrapped)
         while c["step"] < total and not stopped_early:
             # the same batches on every process; each takes its slice of each batch
             batches = make_batches(lengths, cfg.batch_size, cfg.seed, c["epoch"], cfg.group_by_length)
@@ -355,7 +355,7 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
                         from accelerate.utils import broadcast
 
                         stopped_early = bool(broadcast(torch.tensor([int(stopped_early)], device=device), from_process=0).item())
-                    set_train_mode(raw)
+                    set_train_mode(unwrapped)
                 if checkpoint_due(evaluated) or c["step"] == total or stopped_early:
                     checkpoint()
                 if c["step"] >= total or stopped_early:
@@ -385,8 +385,8 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
         run_eval()
     if best is not None:
         if sharded:
-            reshard(raw)
-        load_trainable_state(raw, best)
-    raw.eval()
+            reshard(unwrapped)
+        load_trainable_state(unwrapped, best)
+    unwrapped.eval()
     return TrainResult(steps=c["step"], best_step=c["best_step"], best_metric=c["best_metric"], stopped_early=stopped_early,
                        history=c["history"], train_seconds=c["train_seconds"], samples=c["samples"], tokens=c["tokens"])

@@ -44,7 +44,7 @@ class Search:
     """What one worker holds across its trials."""
     cfg: RunConfig
     prep: object
-    space: dict
+    search_space: dict
     source: str
     accelerator: object
     precision: str
@@ -241,7 +241,7 @@ def _run_trial(s: Search, trial) -> None:
     from tuneforge.training.loop import TrainingInterrupted
 
     Pruned, Failed, Complete = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
-    params = suggest(trial, s.space)
+    params = suggest(trial, s.search_space)
     shown = ", ".join(f"{k.removeprefix('train.')} {fmt_value(v)}" for k, v in params.items())
     t0 = time.perf_counter()
     try:
@@ -487,7 +487,7 @@ def _summary(s: Search, trials) -> dict:
         "defaults_value": defaults.value if defaults and defaults.state == optuna.trial.TrialState.COMPLETE else None,
         "defaults_params": dict(defaults.params) if defaults else None,
         "chosen_by": f"validation {s.key.removeprefix('val_')}", "direction": s.direction,
-        "space": spec_json(s.space), "space_source": s.source, "sampler": "TPE", "seed": s.seed,
+        "space": spec_json(s.search_space), "space_source": s.source, "sampler": "TPE", "seed": s.seed,
         "pruner": s.cfg.tune.pruner if s.cfg.tune.pruning else "none", "finished": False,
     }
 
@@ -507,7 +507,7 @@ def _write_results(s: Search, summary: dict | None = None) -> None:
                      "defaults": bool(t.user_attrs.get("defaults")), "retry_of": t.user_attrs.get("retry_of"),
                      "note": t.user_attrs.get("note", "")})
     artifacts.write_json(s.out / SEARCH_FILE, {"summary": summary or _summary(s, trials), "trials": rows})
-    keys = list(s.space)
+    keys = list(s.search_space)
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["number", "state", "value", *keys, "duration_s", "note"])

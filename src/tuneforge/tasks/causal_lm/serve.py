@@ -157,6 +157,13 @@ class OpenAIRoutes:
         self.created = int(config.stat().st_mtime) if config.is_file() else int(time.time())
         self.predictor = self.engine = self.metrics = None  # set by start()
 
+    def option(self, key: str):
+        """A causal-LM serve flag's value (see SPEC.serve_options): the one given, else its default."""
+        from tuneforge.tasks.causal_lm.spec import SPEC
+
+        defaults = {opt.key: opt.default for opt in SPEC.serve_options}
+        return self.settings.options.get(key, defaults[key])
+
     def mount(self, app: FastAPI) -> None:
         app.add_exception_handler(OpenAIError, _openai_error)
         self.ctx.on_start(self.start)
@@ -233,7 +240,7 @@ class OpenAIRoutes:
 
     def check_length(self, prompt: list[int], params: Params, explicit: bool, field_name: str) -> Params:
         """`params`, its default max_tokens shrunk to what fits the context; a prompt over the limits is a 400."""
-        limit = self.settings.max_prompt_tokens
+        limit = self.option("max_prompt_tokens")
         if limit and len(prompt) > limit:
             raise OpenAIError(400, f"the prompt is {len(prompt)} tokens, over this server's limit of {limit} "
                                    "(serve --max-prompt-tokens): shorten the " + field_name,
@@ -254,7 +261,7 @@ class OpenAIRoutes:
         fields = extra["requestBody"]["content"]["application/json"]["schema"]["properties"]
         for name in ("max_tokens", "max_completion_tokens"):
             if name in fields:
-                fields[name]["maximum"] = self.settings.max_tokens_cap
+                fields[name]["maximum"] = self.option("max_tokens_cap")
         return extra
 
     # --- generation
@@ -354,7 +361,7 @@ class OpenAIRoutes:
         body = parse_body(await request.body(), ChatRequest)
         self.check_model(body.model)
         explicit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = generation_params(body, explicit, self.predictor.max_new_tokens, self.settings.max_tokens_cap)
+        params = generation_params(body, explicit, self.predictor.max_new_tokens, self.option("max_tokens_cap"))
         messages = chat_messages(body.messages)
         try:
             prompt = self.predictor.prompt_of(messages)
@@ -366,7 +373,7 @@ class OpenAIRoutes:
     async def completions(self, request: Request):
         body = parse_body(await request.body(), CompletionRequest)
         self.check_model(body.model)
-        params = generation_params(body, body.max_tokens, self.predictor.max_new_tokens, self.settings.max_tokens_cap)
+        params = generation_params(body, body.max_tokens, self.predictor.max_new_tokens, self.option("max_tokens_cap"))
         text = body.prompt
         if isinstance(text, list):
             if len(text) != 1:

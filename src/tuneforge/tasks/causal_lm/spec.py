@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from tuneforge.schema import Section
-from tuneforge.tasks.spec import Flag, TaskSpec
+from tuneforge.tasks.spec import Flag, ServeOption, TaskSpec
 
 
 class CausalLMTaskConfig(Section):
@@ -26,6 +26,14 @@ class CausalLMTaskConfig(Section):
     few_shot: int = Field(3, ge=1, le=16, description="base_few_shot: nearest training examples put in the prompt.")
     samples_in_report: int = Field(8, ge=0, le=100, description="Test prompts shown in the report beside the base "
                                    "model's and the tuned model's generations.")
+
+
+class Completion(BaseModel):
+    """One prediction of /v1/predict: the completion of the prompt, greedy, and why it ended (stop | length)."""
+    completion: str
+    finish_reason: str
+    completion_tokens: int
+    max_tokens: int
 
 
 SPEC = TaskSpec(
@@ -53,4 +61,10 @@ SPEC = TaskSpec(
     quick_start_flags=(),  # prompt/completion, messages or text: told by the columns present
     flags=(Flag("--no-chat-template", "chat_template", False,
                 "join prompt and completion as they are instead of the model's chat template"),),
+    response=Completion,
+    input_help="a prompt to complete (repeatable)",
+    serve_options=(ServeOption("--max-tokens-cap", "max_tokens_cap", int, 512,
+                               "the most max_tokens a request may ask for (422 above it)"),
+                   ServeOption("--max-prompt-tokens", "max_prompt_tokens", int, None,
+                               "the longest prompt accepted, in tokens (none: the model's context window)")),
 )

@@ -257,17 +257,17 @@ class CausalLMTask(TaskDefaults):
 
         return evaluate(cfg, space, splits, y, predictor, baselines)
 
-    def reference_profile(self, predictor, texts: list[str], outputs: list[dict] | None) -> dict:
+    def reference_profile(self, predictor, inputs: list[str], outputs: list[dict] | None) -> dict:
         """The test split's prompts and greedy generations as serving observes completions (see observe): prompt
         length, how a completion ended ((empty), (truncated) or neither) and its length as a share of max_tokens.
         Plain text has no generations at training time: its reference watches the input length only."""
         from tuneforge.drift import logged_label, profile
 
         if outputs is None:
-            p = profile([len(t) for t in texts], [""] * len(texts), [1.0] * len(texts), [])
+            p = profile([self.input_size(t) for t in inputs], [""] * len(inputs), [1.0] * len(inputs), [])
             return {"n": p["n"], "length": p["length"]}
         observed = [self.observe(o) for o in outputs]
-        p = profile([len(t) for t in texts], [logged_label(labs) for labs, _ in observed], [c for _, c in observed],
+        p = profile([self.input_size(t) for t in inputs], [logged_label(labs) for labs, _ in observed], [c for _, c in observed],
                     self.label_names(predictor))
         p.pop("count")  # one label at most per completion: nothing to count
         return p

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from tuneforge.schema import Section
 from tuneforge.tasks.spec import Flag, TaskSpec
@@ -14,6 +14,12 @@ class ClassificationTaskConfig(Section):
     type: Literal["text-classification"] = "text-classification"
     multi_label: bool = Field(False, description="Each row may carry several labels (sigmoid head).")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Multi-label: probability above which a label is predicted.")
+
+
+class ClassPrediction(BaseModel):
+    """One prediction of /v1/predict: the label (multi-label: the labels chosen) and every label's probability."""
+    label: str | list[str]
+    probabilities: dict[str, float]
 
 
 SPEC = TaskSpec(
@@ -28,4 +34,6 @@ SPEC = TaskSpec(
                   "macro_f1": {"type": "f1", "name": "macro-F1", "args": {"average": "macro"}}},
     quick_start_flags=("--text-column", "--label-column"),  # what `run --data F` needs
     flags=(Flag("--multi-label", "multi_label", True, "rows may carry several labels"),),
+    response=ClassPrediction,
+    input_help="a text to predict (repeatable)",
 )

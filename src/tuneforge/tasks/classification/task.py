@@ -94,12 +94,12 @@ class ClassificationTask(TaskDefaults):
         test_probs = predictor.probabilities(splits.test.texts, cfg.eval.batch_size)
         return evaluate_all(space, cfg, splits, y, test_probs, baselines), test_probs
 
-    def reference_profile(self, predictor, texts: list[str], outputs: np.ndarray) -> dict:
+    def reference_profile(self, predictor, inputs: list[str], outputs: np.ndarray) -> dict:
         """What serving's drift monitor compares live traffic with: the test split as the model saw it."""
         from tuneforge.drift import NO_LABEL, profile_of
 
         names = list(predictor.space.labels) + ([NO_LABEL] if predictor.space.multi_label else [])
-        return profile_of(texts, predictor.results(outputs), names)
+        return profile_of([self.input_size(t) for t in inputs], predictor.results(outputs), names)
 
     # --- serving: what metrics and the request log record of each prediction ---
     def label_names(self, predictor) -> list[str]:

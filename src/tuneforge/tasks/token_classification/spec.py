@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from tuneforge.schema import Section
 from tuneforge.tasks.spec import TaskSpec
@@ -18,6 +18,19 @@ class TokenClassificationTaskConfig(Section):
     stride: int = Field(32, ge=0, description="Sub-words two windows share when a sentence is longer than max_length.")
 
 
+class Entity(BaseModel):
+    entity_group: str
+    start: int          # character offsets in the text
+    end: int
+    word: str
+    score: float
+
+
+class EntityPrediction(BaseModel):
+    """One prediction of /v1/predict: the entities found in the text."""
+    entities: list[Entity]
+
+
 SPEC = TaskSpec(
     name="token-classification",
     config=TokenClassificationTaskConfig,
@@ -30,4 +43,6 @@ SPEC = TaskSpec(
                   "recall": {"type": "recall"}},
     counted="entity types",
     quick_start_flags=(),  # CoNLL / tokens+tags / text+spans files name their own fields
+    response=EntityPrediction,
+    input_help="a text to tag (repeatable)",
 )

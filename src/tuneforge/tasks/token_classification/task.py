@@ -193,13 +193,13 @@ class TokenClassificationTask(TaskDefaults):
                   "type_confusion": type_confusion(gold, tags)}
         return result, (tags, scores)
 
-    def reference_profile(self, predictor, texts: list[str], outputs: tuple) -> dict:
+    def reference_profile(self, predictor, inputs: list[str], outputs: tuple) -> dict:
         """Entity types and confidence on the test split, as serving will log them."""
         from tuneforge.drift import logged_label, profile
 
         tags, scores = outputs
         observed = [_observed(t, s) for t, s in zip(tags, scores)]
-        return profile([len(t) for t in texts], [logged_label(kinds) for kinds, _ in observed],
+        return profile([self.input_size(t) for t in inputs], [logged_label(kinds) for kinds, _ in observed],
                        [conf for _, conf in observed], list(predictor.labels.types) + [NO_ENTITY])
 
     # --- serving and predict ---
