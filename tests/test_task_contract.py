@@ -107,6 +107,9 @@ def _toy_task_and_spec():
         def mount_routes(self, app, ctx):
             return None
 
+        def parse_upload(self, body, content_type):  # an upload of its own: one name per line, as text/plain
+            return {"images": body.decode().split()} if content_type.startswith("text/plain") else None
+
     return ToyTask(), spec
 
 
@@ -140,12 +143,14 @@ def test_predict_route_reads_the_request_model_check_and_size_of_the_served_task
         assert wrong.status_code == 422 and 'Expected JSON {"images": ["..."]}' in wrong.json()["detail"]
         refused = client.post("/v1/predict", json={"images": ["junk"]})
         assert refused.status_code == 422 and refused.json()["detail"] == "image 0 is not an image"
+        uploaded = client.post("/v1/predict", content=b"xy\nzzz", headers={"Content-Type": "text/plain"})
+        assert uploaded.status_code == 200 and seen[-2:] == ["xy", "zzz"]
         empty = client.post("/v1/predict", json={"images": []})
         assert empty.status_code == 422 and "images is empty" in empty.json()["detail"]
         schema = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]["requestBody"]
         assert list(schema["content"]["application/json"]["schema"]["properties"]) == ["images"]
     sizes = sorted(r[0] for r in sqlite3.connect(tmp_path / "log.sqlite").execute("SELECT input_chars FROM predictions"))
-    assert sizes == [14, 21]  # the task's measure (7 per character here), not len(text)
+    assert sizes == [14, 14, 21, 21]  # the task's measure (7 per character here), not len(text)
 
 
 def test_drift_bins_the_input_size_with_the_reference_edges():

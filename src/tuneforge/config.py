@@ -46,6 +46,9 @@ class DataConfig(_Section):
     dedupe: Literal["normalised", "exact"] = Field(
         "normalised", description="Which texts count as the same for duplicate / conflicting-label cleaning: "
         "normalised folds case, punctuation and whitespace (copies that differ only so would leak across splits).")
+    skip_bad_images: bool = Field(
+        False, description="Inputs read from files (images): skip those that cannot be used (empty, damaged, not an "
+        "image, over the pixel limit) instead of stopping with an error; each is listed in data_report.json.")
     drop_invalid: bool = Field(
         False, description="Drop rows with missing (null/NaN) text or label instead of stopping with an error.")
     max_text_chars: int = Field(

@@ -158,7 +158,7 @@ def prepare(cfg: RunConfig, console: Console, kept: dict | None = None) -> Prepa
     `kept`: what an interrupted run settled (its split hashes, max_length and audit): the data must give the same
     splits, and the audit is not run again."""
     from tuneforge.errors import OutputError
-    from tuneforge.models.resolve import check_model_files, resolve_model_info
+    from tuneforge.models.resolve import check_model_files
     from tuneforge.tasks.behaviour import get_task
 
     durations: dict[str, float] = {}
@@ -167,7 +167,7 @@ def prepare(cfg: RunConfig, console: Console, kept: dict | None = None) -> Prepa
         data = task.prepare(cfg)
     splits = data.splits
     with _stage(durations, "model_convert"):
-        model_dir, conversion = resolve_model_info(cfg.model.name)
+        model_dir, conversion = task.resolve_model(cfg.model.name)
     for note in check_model_files(model_dir, cfg.model.trust_remote_code):
         console.print(f"[bold]model[/] {note}")
     if conversion and not conversion.get("cached"):
@@ -296,7 +296,7 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
                                                              "names": list(cfg.eval.baselines),
                                                              "baselines": artifacts.to_json(prep.baselines)})
 
-    model = apply_method(model, cfg.train, task.peft_task_type, task.lora_targets())
+    model = apply_method(model, cfg.train, task.peft_task_type, task.lora_targets(), task.lora_head())
     loss_fn = task.training_loss() or default_loss
     train_data = TrainData(ids["train"], y["train"], getattr(y["train"], "positions", None))
     world = accelerator.num_processes
@@ -361,7 +361,8 @@ def estimate_cost(prep: Prepared, cfg: RunConfig, accelerator, precision: str) -
     from tuneforge.models.load import apply_method
 
     model = prep.task.load_model(prep.model_dir, prep.label_space, cfg.train.seed, cfg.model.trust_remote_code)
-    model = apply_method(model, cfg.train, prep.task.peft_task_type, prep.task.lora_targets()).to(accelerator.device)
+    model = apply_method(model, cfg.train, prep.task.peft_task_type, prep.task.lora_targets(),
+                         prep.task.lora_head()).to(accelerator.device)
     try:
         return _estimate(prep, cfg, model, precision, accelerator.num_processes)
     finally:
@@ -381,7 +382,7 @@ def _trained_model(prep: Prepared, cfg: RunConfig, accelerator, model):
     if not accelerator.is_main_process:
         return None
     whole = apply_method(prep.task.load_model(prep.model_dir, prep.label_space, cfg.train.seed, cfg.model.trust_remote_code),
-                         cfg.train, prep.task.peft_task_type, prep.task.lora_targets())
+                         cfg.train, prep.task.peft_task_type, prep.task.lora_targets(), prep.task.lora_head())
     whole.load_state_dict(state)
     return whole.eval()
 
@@ -481,13 +482,11 @@ def _test_without_training_copies(prep: Prepared, cfg: RunConfig, predictor) -> 
 
 def audit_only(cfg: RunConfig, console: Console) -> dict:
     """`tuneforge audit`: the data stage and the audit, no model weights loaded."""
-    from tuneforge.models.resolve import resolve_model
-
     from tuneforge.tasks.behaviour import get_task
 
     task = get_task(cfg.task.type)
     data = task.prepare(cfg)
-    model_dir = resolve_model(cfg.model.name)
+    model_dir = task.resolve_model(cfg.model.name)[0]
     return audit_data(cfg, task, data, task.load_tokenizer(model_dir), model_dir, console)[0]
 
 

@@ -96,12 +96,7 @@ Rows removed by cleaning: {removed}. {spec.counted.capitalize()} in training: {'
 - Label noise in the training data (see `audit.json` in the run) bounds what the model can learn.
 
 ## How to load
-```python
-from transformers import {model_class}, AutoTokenizer
-model = {model_class}.from_pretrained("PATH/TO/model")
-tokenizer = AutoTokenizer.from_pretrained("PATH/TO/model")
-```
-or `tuneforge predict RUN_DIR --text "..."`.
+{facts["load"]}
 """
     path = out / "model" / "README.md"
     artifacts.write_text(path, "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body)

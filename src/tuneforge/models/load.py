@@ -53,10 +53,12 @@ def input_embeddings_module(model: nn.Module) -> nn.Module:
     return getattr(base, "embeddings", None) or model.get_input_embeddings()
 
 
-def apply_method(model, cfg: TrainConfig, peft_task_type: str = "SEQ_CLS", default_targets=None):
+def apply_method(model, cfg: TrainConfig, peft_task_type: str | None = "SEQ_CLS", default_targets=None,
+                 modules_to_save: list[str] | None = None):
     """Freeze or wrap the model for the chosen method; returns the model to train. `peft_task_type` is the
     task's (SEQ_CLS, TOKEN_CLS, CAUSAL_LM): peft then keeps the task's head trainable and saved;
-    `default_targets` the task's LoRA targets where train.lora.target_modules is null."""
+    `default_targets` the task's LoRA targets where train.lora.target_modules is null. A task peft has no type for
+    (None) names the `modules_to_save` it trains in full beside the adapters (its new head)."""
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             from tuneforge.errors import ConfigError
@@ -81,8 +83,9 @@ def apply_method(model, cfg: TrainConfig, peft_task_type: str = "SEQ_CLS", defau
         targets = cfg.lora.target_modules or default_targets
         if targets == ["all-linear"]:
             targets = "all-linear"  # peft's shorthand: every linear layer but the output head
-        lcfg = LoraConfig(task_type=TaskType[peft_task_type], r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                          lora_dropout=cfg.lora.dropout, target_modules=targets)
+        lcfg = LoraConfig(task_type=TaskType[peft_task_type] if peft_task_type else None, r=cfg.lora.r,
+                          lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
+                          modules_to_save=modules_to_save)
         import warnings
 
         with warnings.catch_warnings():  # peft 0.21 asks transformers 5.24 a renamed attribute (FutureWarning)

@@ -47,6 +47,7 @@ class PredictInputs:
     check: Callable[[list, ServeSettings], str | None]
     size: Callable[[object], int]
     example: str
+    upload: Callable[[bytes, str], dict | None]  # a non-JSON body (multipart) as the request, or None
 
     @classmethod
     def of(cls, task) -> "PredictInputs":
@@ -57,7 +58,7 @@ class PredictInputs:
 
         spec = get_spec(task.name) if task is not None else TaskSpec("", object, {}, (), (), "", "", request=TextsRequest)
         task = task if task is not None else TaskDefaults()
-        return cls(spec.request, spec.inputs, task.check_inputs, task.input_size, spec.request_example())
+        return cls(spec.request, spec.inputs, task.check_inputs, task.input_size, spec.request_example(), task.parse_upload)
 
 
 class BodyLimits:
@@ -102,15 +103,17 @@ class BodyLimits:
         await self.app(scope, limited_receive, send)
 
 
-def parse_predict_request(body: bytes, model: type[BaseModel]) -> BaseModel:
-    """The body read as JSON whatever its Content-Type says (`curl -d` sends application/x-www-form-urlencoded), as
-    the task's request `model`. Errors are the ones FastAPI gives a JSON body, so clients see the same 422
-    "invalid request: ..." messages.
+def parse_predict_request(body: bytes, model: type[BaseModel], content_type: str = "",
+                          upload: Callable[[bytes, str], dict | None] | None = None) -> BaseModel:
+    """The body as the task's request `model`: an upload the task reads itself (`upload`: multipart), else JSON
+    whatever its Content-Type says (`curl -d` sends application/x-www-form-urlencoded). Errors are the ones FastAPI
+    gives a JSON body, so clients see the same 422 "invalid request: ..." messages.
     """
     if not body:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    uploaded = upload(body, content_type) if upload is not None else None
     try:
-        data = load_json(body)
+        data = uploaded if uploaded is not None else load_json(body)
     except InvalidJSON as err:
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {err}",
                                        "input": {}}]) from None
@@ -218,7 +221,8 @@ def _mount_routes(app: FastAPI, ctx: ServeContext, reference: dict | None, input
     @app.post("/v1/predict", dependencies=[Depends(ctx.authorise)], openapi_extra=json_body_openapi(inputs.request),
               responses={422: {"description": "invalid request, or a limit exceeded (named in `detail`)"}})
     async def predict(request: Request):
-        body = parse_predict_request(await request.body(), inputs.request)  # JSON whatever the Content-Type (curl -d)
+        body = parse_predict_request(await request.body(), inputs.request, request.headers.get("content-type", ""),
+                                     inputs.upload)  # JSON whatever the Content-Type (curl -d), or the task's upload
         items = getattr(body, inputs.field)
         if not items:
             raise HTTPException(422, f"{inputs.field} is empty: send at least one")

@@ -8,6 +8,21 @@ from pathlib import Path
 
 
 class TaskDefaults:
+    def resolve_model(self, ref: str) -> tuple[Path, dict | None]:
+        """(the model directory model.name names, what a conversion took or None): a directory, a .gguf file or an
+        installed package (models/resolve.py); a task whose models ship otherwise converts them here."""
+        from tuneforge.models.resolve import resolve_model_info
+
+        return resolve_model_info(ref)
+
+    def lora_head(self) -> list[str] | None:
+        """Modules LoRA trains in full beside the adapters, for a task peft has no task type for (its new head)."""
+        return None
+
+    def parse_upload(self, body: bytes, content_type: str) -> dict | None:
+        """A /v1/predict body that is not JSON (a multipart upload) as the task's request, or None: read as JSON."""
+        return None
+
     def token_lengths(self, cfg, tokenizer, data) -> dict:
         """Tokens per row of each split before truncation: what the audit and max_length: null measure."""
         from tuneforge.models.infer import token_lengths
@@ -64,7 +79,15 @@ class TaskDefaults:
     def card_facts(self, data_report: dict, model_settings: dict) -> dict:
         """What the model card says of this model beyond its metrics: `variant` (a word after the task's name, or
         None) and `inputs` (how long inputs are handled)."""
-        return {"variant": None, "inputs": "Inputs are truncated to the model's maximum length used in training."}
+        from tuneforge.tasks import get_spec
+
+        flag = get_spec(self.name).input
+        load = (f"```python\nfrom transformers import {self.model_class}, AutoTokenizer\n"
+                f"model = {self.model_class}.from_pretrained(\"PATH/TO/model\")\n"
+                "tokenizer = AutoTokenizer.from_pretrained(\"PATH/TO/model\")\n```\n"
+                f"or `tuneforge predict RUN_DIR --{flag} \"...\"`.")
+        return {"variant": None, "inputs": "Inputs are truncated to the model's maximum length used in training.",
+                "load": load}
 
     # --- what a prediction reads: texts, by default ---
     def read_inputs(self, values: list[str], path: Path | None, column: str | None, run_dir: Path) -> list[str]:
