@@ -177,7 +177,7 @@ class EvalConfig(_Section):
 
 
 class AuditConfig(_Section):
-    near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity of word 1-2-grams above which two texts are near-duplicates (a task whose inputs are not text measures its own similarity: images, the share of equal perceptual-hash bits).")
+    near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity of word 1-2-grams above which two texts are near-duplicates (a task whose inputs are not text scores its own similarity on the same 0-1 scale, as its docs say).")
     leakage: Literal["drop", "block", "allow"] = Field(
         "drop", description="Training rows that copy (exactly or nearly) a row of the validation or test file you "
         "supply: drop = leave them out of training, each listed in data_report.json with the row it matches (your "
