@@ -32,11 +32,11 @@ def test_request_log_returns_newest_first_and_prunes_past_retention(log_url, mon
     assert [r[1] for r in log.recent(10)] == ["neg", "neg", "neg"]
     clock.now = start + day + 20  # the old rows are past the one-day retention, but pruning waits for its interval
     log.write(["new"], ["pos"], [0.7], 3.0)
-    assert log.recent(10) == [(3, "pos", 0.7), (3, "neg", 0.5), (7, "neg", 0.9), (7, "neg", 0.9)]  # newest first
-    assert log.recent(2) == [(3, "pos", 0.7), (3, "neg", 0.5)]
+    assert log.recent(10) == [(3, "pos", 0.7, {}), (3, "neg", 0.5, {}), (7, "neg", 0.9, {}), (7, "neg", 0.9, {})]  # newest first
+    assert log.recent(2) == [(3, "pos", 0.7, {}), (3, "neg", 0.5, {})]
     clock.now = start + day + 100  # 90 s since the last pruning: it runs and drops the rows older than a day
     log.write(["newest, longer"], ["neg"], [0.6], 4.0)
-    assert log.recent(10) == [(len("newest, longer"), "neg", 0.6), (3, "pos", 0.7), (3, "neg", 0.5)]
+    assert log.recent(10) == [(len("newest, longer"), "neg", 0.6, {}), (3, "pos", 0.7, {}), (3, "neg", 0.5, {})]
     log.close()
 
 

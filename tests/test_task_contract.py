@@ -104,6 +104,9 @@ def _toy_task_and_spec():
         def input_size(self, item):
             return 7 * len(item)  # "pixels": not characters
 
+        def measure_input(self, item):
+            return {"darkness": float(len(item))}
+
         def mount_routes(self, app, ctx):
             return None
 
@@ -149,8 +152,9 @@ def test_predict_route_reads_the_request_model_check_and_size_of_the_served_task
         assert empty.status_code == 422 and "images is empty" in empty.json()["detail"]
         schema = client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]["requestBody"]
         assert list(schema["content"]["application/json"]["schema"]["properties"]) == ["images"]
-    sizes = sorted(r[0] for r in sqlite3.connect(tmp_path / "log.sqlite").execute("SELECT input_chars FROM predictions"))
-    assert sizes == [14, 14, 21, 21]  # the task's measure (7 per character here), not len(text)
+    rows = sorted(sqlite3.connect(tmp_path / "log.sqlite").execute("SELECT input_chars, measures FROM predictions"))
+    assert [r[0] for r in rows] == [14, 14, 21, 21]  # the task's measure (7 per character here), not len(text)
+    assert [r[1] for r in rows] == ['{"darkness": 2.0}'] * 2 + ['{"darkness": 3.0}'] * 2  # and its other measures
 
 
 def test_drift_bins_the_input_size_with_the_reference_edges():
@@ -165,6 +169,39 @@ def test_drift_bins_the_input_size_with_the_reference_edges():
     assert not same["signals"]["length"]["drift"] and moved["signals"]["length"]["drift"]
     # with the default character bins 400 and 700 fall in different bins: the edges are the reference's
     assert profile([400], ["a"], [0.9], ["a"])["length"]["shares"] != profile([700], ["a"], [0.9], ["a"])["length"]["shares"]
+
+
+def test_a_tasks_input_measures_are_logged_and_watched_for_drift(tmp_path):
+    import sqlite3
+    import time
+
+    from tuneforge.drift import profile_of
+    from tuneforge.serving.monitor import RequestLog, drift_report
+
+    edges = [0, 64, 128, 192, 256]  # a task's own measure: an image's brightness, say
+    results = [{"label": "a", "probabilities": {"a": 0.9, "b": 0.1}}] * 80
+    reference = profile_of([10] * 80, results, ["a", "b"], measures={"brightness": (edges, [100.0] * 60 + [150.0] * 20)})
+    assert reference["inputs"]["brightness"] == {"edges": edges, "shares": [0.0, 0.75, 0.25, 0.0]}
+    log = RequestLog(f"sqlite:///{tmp_path / 'log.sqlite'}")
+    log.write(["x"] * 60, ["a"] * 60, [0.9] * 60, 1.0, sizes=[10] * 60, measures=[{"brightness": 110.0}] * 45 + [{"brightness": 140.0}] * 15)
+    same = drift_report(reference, log.recent(100), {})
+    assert same["signals"]["brightness"]["psi"] < 0.01 and same["status"] == "ok"
+    log.write(["x"] * 60, ["a"] * 60, [0.9] * 60, 1.0, sizes=[10] * 60, measures=[{"brightness": 230.0}] * 60)  # overexposed
+    dark = drift_report(reference, log.recent(60), {"brightness": 0.5})
+    assert dark["signals"]["brightness"]["drift"] and dark["signals"]["brightness"]["threshold"] == 0.5
+    assert not dark["signals"]["length"]["drift"] and dark["status"] == "drift"
+    assert "brightness" not in drift_report(profile_of([10] * 80, results, ["a", "b"]), log.recent(60), {})["signals"]
+    log.close()
+    # a log written before inputs had measures gains the column, and its old rows read back with none
+    old = tmp_path / "old.sqlite"
+    with sqlite3.connect(old) as conn:
+        conn.execute("CREATE TABLE predictions (ts DOUBLE PRECISION, input_chars INTEGER, input_sha256 TEXT, label TEXT, "
+                     "confidence DOUBLE PRECISION, latency_ms DOUBLE PRECISION, text TEXT)")
+        conn.execute("INSERT INTO predictions VALUES (?, 5, 'h', 'a', 0.8, 1.0, NULL)", (time.time() - 60,))
+    log = RequestLog(f"sqlite:///{old}")
+    log.write(["y"], ["b"], [0.7], 1.0, measures=[{"brightness": 12.5}])
+    assert log.recent(5) == [(1, "b", 0.7, {"brightness": 12.5}), (5, "a", 0.8, {})]
+    log.close()
 
 
 def test_predict_and_serve_flags_come_from_the_specs(monkeypatch):

@@ -1,5 +1,6 @@
 """Drift profiles: binned distributions of what a model sees and says (input size: the `length` signal, characters
-of a text unless the task bins its own measure with its own edges; predicted label, confidence), and the population stability index (PSI) between two of them. Written at training time as
+of a text unless the task bins its own measure with its own edges; the task's own input measures, such as an image's
+brightness; predicted label, confidence), and the population stability index (PSI) between two of them. Written at training time as
 the reference (the test split as the model saw it), compared by the server's monitor with live traffic.
 Neither torch nor the server is imported here.
 """
@@ -23,13 +24,19 @@ def _shares(counts) -> list[float]:
 
 
 def profile(lengths: list[int], labels: list[str], confidences: list[float], label_names: list[str],
-            length_edges: list[int] | None = None) -> dict:
+            length_edges: list[int] | None = None, measures: dict[str, tuple[list, list[float]]] | None = None) -> dict:
     """Binned distributions of the watched signals: input size (`lengths`, binned by `length_edges`: by default
     characters of a text), the predicted labels (entity types), the confidence, and how many labels a prediction
-    carries (entities per text)."""
+    carries (entities per text); and under "inputs", each of the task's own input measures (name -> (edges, the
+    values; None where an input lacks it)), e.g. an image's brightness."""
     counts = [len(lab.split(",")) if lab else 0 for lab in labels]
     length_edges = length_edges or LENGTH_EDGES
-    return {
+    found = {}
+    for name, (edges, values) in (measures or {}).items():
+        known = [v for v in values if v is not None]
+        if known:
+            found[name] = {"edges": list(edges), "shares": _shares(np.histogram(known, list(edges))[0])}
+    return {**({"inputs": found} if found else {}),
         "n": len(lengths),
         "count": {"edges": COUNT_EDGES, "shares": _shares(np.histogram(counts, COUNT_EDGES)[0])},
         "length": {"edges": length_edges, "shares": _shares(np.histogram(lengths, length_edges)[0])},
@@ -56,11 +63,13 @@ def logged_label(labels: list[str]) -> str:
     return ",".join(labels)
 
 
-def profile_of(sizes: list[int], results: list[dict], label_names: list[str], length_edges: list[int] | None = None) -> dict:
-    """The reference profile of predictions `results` on inputs of `sizes` (characters of a text, by default)."""
+def profile_of(sizes: list[int], results: list[dict], label_names: list[str], length_edges: list[int] | None = None,
+               measures: dict[str, tuple[list, list[float]]] | None = None) -> dict:
+    """The reference profile of predictions `results` on inputs of `sizes` (characters of a text, by default) and
+    the task's own input `measures` (name -> (edges, values))."""
     decisions = [decision(r) for r in results]
     return profile(sizes, [logged_label(labs) for labs, _ in decisions], [conf for _, conf in decisions], label_names,
-                   length_edges)
+                   length_edges, measures)
 
 
 def _label_counts(labels: list[str], names: list[str]) -> list[int]:

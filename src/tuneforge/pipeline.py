@@ -628,4 +628,4 @@ def _print_summary(console: Console, task, metrics: dict, est: dict, durations: 
         console.print(f"[bold]cost[/] early stopping ended training before its planned steps; for the steps run the "
                       f"estimate was {_fmt_s(est['seconds_total_for_steps_run'])}")
     console.print(f"[bold]report[/] {out / 'report.html'}; model card {out / 'model' / 'README.md'}")
-    console.print(f"[bold]output[/] {out}  (load: {task.model_class}.from_pretrained('{out / 'model'}'))")
+    console.print(f"[bold]output[/] {out}  (load: {task.load_hint(out / 'model')})")

@@ -48,6 +48,7 @@ class PredictInputs:
     size: Callable[[object], int]
     example: str
     upload: Callable[[bytes, str], dict | None]  # a non-JSON body (multipart) as the request, or None
+    measure: Callable[[object], dict]  # the task's other measures of an input, for drift (an image's brightness)
 
     @classmethod
     def of(cls, task) -> "PredictInputs":
@@ -58,7 +59,8 @@ class PredictInputs:
 
         spec = get_spec(task.name) if task is not None else TaskSpec("", object, {}, (), (), "", "", request=TextsRequest)
         task = task if task is not None else TaskDefaults()
-        return cls(spec.request, spec.inputs, task.check_inputs, task.input_size, spec.request_example(), task.parse_upload)
+        return cls(spec.request, spec.inputs, task.check_inputs, task.input_size, spec.request_example(), task.parse_upload,
+                   task.measure_input)
 
 
 class BodyLimits:
@@ -131,7 +133,7 @@ def create_app(settings: ServeSettings, load_predictor: Callable[[], tuple[Calla
     with a `task` attribute (run_predictor's) lets that task mount its own routes, given the ServeContext."""
     task = getattr(load_predictor, "task", None)
     inputs = PredictInputs.of(task)
-    ctx = ServeContext(settings, input_size=inputs.size)
+    ctx = ServeContext(settings, input_size=inputs.size, measure_input=inputs.measure)
     app = FastAPI(title="tuneforge", lifespan=_lifespan(ctx, load_predictor))
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)  # inside `measure`
     _measure_requests(app, ctx.state)

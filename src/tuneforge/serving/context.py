@@ -118,6 +118,7 @@ class ServeContext:
     start_hooks: list[Callable[[], None]] = field(default_factory=list)
     stop_hooks: list[Callable[[], None]] = field(default_factory=list)
     input_size: Callable[[object], int] = len  # the served task's measure of an input (request log, drift)
+    measure_input: Callable[[object], dict] = lambda item: {}  # its other measures of an input (drift), by name
 
     async def authorise(self, request: Request) -> None:  # async: no thread-pool hop per request
         """A 401 unless the request carries the server's key as 'Authorization: Bearer KEY' (when it has one)."""
@@ -155,4 +156,4 @@ class ServeContext:
                 self.metrics.labels.labels(label).inc()
             self.metrics.confidence.observe(conf)
         self.request_log.write(inputs, [logged_label(c) for c, _ in decisions], [conf for _, conf in decisions], latency_ms,
-                               sizes=[self.input_size(x) for x in inputs])
+                               sizes=[self.input_size(x) for x in inputs], measures=[self.measure_input(x) for x in inputs])

@@ -1,7 +1,7 @@
 """Prediction log and drift: every prediction goes to a request log (SQLite by default, PostgreSQL by
 URL); the recent window is compared with the reference profile saved at training time by the
 population stability index (PSI) of input size (the `length` signal: characters of a text, by default; a task
-measures its own inputs), predicted label and confidence.
+measures its own inputs), the task's own input measures (an image's brightness), predicted label and confidence.
 
 Raw input is never stored unless asked: only its size and a hash.
 """
@@ -64,19 +64,27 @@ class RequestLog:
         self.keep_text = keep_text
         self.lock = threading.Lock()
         self.conn.execute("CREATE TABLE IF NOT EXISTS predictions (ts DOUBLE PRECISION, input_chars INTEGER, "
-                          "input_sha256 TEXT, label TEXT, confidence DOUBLE PRECISION, latency_ms DOUBLE PRECISION, text TEXT)")
+                          "input_sha256 TEXT, label TEXT, confidence DOUBLE PRECISION, latency_ms DOUBLE PRECISION, "
+                          "text TEXT, measures TEXT)")
+        cur = self.conn.cursor()
+        cur.execute("SELECT * FROM predictions WHERE 1 = 0")
+        if "measures" not in [d[0] for d in cur.description]:  # a log written before tasks measured their inputs
+            self.conn.execute("ALTER TABLE predictions ADD COLUMN measures TEXT")
         self._last_prune = 0.0
 
     def write(self, inputs: list, labels: list[str], confidences: list[float], latency_ms: float,
-              sizes: list[int] | None = None) -> None:
+              sizes: list[int] | None = None, measures: list[dict] | None = None) -> None:
         """One row per prediction. `sizes`: each input's size by the task's measure (default: characters of a text);
-        it goes in the column input_chars (the name predates inputs other than text)."""
+        it goes in the column input_chars (the name predates inputs other than text). `measures`: each input's values
+        of the task's own input measures (an image's brightness), kept as JSON."""
         now = time.time()
         sizes = sizes if sizes is not None else [len(x) for x in inputs]
+        measures = [json.dumps(m) if m else None for m in measures] if measures is not None else [None] * len(inputs)
         texts = [x if isinstance(x, str) else repr(x) for x in inputs]
-        rows = [(now, size, hashlib.sha256(t.encode()).hexdigest(), lab, conf, latency_ms, t if self.keep_text else None)
-                for t, size, lab, conf in zip(texts, sizes, labels, confidences)]
-        sql = f"INSERT INTO predictions VALUES ({', '.join([self.ph] * 7)})"
+        rows = [(now, size, hashlib.sha256(t.encode()).hexdigest(), lab, conf, latency_ms, t if self.keep_text else None, m)
+                for t, size, lab, conf, m in zip(texts, sizes, labels, confidences, measures)]
+        columns = "ts, input_chars, input_sha256, label, confidence, latency_ms, text, measures"
+        sql = f"INSERT INTO predictions ({columns}) VALUES ({', '.join([self.ph] * 8)})"
         with self.lock:
             cur = self.conn.cursor()
             cur.executemany(sql, rows)
@@ -85,10 +93,11 @@ class RequestLog:
                 self._last_prune = now
 
     def recent(self, limit: int) -> list[tuple]:
+        """The newest `limit` rows, newest first: (size, label, confidence, the input's measures: a dict)."""
         with self.lock:
             cur = self.conn.cursor()
-            cur.execute(f"SELECT input_chars, label, confidence FROM predictions ORDER BY ts DESC LIMIT {int(limit)}")
-            return cur.fetchall()
+            cur.execute(f"SELECT input_chars, label, confidence, measures FROM predictions ORDER BY ts DESC LIMIT {int(limit)}")
+            return [(size, label, conf, json.loads(m) if m else {}) for size, label, conf, m in cur.fetchall()]
 
     def close(self) -> None:
         with self.lock:
@@ -96,20 +105,27 @@ class RequestLog:
 
 
 def drift_report(reference: dict | None, rows: list[tuple], thresholds: dict[str, float], min_rows: int = 50) -> dict:
-    """PSI of each signal between the reference profile and the recent rows (input_chars, label, confidence)."""
+    """PSI of each signal between the reference profile and the recent rows (input size, label, confidence and, as
+    `recent` gives them, the input's measures): the size, label, confidence and count signals, then each input measure
+    the reference holds (its name is the signal's; the threshold of a measure not in `thresholds` is 0.25)."""
     if reference is None:
         return {"status": "no_reference", "window": len(rows), "signals": {}}
     if len(rows) < min_rows:
         return {"status": "insufficient_data", "window": len(rows), "min_rows": min_rows, "signals": {}}
-    lengths, labels, confs = zip(*rows)
+    lengths, labels, confs = (list(col) for col in zip(*(row[:3] for row in rows)))
     edges = reference.get("length", {}).get("edges")  # the task's bins of its input size (characters of a text)
-    now = profile(list(lengths), list(labels), list(confs), reference.get("label", {}).get("names", []), edges)
+    watched = reference.get("inputs", {})
+    measures = {name: (ref["edges"], [row[3].get(name) if len(row) > 3 else None for row in rows])
+                for name, ref in watched.items()}
+    now = profile(lengths, labels, confs, reference.get("label", {}).get("names", []), edges, measures)
+    pairs = [(name, reference[name], now[name]) for name in SIGNALS if name in reference]  # an older reference lacks some
+    pairs += [(name, ref, now["inputs"][name]) for name, ref in watched.items() if name in now.get("inputs", {})]
     signals = {}
-    for name in (s for s in SIGNALS if s in reference):  # a reference written before a signal existed lacks it
-        value = psi(reference[name]["shares"], now[name]["shares"])
-        limit = thresholds.get(name, DEFAULT_THRESHOLDS[name])
+    for name, ref, recent in pairs:
+        value = psi(ref["shares"], recent["shares"])
+        limit = thresholds.get(name, DEFAULT_THRESHOLDS.get(name, 0.25))
         signals[name] = {"psi": round(value, 4), "threshold": limit, "drift": value > limit,
-                         "reference": reference[name]["shares"], "recent": now[name]["shares"]}
+                         "reference": ref["shares"], "recent": recent["shares"]}
     return {"status": "drift" if any(s["drift"] for s in signals.values()) else "ok", "window": len(rows), "signals": signals}
 
 

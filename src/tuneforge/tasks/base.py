@@ -89,6 +89,10 @@ class TaskDefaults:
         return {"variant": None, "inputs": "Inputs are truncated to the model's maximum length used in training.",
                 "load": load}
 
+    def load_hint(self, model_dir: Path) -> str:
+        """One line on how to load the exported model outside tuneforge (the run's last console line)."""
+        return f"{self.model_class}.from_pretrained('{model_dir}')"
+
     # --- what a prediction reads: texts, by default ---
     def read_inputs(self, values: list[str], path: Path | None, column: str | None, run_dir: Path) -> list[str]:
         """`tuneforge predict`'s inputs: the texts given as flags, then those of `path`: a .txt file (one per line), or
@@ -129,6 +133,10 @@ class TaskDefaults:
         """An input's size as the request log keeps it and the drift monitor bins it (the `length` signal):
         characters of a text."""
         return len(item)
+
+    def measure_input(self, item) -> dict[str, float]:
+        """The input's values of the spec's `input_measures` (what drift watches besides its size): none for a text."""
+        return {}
 
     def mount_routes(self, app, ctx) -> None:
         """Routes the task adds to the server beside /v1/predict (ctx: serving.context.ServeContext)."""
