@@ -481,7 +481,8 @@ def _test_without_training_copies(prep: Prepared, cfg: RunConfig, predictor) -> 
 
 
 def audit_only(cfg: RunConfig, console: Console) -> dict:
-    """`tuneforge audit`: the data stage and the audit, no model weights loaded."""
+    """`tuneforge audit`: the data stage and the audit, nothing trained (a task's own checks may read the pre-trained
+    model, e.g. label errors judged on its frozen features)."""
     from tuneforge.tasks.behaviour import get_task
 
     task = get_task(cfg.task.type)
