@@ -55,6 +55,8 @@ NOT_NEEDED = {"optuna": "`tuneforge tune` only", "gguf": "GGUF models only (the 
 # matter: a small pure-Python wheel of each travels, installed there only if the machine's version is outside the
 # bound. The machine's other packages (pandas, scikit-learn, scipy, ...) are taken as they are: their bounds are old.
 FALLBACK_OK = {"typing-extensions", "anyio", "annotated-doc", "h11", "click"}
+MODEL_CODE = ["efficientnet-lite-pytorch"]  # model code an example's default model needs (not a pyproject dependency)
+CARRIED_WEIGHTS_MAX = 25e6  # a model whose weights are this small travels with its real weights (EfficientNet-Lite0)
 EXTRAS = {"uvicorn": ["httptools"]}  # uvicorn[standard]'s HTTP parser; its uvloop is there, the rest serve does not use
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack")
 MARKER_ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
@@ -83,7 +85,7 @@ def wheel_plan() -> dict:
     from packaging.requirements import Requirement
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    todo = [Requirement(d) for d in deps]
+    todo = [Requirement(d) for d in deps] + [Requirement(n) for n in MODEL_CODE]
     todo += [Requirement(x) for r in list(todo) for x in EXTRAS.get(norm(r.name), [])]
     install, fallback, bounds, not_needed, missing = {}, {}, {}, {}, []
     seen: set[str] = set()
@@ -233,6 +235,21 @@ def model_reference(path: Path) -> str:
     return load_config(path).model.name
 
 
+def resolve_any(ref: str, task: str | None = None) -> Path:
+    """The model directory a reference names, resolved by `task` (a package a task converts, such as
+    EfficientNet-Lite0), else by every registered task in turn; the first error if none resolves it."""
+    from tuneforge.tasks import TASKS
+    from tuneforge.tasks.behaviour import get_task
+
+    first = None
+    for name in ([task] if task else []) + [t for t in TASKS if t != task]:
+        try:
+            return get_task(name).resolve_model(ref)[0]
+        except Exception as err:  # noqa: BLE001 - the next task may know the reference
+            first = first or err
+    raise first
+
+
 def data_refs(raw: dict) -> list[str]:
     return [raw.get("data", {}).get(k) for k in ("path", "test_path", "val_path") if raw.get("data", {}).get(k)]
 
@@ -263,10 +280,10 @@ def local_data_path(ref: str, carried: bool = True) -> Path | None:
                 return found
     else:
         p = Path(ref) if Path(ref).is_absolute() else ROOT / ref
-        if p.is_file():
+        if p.is_file() or p.is_dir():  # a folder: images in class sub-folders
             return p
     copy = carried_data_path(ref)
-    return copy if carried and copy.is_file() else None
+    return copy if carried and copy.exists() else None
 
 
 def _ignored(path: Path) -> bool:
@@ -275,7 +292,7 @@ def _ignored(path: Path) -> bool:
 
 def prepare_examples() -> dict:
     """Copy each example's model files (no weights) and its data files that would not travel into .gpu/."""
-    from tuneforge.models.resolve import describe, resolve_model
+    from tuneforge.models.resolve import describe
 
     done = {"models": {}, "data": {}}
     for old in (GPU_DIR / "data", GPU_DIR / "models"):  # nothing stale travels
@@ -295,23 +312,30 @@ def prepare_examples() -> dict:
             if ref.startswith("pkg:") or (src.is_relative_to(ROOT) and _ignored(src)):
                 dst = carried_data_path(ref)
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, dst)
-                done["data"][ref] = f"{dst.relative_to(ROOT)} ({dst.stat().st_size / 1e6:.2f} MB)"
+                if src.is_dir():
+                    shutil.copytree(src, dst, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(src, dst)
+                size = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file()) if dst.is_dir() else dst.stat().st_size
+                done["data"][ref] = f"{dst.relative_to(ROOT)} ({size / 1e6:.2f} MB)"
             else:
                 done["data"][ref] = "travels with the working tree"
         ref = model_reference(example)
         if ref in done["models"]:
             continue
-        model_dir = resolve_model(ref)
+        model_dir = resolve_any(ref, raw["task"]["type"])
         dst = GPU_DIR / "models" / safe_name(ref)
         shutil.rmtree(dst, ignore_errors=True)
         dst.mkdir(parents=True)
+        weights = [f for f in model_dir.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)]
+        carried = sum(f.stat().st_size for f in weights) <= CARRIED_WEIGHTS_MAX  # small enough: the real weights travel
         for f in model_dir.iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != "tuneforge-gguf.json" \
-                    and f.stat().st_size < 20e6:  # tuneforge-gguf.json: a conversion the stand-in never had
-                shutil.copy2(f, dst / f.name)
+            if f.is_file() and (carried or not f.name.endswith(WEIGHT_SUFFIXES)) and f.name != "tuneforge-gguf.json" \
+                    and f.stat().st_size < max(20e6, CARRIED_WEIGHTS_MAX if carried else 0):
+                shutil.copy2(f, dst / f.name)  # tuneforge-gguf.json: a conversion the stand-in never had
         d = describe(model_dir)
-        (dst / "standin.json").write_text(json.dumps({"reference": ref, "source": str(model_dir), **d}, indent=2))
+        (dst / "standin.json").write_text(json.dumps({"reference": ref, "source": str(model_dir), "weights_carried": carried,
+                                                      **d}, indent=2))
         size = sum(f.stat().st_size for f in dst.iterdir())
         done["models"][ref] = f"{dst.relative_to(ROOT)} ({size / 1e6:.2f} MB; {d['architecture']}, {d['parameters'] / 1e6:.1f}M parameters)"
     return done
@@ -322,9 +346,7 @@ def prepare_examples() -> dict:
 def real_model(ref: str) -> Path | None:
     """The real model directory when this machine has it; a GGUF package counts only when `gguf` can convert it."""
     try:
-        from tuneforge.models.resolve import resolve_model
-
-        return resolve_model(ref)
+        return resolve_any(ref)
     except Exception:  # not installed, or not convertible here
         return None
 
@@ -338,6 +360,9 @@ def build_standin(ref: str, dest_root: Path) -> tuple[Path, dict]:
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"no real model {ref!r} here and no stand-in files in {src}: run bench/gpu_prepare.sh")
     meta = json.loads((src / "standin.json").read_text())
+    if meta.get("weights_carried"):  # the real weights travelled in .gpu/: no stand-in needed
+        return src, {"reference": ref, "weights": "real (carried in .gpu/)", "architecture": meta["architecture"],
+                     "parameters": meta["parameters"], "path": str(src)}
     dst = dest_root / safe_name(ref)
     stamp = {"reference": ref, "architecture": meta["architecture"], "parameters_real": meta["parameters"],
              "transformers": transformers.__version__}

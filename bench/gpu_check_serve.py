@@ -75,17 +75,18 @@ def step_serve(c: Check, limit: float, name: str, full: bool) -> dict:
         fig["device"], fig["precision"] = (served.group(1), served.group(2)) if served else (None, None)
         problems = []
 
+        field, texts = _inputs_for(c, run)
+
         def predict(texts: list[str]) -> tuple[int, list]:
-            status, body = _http(base + "/v1/predict", {"texts": texts}, key, timeout=max(5, deadline - time.monotonic()))
+            status, body = _http(base + "/v1/predict", {field: texts}, key, timeout=max(5, deadline - time.monotonic()))
             preds = json.loads(body).get("predictions", []) if status == 200 else []
             if status != 200 or len(preds) != len(texts):
-                problems.append(f"{len(texts)} texts -> HTTP {status} {body[:200]!r}")
+                problems.append(f"{len(texts)} {field} -> HTTP {status} {body[:200]!r}")
             return status, preds
 
         t1 = time.perf_counter()
-        _, one = predict(REVIEWS[:1])
+        _, one = predict(texts[:1])
         fig["first_request_ms"] = round((time.perf_counter() - t1) * 1000, 1)
-        texts = [REVIEWS[i % len(REVIEWS)] + ("" if i < len(REVIEWS) else f" ({i})") for i in range(32)]
         _, batch = predict(texts)
         fig["answer_example"] = one[0] if one else None
         if full:
@@ -106,7 +107,7 @@ def step_serve(c: Check, limit: float, name: str, full: bool) -> dict:
                                  "p50_ms": round(latencies[31] * 1000, 1), "p99_ms": round(latencies[63] * 1000, 1)}
             labels = [p.get("label") for p in batch]
             fig["served_labels"] = labels
-        status, _ = _http(base + "/v1/predict", {"texts": ["x"]}, "wrong-key")
+        status, _ = _http(base + "/v1/predict", {field: texts[:1]}, "wrong-key")
         if status != 401:
             problems.append(f"a wrong key got HTTP {status}, not 401")
         status, metrics = _http(base + "/metrics")
@@ -131,6 +132,24 @@ def step_serve(c: Check, limit: float, name: str, full: bool) -> dict:
     if c.mode == "gpu" and (fig["device"] or "").split(":")[0] != "cuda":
         return {**r, "status": "fail", "why": f"served on {fig['device']}/{fig['precision']}, not cuda"}
     return r
+
+
+def _inputs_for(c: Check, run: dict) -> tuple[str, list[str]]:
+    """(the /v1/predict field of the run's task, 32 inputs for it): reviews for a text task; for an image task the
+    first 32 images (base64) of the data the run trained on."""
+    import base64
+
+    import yaml
+    from tuneforge.tasks import get_spec
+
+    spec = get_spec(run["task"])
+    if spec.input != "image":
+        return spec.inputs, [REVIEWS[i % len(REVIEWS)] + ("" if i < len(REVIEWS) else f" ({i})") for i in range(32)]
+    data = Path(yaml.safe_load((c.work / "configs" / f"{run['dir'].name}.yaml").read_text())["data"]["path"])
+    files = sorted(f for f in data.rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))[:32]
+    if not files:
+        raise StepError(f"no images under {data} to send")
+    return spec.inputs, [base64.b64encode(f.read_bytes()).decode("ascii") for f in files]
 
 
 def _predict_agreement(c: Check, run_dir: Path, texts: list[str], served: list, deadline: float) -> str:

@@ -20,19 +20,22 @@ from pathlib import Path
 import gpu_assets as assets  # bench/ is on sys.path: the scripts' folder
 
 ROOT = assets.ROOT
-TASK_ORDER = ("text-classification", "token-classification", "causal-lm")
+TASK_ORDER = ("text-classification", "token-classification", "causal-lm", "image-classification")
 RESERVE_S, MIN_STEP_S = 10, 25  # kept for the summary; a step with less left is not run (out-of-time)
 SETTINGS = {  # per mode: the whole check's budget, each step's cap (seconds), and how the examples are shortened
     "gpu": {"budget": 540, "env": 60, "models": 90, "serve": 75, "serve_other": 40, "llm-bench": 150, "fsdp": 150,
-            "run": {"text-classification": 150, "token-classification": 120, "causal-lm": 170},
-            "max_steps": {"text-classification": 300, "token-classification": 300, "causal-lm": 100},
+            "run": {"text-classification": 150, "token-classification": 120, "causal-lm": 170, "image-classification": 120},
+            "max_steps": {"text-classification": 300, "token-classification": 300, "causal-lm": 100,
+                          "image-classification": 300},
             "max_new_tokens": 64, "rows": None,
             "llm_bench": ["--levels", "8", "--rounds", "1", "--requests-per-client", "4", "--min-requests", "32",
                           "--max-tokens", "64", "--level-seconds", "60", "--request-timeout", "120"]},
     "dry-run": {"budget": 1500, "env": 120, "models": 180, "serve": 150, "serve_other": 120, "llm-bench": 300, "fsdp": 240,
-                "run": {"text-classification": 240, "token-classification": 240, "causal-lm": 300},
-                "max_steps": {"text-classification": 4, "token-classification": 4, "causal-lm": 3},
-                "max_new_tokens": 8, "rows": {"text-classification": 500, "token-classification": 250, "causal-lm": 80},
+                "run": {"text-classification": 240, "token-classification": 240, "causal-lm": 300,
+                        "image-classification": 240},
+                "max_steps": {"text-classification": 4, "token-classification": 4, "causal-lm": 3, "image-classification": 4},
+                "max_new_tokens": 8, "rows": {"text-classification": 500, "token-classification": 250, "causal-lm": 80,
+                                              "image-classification": 300},
                 "llm_bench": ["--levels", "8", "--rounds", "1", "--requests-per-client", "1", "--min-requests", "8",
                               "--max-tokens", "8", "--threads", "1", "--level-seconds", "120", "--request-timeout", "120"]},
 }
@@ -298,7 +301,18 @@ def _subset(src: Path, dst: Path, rows: int) -> Path:
 
     rng = random.Random(0)
     name = src.name.lower()
-    if ".jsonl" in name:
+    if src.is_dir():  # images in class folders (under train/, test/, ... when given): the same share of each folder
+        files = sorted(f for f in src.rglob("*") if f.is_file() and not f.name.startswith("."))
+        folders: dict[Path, list[Path]] = {}
+        for f in files:
+            folders.setdefault(f.parent, []).append(f)
+        shutil.rmtree(dst, ignore_errors=True)
+        for folder, members in folders.items():
+            keep = max(2, round(rows * len(members) / max(len(files), 1)))
+            for f in rng.sample(members, min(keep, len(members))):
+                (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dst / f.relative_to(src))
+    elif ".jsonl" in name:
         lines = [x for x in _read_text(src).splitlines() if x.strip()]
         dst = dst.with_suffix(".jsonl")
         dst.write_text("\n".join(rng.sample(lines, min(rows, len(lines)))) + "\n")
@@ -346,7 +360,7 @@ def derive(c: Check, name: str, example: Path, task: str, fsdp: int = 0) -> tupl
             found.parent.mkdir(parents=True, exist_ok=True)
             rc, _ = c.sh([c.python, str(ROOT / script), str(found)], f"run-{name}.log", 120)
             notes.append(f"data.{key} written by {script}")
-            found = found if rc == 0 and found.is_file() else None
+            found = found if rc == 0 and found.exists() else None
         if found is None:
             raise StepError(f"data file {data[key]} of {example.name} is neither here nor in .gpu/, and "
                             f"{script or 'no script named in its header'} could not write it (run bench/gpu_prepare.sh)")
