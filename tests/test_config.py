@@ -33,6 +33,10 @@ def _setup_packages() -> set[str]:
 
 def _read_as_the_task_does(cfg, data: Path) -> int:
     """The rows (sentences, examples) the example's task reads from `data`; raises DataError as a run would."""
+    if cfg.task.type == "image-classification":
+        from tuneforge.tasks.image_classification.data import folder_entries, given_splits
+
+        return sum(len(folder_entries(d)) for d in (given_splits(data) or {"all": data}).values())
     if cfg.task.type == "causal-lm":
         from tuneforge.tasks.causal_lm.data import read_conversations
 
@@ -64,7 +68,10 @@ def test_every_example_runs_on_what_make_setup_installs(path, tmp_path):
     cfg = load_config(path)
     packages = _setup_packages()
     assert cfg.model.name.lower() in packages, f"model package {cfg.model.name} is not installed by `make setup`"
-    assert cfg.model.name in {m["name"] for m in installed_models()}, f"{cfg.model.name} ships no model"
+    from tuneforge.tasks.behaviour import get_task
+
+    if cfg.model.name not in {m["name"] for m in installed_models()}:  # a package of weights its task converts (.pth)
+        assert get_task(cfg.task.type).resolve_model(cfg.model.name)[0].is_dir(), f"{cfg.model.name} ships no model"
     if cfg.data.path.startswith("pkg:"):
         package = cfg.data.path[4:].split("/")[0]
         assert package.lower() in packages, f"data package {package} is not installed by `make setup`"
@@ -74,9 +81,12 @@ def test_every_example_runs_on_what_make_setup_installs(path, tmp_path):
         script = re.search(r"python (examples/\w+\.py)", header).group(1)
         done = subprocess.run([sys.executable, str(root / script)], cwd=tmp_path, capture_output=True, text=True,
                               timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        apt = re.search(r"apt-get install (\S+)", (root / script).read_text())  # data from a Debian package
+        if apt and done.returncode == 2 and apt.group(1) in done.stderr:
+            pytest.skip(f"{script} reads Debian's {apt.group(1)}, not installed here (it said so, exit 2)")
         assert done.returncode == 0, done.stderr[-2000:]
         data = tmp_path / cfg.data.path
-        assert data.is_file(), f"python {script} did not write {cfg.data.path}"
+        assert data.is_file() or data.is_dir(), f"python {script} did not write {cfg.data.path}"
         for line in (root / "Makefile").read_text().splitlines():  # a make target that writes it writes this path
             if f"$(PY) {script}" in line:
                 assert line.strip() == f"$(PY) {script} {cfg.data.path}", line
@@ -145,7 +155,7 @@ def test_the_task_registry_resolves_names_and_fails_loudly_on_a_bad_entry(monkey
     from tuneforge.tasks.behaviour import get_task
 
     assert get_task("text-classification").model_class == "AutoModelForSequenceClassification"
-    with pytest.raises(ConfigError, match="must be one of: causal-lm, text-classification, token-classification"):
+    with pytest.raises(ConfigError, match="must be one of: causal-lm, image-classification, text-classification, token-classification"):
         get_task("vision")
     monkeypatch.setitem(tasks.TASKS, "broken", "tuneforge.tasks.classification.spec:SPEC")  # another task's spec
     with pytest.raises(RuntimeError, match="'broken' -> tuneforge.tasks.classification.spec:SPEC is broken"):

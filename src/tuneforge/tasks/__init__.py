@@ -17,6 +17,7 @@ TASKS: dict[str, str] = {
     "text-classification": "tuneforge.tasks.classification.spec:SPEC",
     "token-classification": "tuneforge.tasks.token_classification.spec:SPEC",
     "causal-lm": "tuneforge.tasks.causal_lm.spec:SPEC",
+    "image-classification": "tuneforge.tasks.image_classification.spec:SPEC",
 }
 DEFAULT_TASK = "text-classification"  # a config or command line that names no task
 
