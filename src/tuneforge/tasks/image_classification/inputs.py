@@ -4,7 +4,10 @@ the limit). The server never reads a path a client sends."""
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from tuneforge.errors import DataError
@@ -66,19 +69,45 @@ def check_inputs(items: list[str], settings) -> str | None:
             data = decode_base64(item)
             if len(data) > limit:
                 return f"image {i} is {len(data)} bytes, over the limit of {limit} (serve --max-image-bytes)"
-            open_rgb(data, max_pixels)
+            _remember(item, open_rgb(data, max_pixels))  # decoded here once: its measures need no second decode
         except BadImage as err:
             return f"image {i}: {err}"
     return None
 
 
 def _max_pixels(settings) -> int:
+    return _max_pixels_of(str(Path(settings.run_dir) / "model" / "config.json"))
+
+
+@functools.lru_cache(maxsize=8)
+def _max_pixels_of(config: str) -> int:
+    """The run's task.max_pixels, read once per served model (not on every request)."""
     import json
 
-    cfg = Path(settings.run_dir) / "model" / "config.json"
-    if cfg.is_file():
-        return int((json.loads(cfg.read_text()).get("tuneforge") or {}).get("max_pixels", DEFAULT_MAX_PIXELS))
+    path = Path(config)
+    if path.is_file():
+        return int((json.loads(path.read_text()).get("tuneforge") or {}).get("max_pixels", DEFAULT_MAX_PIXELS))
     return DEFAULT_MAX_PIXELS
+
+
+# the latest checked images' measures, keyed by (hash, length) of the request's base64 string: small, holds no image
+_MEASURED: OrderedDict[tuple[int, int], dict[str, float]] = OrderedDict()
+_MEASURED_MAX = 1024
+_MEASURED_LOCK = threading.Lock()
+
+
+def _remember(item: str, image) -> None:
+    found = _measure(image)
+    with _MEASURED_LOCK:
+        _MEASURED[(hash(item), len(item))] = found
+        while len(_MEASURED) > _MEASURED_MAX:
+            _MEASURED.popitem(last=False)
+
+
+def _measure(image) -> dict[str, float]:
+    image = image.copy()
+    image.thumbnail((64, 64))
+    return {"brightness": round(brightness(np.asarray(image)), 2)}
 
 
 def pixel_count(item) -> int:
@@ -95,15 +124,19 @@ def pixel_count(item) -> int:
 
 
 def measures(item) -> dict[str, float]:
-    """What the drift monitor watches of an input besides its size: its brightness (on a thumbnail of at most 64 px a
-    side, as the request was checked before). None when unreadable."""
+    """What the drift monitor watches of an input besides its size: its brightness (mean luminance of a thumbnail of at
+    most 64 px a side). A served image was measured when its request was checked; anything else is decoded here.
+    {} when unreadable."""
+    if isinstance(item, str):
+        with _MEASURED_LOCK:
+            found = _MEASURED.pop((hash(item), len(item)), None)
+        if found is not None:
+            return found
     try:
         data = item.read_bytes() if isinstance(item, Path) else item if isinstance(item, bytes) else decode_base64(item)
-        image = open_rgb(data, DEFAULT_MAX_PIXELS)
+        return _measure(open_rgb(data, DEFAULT_MAX_PIXELS))
     except (BadImage, OSError, ValueError):
         return {}
-    image.thumbnail((64, 64))
-    return {"brightness": round(brightness(np.asarray(image)), 2)}
 
 
 def parse_multipart(body: bytes, content_type: str) -> dict | None:
