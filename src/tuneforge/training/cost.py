@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from tuneforge.models.infer import autocast
-from tuneforge.training.loop import TrainData, default_collate, default_loss, make_batches, padded_width, training_batch
+from tuneforge.training.loop import (TrainData, adamw, default_collate, default_loss, make_batches, padded_width,
+                                     training_batch)
 
 _TAIL_SECONDS = 1.5  # reload, report (matplotlib plots) and model card, measured here: 0.4-1 s
 _DISK_BYTES_PER_SECOND = 100e6  # export writes fp32 weights, the final evaluation reads them back
@@ -81,7 +82,7 @@ def _optimizer_seconds(model, max_grad_norm: float = 1.0) -> float:
         return 0.0
     for p in params:
         p.grad = torch.zeros_like(p)
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = adamw(params, 1e-4)  # as training builds it (fused where it can be)
     opt.step()  # allocates the moments
     _sync(params[0].device)
     t0 = time.perf_counter()
