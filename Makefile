@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-llm demo-image fashion-mnist test bench bench-defaults bench-llm bench-image
+.PHONY: setup demo demo-llm demo-image demo-seq2seq fashion-mnist test bench bench-defaults bench-llm bench-image bench-seq2seq
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ demo-llm: setup
 	$(PY) examples/tweet_entities.py examples/data/tweet_entities.jsonl
 	$(VENV)/bin/tuneforge run examples/tweet_entities.yaml --overwrite
 
+demo-seq2seq: setup
+	$(PY) examples/tweet_entities_seq2seq.py examples/data/tweet_entities_seq2seq.jsonl
+	$(VENV)/bin/tuneforge run examples/tweet_entities_seq2seq.yaml --overwrite
+
 # Fashion-MNIST: Debian's dataset-fashion-mnist, installed when missing (as .ci/run installs its own packages)
 fashion-mnist:
 	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
@@ -55,6 +59,9 @@ bench-llm: setup
 
 bench-image: setup fashion-mnist
 	$(PY) bench/image_throughput.py
+
+bench-seq2seq: setup
+	$(PY) bench/seq2seq_throughput.py
 
 bench-defaults: setup
 	$(PY) bench/defaults.py

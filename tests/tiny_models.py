@@ -31,3 +31,52 @@ def build_tiny_llama(path: Path) -> Path:
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=4, pad_token_id=2)
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     return path
+
+
+S2S_WORDS = ("cats dogs birds fish fur bark wings fins have and the a of with in on under over near big small red "
+             "blue green old new quick slow happy sad loud quiet none summarize extract").split()
+
+
+def _word_tokenizer(specials: list[str], template: str, **names):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(S2S_WORDS)) + [str(i) for i in range(40)] + [":"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=names["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(s, vocab[s]) for s in specials if s in template])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=128, **names), vocab
+
+
+def build_tiny_t5(path: Path) -> Path:
+    """A 2-layer T5 (d_model 32) with a word-level tokenizer (pad 0, </s> 1, <unk> 2; EOS after every text)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    fast, vocab = _word_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", unk_token="<unk>", pad_token="<pad>",
+                                  eos_token="</s>")
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                      relative_attention_num_buckets=8, dropout_rate=0.0)
+    T5ForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_bart(path: Path) -> Path:
+    """A 2-layer BART (d_model 32) with a word-level tokenizer (<s> 0, <pad> 1, </s> 2, <unk> 3; <s> TEXT </s>)."""
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    fast, vocab = _word_tokenizer(["<s>", "<pad>", "</s>", "<unk>"], "<s> $A </s>", unk_token="<unk>",
+                                  pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                        bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None,
+                        forced_eos_token_id=None, dropout=0.0)
+    BartForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
+    return path

@@ -18,6 +18,7 @@ TASKS: dict[str, str] = {
     "token-classification": "tuneforge.tasks.token_classification.spec:SPEC",
     "causal-lm": "tuneforge.tasks.causal_lm.spec:SPEC",
     "image-classification": "tuneforge.tasks.image_classification.spec:SPEC",
+    "seq2seq": "tuneforge.tasks.seq2seq.spec:SPEC",
 }
 DEFAULT_TASK = "text-classification"  # a config or command line that names no task
 
