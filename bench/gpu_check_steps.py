@@ -20,22 +20,24 @@ from pathlib import Path
 import gpu_assets as assets  # bench/ is on sys.path: the scripts' folder
 
 ROOT = assets.ROOT
-TASK_ORDER = ("text-classification", "token-classification", "causal-lm", "image-classification")
+TASK_ORDER = ("text-classification", "token-classification", "causal-lm", "image-classification", "seq2seq")
 RESERVE_S, MIN_STEP_S = 10, 25  # kept for the summary; a step with less left is not run (out-of-time)
 SETTINGS = {  # per mode: the whole check's budget, each step's cap (seconds), and how the examples are shortened
     "gpu": {"budget": 540, "env": 60, "models": 90, "serve": 75, "serve_other": 40, "llm-bench": 150, "fsdp": 150,
-            "run": {"text-classification": 150, "token-classification": 120, "causal-lm": 170, "image-classification": 120},
+            "run": {"text-classification": 150, "token-classification": 120, "causal-lm": 170, "image-classification": 120,
+                    "seq2seq": 120},
             "max_steps": {"text-classification": 300, "token-classification": 300, "causal-lm": 100,
-                          "image-classification": 300},
+                          "image-classification": 300, "seq2seq": 200},
             "max_new_tokens": 64, "rows": None,
             "llm_bench": ["--levels", "8", "--rounds", "1", "--requests-per-client", "4", "--min-requests", "32",
                           "--max-tokens", "64", "--level-seconds", "60", "--request-timeout", "120"]},
     "dry-run": {"budget": 1500, "env": 120, "models": 180, "serve": 150, "serve_other": 120, "llm-bench": 300, "fsdp": 240,
                 "run": {"text-classification": 240, "token-classification": 240, "causal-lm": 300,
-                        "image-classification": 240},
-                "max_steps": {"text-classification": 4, "token-classification": 4, "causal-lm": 3, "image-classification": 4},
+                        "image-classification": 240, "seq2seq": 240},
+                "max_steps": {"text-classification": 4, "token-classification": 4, "causal-lm": 3, "image-classification": 4,
+                              "seq2seq": 3},
                 "max_new_tokens": 8, "rows": {"text-classification": 500, "token-classification": 250, "causal-lm": 80,
-                                              "image-classification": 300},
+                                              "image-classification": 300, "seq2seq": 120},
                 "llm_bench": ["--levels", "8", "--rounds", "1", "--requests-per-client", "1", "--min-requests", "8",
                               "--max-tokens", "8", "--threads", "1", "--level-seconds", "120", "--request-timeout", "120"]},
 }
@@ -380,7 +382,7 @@ def derive(c: Check, name: str, example: Path, task: str, fsdp: int = 0) -> tupl
     if not train.get("max_steps") or train["max_steps"] > steps:
         train["max_steps"] = steps
         notes.append(f"train.max_steps {steps}")
-    if task == "causal-lm":
+    if task in ("causal-lm", "seq2seq"):  # generating tasks: each test row's generation is cut short too
         limit = raw["task"].get("max_new_tokens")
         if limit is None or limit > c.s["max_new_tokens"]:
             raw["task"]["max_new_tokens"] = c.s["max_new_tokens"]
