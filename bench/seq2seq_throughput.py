@@ -68,12 +68,13 @@ def encoded(root: Path, model_dir: Path, max_length: int) -> tuple[dict, object]
     from tuneforge.tasks.seq2seq.model import special_ids
 
     tok = load_tokenizer(model_dir)
-    start = special_ids(model_dir, tok)["decoder_start_token_id"]
+    ids = special_ids(model_dir, tok)
     out = {}
     for name in ("train", "val"):
         rows = [json.loads(line) for line in (root / f"{name}.jsonl").read_text().splitlines()]
         out[name] = (encode_sources(tok, [r["prompt"] for r in rows], "", max_length),
-                     encode_targets(tok, [r["completion"] for r in rows], None, start))
+                     encode_targets(tok, [r["completion"] for r in rows], None, ids["decoder_start_token_id"],
+                                    ids["eos_token_id"]))
     return out, tok
 
 

@@ -16,7 +16,8 @@ from tuneforge.pipeline import run
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import build_tiny_bart, build_tiny_t5  # noqa: E402
 
-TOPICS = {"cats": "cats have fur", "dogs": "dogs bark", "birds": "birds have wings", "fish": "fish have fins"}
+# no target holds its topic word: a model that wrote from the target instead of the source would not find it
+TOPICS = {"cats": "have fur", "dogs": "bark", "birds": "have wings", "fish": "have fins"}
 FILLER = "the a of with in on under over near big small red blue green old new quick slow happy sad loud quiet".split()
 
 
@@ -91,11 +92,11 @@ def test_t5_learns_the_topics_beats_every_baseline_and_reports_each_metric_with_
     assert model["loss"] < base["untuned"]["loss"]  # the same targets, scored before and after tuning
     history = saved["validation"]["history"]
     assert saved["validation"]["metric"] == "loss" and "val_rouge_l" in history[-1] and "val_exact_match" in history[-1]
-    assert history[-1]["val_rouge_l"] > history[0]["val_rouge_l"]
+    assert history[-1]["val_rouge_l"] > history[0]["val_rouge_l"] and history[-1]["val_exact_match"] >= 0.9
     card = (out / "model" / "README.md").read_text()
     assert "pipeline_tag: text2text-generation" in card and "AutoModelForSeq2SeqLM" in card
     html = (out / "report.html").read_text()
-    assert "Sample generations" in html and "cats have fur" in html
+    assert "Sample generations" in html and "have fur" in html
     assert (out / "model" / "model.safetensors").is_file() and not list((out / "model").glob("*.bin"))
 
 
@@ -163,7 +164,7 @@ def test_the_offline_default_bert2bert_trains_exports_reloads_and_serves(tmp_pat
             for v in ("house", "river", "car", "hill", "road", "park")]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "out"
-    cfg = parse_config({"task": {"type": "seq2seq", "val_generations": 4},
+    cfg = parse_config({"task": {"type": "seq2seq", "val_generations": 4, "num_beams": 2},
                         "data": {"path": str(data), "val_fraction": 0.2, "test_fraction": 0.2},
                         "train": {"max_steps": 4, "batch_size": 8, "eval_every": 2},
                         "eval": {"bootstrap_samples": 0, "gate": {"ci_lower_above_baseline": False}},
@@ -173,6 +174,7 @@ def test_the_offline_default_bert2bert_trains_exports_reloads_and_serves(tmp_pat
     assert metrics["test"]["model"]["loss"] < metrics["test"]["baselines"]["untuned"]["loss"]
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["model_type"] == "encoder-decoder" and config["decoder_start_token_id"] == 101  # [CLS]
+    assert json.loads((out / "model" / "generation_config.json").read_text())["num_beams"] == 2  # beam search, exported
     texts = ["the cat is near the house", "the fish is near the road"]
     plain = _plain_generate(out / "model", texts)
     with TestClient(create_app(ServeSettings(run_dir=out, api_key=None), run_predictor(out))) as c:
@@ -184,7 +186,8 @@ def test_decoder_inputs_are_the_start_token_then_the_target_shifted_and_give_the
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from tuneforge.tasks.seq2seq.generate import batch, encode_sources, encode_targets, example_losses, target_loss
+    from tuneforge.tasks.seq2seq.generate import (batch, encode_sources, encode_targets, example_losses, kept_logits,
+                                                  target_loss)
 
     for model_dir, start in ((tiny_t5_dir, 0), (tiny_bart_dir, 2)):
         tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -201,10 +204,29 @@ def test_decoder_inputs_are_the_start_token_then_the_target_shifted_and_give_the
             theirs = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
             # the head run on the target tokens only: the same loss, and the same per-example sums
             cut = target_loss(model, dict(b))
+            keep = b["labels"] != -100
+            head_rows = kept_logits(model, {k: v for k, v in b.items() if k != "labels"}, keep)
+            assert head_rows.shape == (int(keep.sum()), model.config.vocab_size)  # the head ran on the targets only
             nll, count = example_losses(model, sources, targets, tok.pad_token_id)
         assert torch.allclose(ours, theirs)  # the model's own shift of the labels builds the same decoder inputs
         assert torch.allclose(cut, theirs, atol=1e-5)
         assert count.tolist() == [len(t) for t in targets] and abs(nll.sum() / count.sum() - float(theirs)) < 1e-4
+
+
+def test_targets_end_with_the_end_token_once_and_a_whole_column_pair_wins(tmp_path):
+    from tiny_models import _word_tokenizer
+
+    from tuneforge.tasks.seq2seq.data import columns
+    from tuneforge.tasks.seq2seq.generate import encode_targets
+    from tuneforge.tasks.seq2seq.spec import Seq2SeqTaskConfig
+
+    bare, vocab = _word_tokenizer(["<pad>", "</s>", "<unk>"], "$A", unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    assert bare("cats have fur")["input_ids"][-1] != 1  # this tokenizer adds no end token ...
+    assert [t[-1] for t in encode_targets(bare, ["cats have fur", "dogs"], None, 0, 1)] == [1, 1]  # ... training does
+    t5_like, _ = _word_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    assert encode_targets(t5_like, ["dogs bark"], None, 0, 1)[0] == [vocab["dogs"], vocab["bark"], 1]  # not twice
+    task = Seq2SeqTaskConfig(type="seq2seq")
+    assert columns(["source", "prompt", "completion"], task, tmp_path / "f.csv") == ("prompt", "completion")
 
 
 def test_rouge_and_the_lead_baseline():
@@ -249,8 +271,6 @@ def test_bad_data_and_models_exit_2_naming_what_to_fix(tmp_path, tiny_t5_dir, ti
     assert code == 2 and "not an encoder-decoder" in err and "text- or token-classification" in err
     code, err = _bad(capsys, good, tiny_t5_dir, tmp_path / "o5", "--method", "frozen")
     assert code == 2 and "frozen" in err and "lora" in err
-    for k in range(1, 6):
-        assert not (tmp_path / f"o{k}" / "model").exists()
 
 
 def test_named_columns_a_prefix_and_cut_targets_reach_the_audit(tmp_path, tiny_t5_dir):
@@ -267,3 +287,29 @@ def test_named_columns_a_prefix_and_cut_targets_reach_the_audit(tmp_path, tiny_t
     cut = report["target_truncation"]
     assert cut["severity"] == "warning" and cut["splits"]["train"]["truncated"] == cut["splits"]["train"]["rows"] > 0
     assert report["target_copies_source"]["severity"] == "info"
+
+
+def test_two_processes_weighted_by_target_tokens_follow_one(tmp_path, tiny_t5_dir):
+    """DDP (`--nproc 2`): the targets travel to the other process with their start token, the head still runs on the
+    target tokens only behind DDP's wrapper, and each process's loss is weighted by its share of the batch's target
+    tokens, so two processes follow one (the tiny T5 has no dropout)."""
+    import numpy as np
+    import yaml
+    from test_distributed import _cli, _one_process, _results
+
+    data = write_jsonl(tmp_path / "topics.jsonl", topic_rows(120))
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
+            "task": {"type": "seq2seq", "val_generations": 0}, "model": {"name": str(tiny_t5_dir)},
+            "data": {"path": str(data), "val_fraction": 0.15, "test_fraction": 0.15},
+            "train": {"method": "full", "epochs": 2, "batch_size": 8, "learning_rate": 3e-3, "precision": "fp32",
+                      "early_stopping_patience": 0},
+            "eval": {"bootstrap_samples": 20, "baselines": ["lead"]}, "output": {"dir": str(tmp_path / name)}}))
+    _one_process(tmp_path / "one.yaml")
+    proc = _cli(["run", str(tmp_path / "two.yaml"), "--nproc", "2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (m1, r1), (m2, r2) = _results(tmp_path / "one"), _results(tmp_path / "two")
+    assert r2["distributed"]["processes"] == 2 and r1["steps"] == r2["steps"]
+    h1, h2 = m1["validation"]["history"], m2["validation"]["history"]
+    for key in ("train_loss", "val_loss"):
+        np.testing.assert_allclose([h[key] for h in h2], [h[key] for h in h1], atol=1e-4)

@@ -28,9 +28,10 @@ def columns(found: list[str], task, path: Path) -> tuple[str, str]:
                                 column=c, fix=f"set task.{key} to one of the file's columns" if c in wanted else
                                 f"set task.{key} too")
         return source, target
-    for source, target in COLUMN_PAIRS:
+    for source, target in COLUMN_PAIRS:  # a whole pair first: source + prompt + completion reads prompt/completion
         if source in cols and target in cols:
             return source, target
+    for source, target in COLUMN_PAIRS:
         if source in cols or target in cols:
             missing = target if source in cols else source
             raise DataError(f"column '{missing}' not found beside '{source if source in cols else target}'; the columns "

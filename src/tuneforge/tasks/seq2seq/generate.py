@@ -36,14 +36,18 @@ class Target(list):
         return (Target, (list(self), self.start))
 
 
-def encode_targets(tokenizer, texts: list[str], max_length: int | None, start_id: int) -> list[Target]:
-    """Each target as the decoder learns it: its tokens and EOS (cut to `max_length`), without a leading token equal
-    to the decoder's start (BERT's [CLS]: the decoder reads the start token before the target anyway)."""
+def encode_targets(tokenizer, texts: list[str], max_length: int | None, start_id: int,
+                   eos_id: int | None = None) -> list[Target]:
+    """Each target as the decoder learns it: its tokens and EOS (`eos_id`, added where the tokenizer adds none; cut to
+    `max_length`), without a leading token equal to the decoder's start (BERT's [CLS]: the decoder reads the start
+    token before the target anyway)."""
     out = []
     for ids in tokenizer(text_target=list(texts), add_special_tokens=True)["input_ids"]:
         ids = list(ids)
         if len(ids) > 1 and ids[0] == start_id:
             ids = ids[1:]
+        if eos_id is not None and (not ids or ids[-1] != eos_id):
+            ids.append(eos_id)
         if max_length and len(ids) > max_length:
             ids = ids[: max_length - 1] + ids[-1:]  # the end token stays: generation learns where to stop
         out.append(Target(ids, start_id))
@@ -74,7 +78,8 @@ def kept_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
     embeddings), so target padding costs no vocabulary-sized logits, forward or backward (measured on the BERT2BERT,
     batch 16: a training step's forward and backward 10-20% faster). A model without output embeddings to hook runs
     its head everywhere and the logits are cut after."""
-    head = model.get_output_embeddings()
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model  # DDP hides it
+    head = inner.get_output_embeddings()
     if head is None:
         return model(**batch).logits[keep]
     flat = torch.nonzero(keep.reshape(-1), as_tuple=True)[0]
@@ -160,23 +165,32 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
-def generate_ids(model, sources: list[list[int]], pad_id: int, eos_id: int | None, max_new_tokens: int,
+def generate_ids(model, sources: list[list[int]], pad_id: int, stops: list[int], max_new_tokens: int,
                  num_beams: int = 1, batch_size: int = 16, precision: str = "fp32") -> list[tuple[list[int], bool]]:
-    """(the generated token ids, up to and without EOS and the start token left out; whether EOS ended it) per source,
-    in input order."""
+    """(the generated token ids, up to and without an end token, the start token and a forced first token left out;
+    whether an end token ended it) per source, in input order. Decoding is the export's (model.decoding): the
+    checkpoint's own min_length, length penalty or repetition rules (a summariser's, say) do not apply, so the untuned
+    baseline, validation, evaluation and a plain `generate` on the export all decode alike."""
+    import copy
+
+    from tuneforge.tasks.seq2seq.model import decoding
+
     device = next(model.parameters()).device
     model.eval()
+    config = copy.deepcopy(model.generation_config)
+    config.update(**decoding({"eos_token_id": list(stops), "pad_token_id": pad_id}, num_beams, max_new_tokens))
+    forced = getattr(config, "forced_bos_token_id", None)
     out: list[tuple[list[int], bool]] = [([], False)] * len(sources)
     for idx in length_batches([len(s) for s in sources], batch_size, call_cost=64):
         b = pad_inputs([sources[i] for i in idx], pad_id, device)
         with autocast(device, precision):
-            gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], do_sample=False,
-                                 num_beams=num_beams, max_new_tokens=max_new_tokens, top_p=None, top_k=None,
-                                 temperature=None)
+            gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], generation_config=config)
         for r, i in enumerate(idx):
             new = gen[r, 1:].tolist()  # the first is the decoder's start token
-            cut = next((k for k, t in enumerate(new) if t == eos_id), None)
-            out[i] = (new, False) if cut is None else (new[:cut], True)
+            if forced is not None and new[:1] == [forced]:  # BART's forced <s>: not output the model chose
+                new = new[1:]
+            cut = next((k for k, t in enumerate(new) if t in stops), None)
+            out[i] = ([t for t in new if t != pad_id], False) if cut is None else (new[:cut], True)
     return out
 
 
@@ -190,6 +204,8 @@ class Seq2SeqPredictor:
         self.device, self.precision = device, precision
         ids = settings.get("ids") or special_ids_of(model, tokenizer)
         self.eos_id, self.pad_id = ids["eos_token_id"], ids["pad_token_id"]
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.stops = sorted({self.eos_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None})
 
     @classmethod
     def load(cls, model_dir: Path, device="cpu", precision: str = "fp32") -> "Seq2SeqPredictor":
@@ -228,7 +244,7 @@ class Seq2SeqPredictor:
         """As generate, from sources already encoded (prefix and cut included)."""
         max_new = max_new_tokens or self.max_new_tokens
         beams = num_beams or int(self.settings.get("num_beams") or 1)
-        ids = generate_ids(self.model, sources, self.pad_id, self.eos_id, max_new, beams, batch_size, self.precision)
+        ids = generate_ids(self.model, sources, self.pad_id, self.stops, max_new, beams, batch_size, self.precision)
         return [{"generation": self.tokenizer.decode(x, skip_special_tokens=True).strip(),
                  "finish_reason": "stop" if stopped else "length", "output_tokens": len(x), "max_tokens": max_new}
                 for x, stopped in ids]
@@ -250,4 +266,6 @@ def special_ids_of(model, tokenizer) -> dict:
         pad = getattr(model.config, "pad_token_id", None)
     if pad is None:
         pad = tokenizer.pad_token_id
+    if pad is None:  # a model without one: padding is masked, any token does
+        pad = eos[0] if isinstance(eos, list) else eos
     return {"eos_token_id": eos[0] if isinstance(eos, list) else eos, "pad_token_id": pad}

@@ -129,26 +129,38 @@ def special_ids(model_dir: Path, tokenizer) -> dict:
         return fallback
 
     eos = first("eos_token_id", tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id)
+    eos = eos[0] if isinstance(eos, list) else eos
     pad = first("pad_token_id", tokenizer.pad_token_id)
+    pad = eos if pad is None else pad  # a model without a pad token: padding is masked, any token does
     start = first("decoder_start_token_id", None)
     if start is None:
         raise ModelNotFoundError(f"{model_dir}'s config.json has no decoder_start_token_id: generation cannot start",
                                  fix="set decoder_start_token_id (T5: the pad id; BART: the eos id; BERT2BERT: [CLS]) "
                                      "in its config.json")
     return {"decoder_start_token_id": start,
-            "eos_token_id": eos[0] if isinstance(eos, list) else eos, "pad_token_id": pad}
+            "eos_token_id": eos, "pad_token_id": pad}
+
+
+def decoding(ids: dict, num_beams: int, max_new_tokens: int) -> dict:
+    """How tuneforge decodes, as generation-config keys: greedy or beam search to max_new_tokens, from the start token
+    to an end token (`ids`), and none of a checkpoint's own rules (min_length, length and repetition penalties,
+    n-gram blocking, early stopping) that its evaluation did not apply."""
+    return {"do_sample": False, "num_beams": num_beams, "max_new_tokens": max_new_tokens, "min_length": 0,
+            "min_new_tokens": None, "length_penalty": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+            "early_stopping": False, "temperature": None, "top_p": None, "top_k": None, **ids}
 
 
 def write_generation_config(model_dir: Path, ids: dict, num_beams: int, max_new_tokens: int) -> None:
-    """Greedy or beam decoding as tuneforge's evaluation ran it, from the start token to EOS."""
+    """The export's generation_config.json: decoding as tuneforge's evaluation ran it (`decoding`), so a plain
+    `generate` on the export gives what `tuneforge predict` gives."""
     from tuneforge.artifacts import write_json
 
     path = model_dir / "generation_config.json"
     base = json.loads(path.read_text()) if path.is_file() else {}
-    for key in ("temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size", "length_penalty",
-                "min_length", "max_length", "early_stopping"):
-        base.pop(key, None)
-    base.update({"do_sample": False, "num_beams": num_beams, "max_new_tokens": max_new_tokens, **ids})
+    base.pop("max_length", None)  # max_new_tokens says it
+    base.update({k: v for k, v in decoding(ids, num_beams, max_new_tokens).items() if v is not None})
+    for key in ("temperature", "top_p", "top_k", "min_new_tokens"):
+        base.pop(key, None)  # unset: greedy or beam search has no use for them
     if ids.get("decoder_start_token_id") is not None:
         base.setdefault("bos_token_id", ids["decoder_start_token_id"])
     write_json(path, base)

@@ -67,7 +67,7 @@ class Seq2SeqTask(TaskDefaults):
     def _targets(self, tokenizer, space: Seq2SeqSpace, texts) -> list[list[int]]:
         from tuneforge.tasks.seq2seq.generate import encode_targets
 
-        return encode_targets(tokenizer, list(texts), None, space.ids["decoder_start_token_id"])
+        return encode_targets(tokenizer, list(texts), None, space.ids["decoder_start_token_id"], space.ids["eos_token_id"])
 
     def label_space(self, cfg, data) -> Seq2SeqSpace:
         """The target limit and generation length, by the training targets where the config leaves them to the data."""
@@ -112,7 +112,7 @@ class Seq2SeqTask(TaskDefaults):
         start = space.ids["decoder_start_token_id"]
         for name, ex in splits.items():
             ids[name] = encode_sources(tokenizer, list(ex.texts), space.prefix, max_length)
-            targets = encode_targets(tokenizer, list(ex.labels), space.max_target_length, start)
+            targets = encode_targets(tokenizer, list(ex.labels), space.max_target_length, start, space.ids["eos_token_id"])
             y[name] = HeldOutTargets(targets, ex.labels) if name == "val" else targets
         return ids, y
 
@@ -156,7 +156,7 @@ class Seq2SeqTask(TaskDefaults):
             if n_gen:
                 device = next(model.parameters()).device
                 predictor = Seq2SeqPredictor(model, tokenizer, {**settings, "ids": space.ids}, device, precision)
-                out = predictor.generate(val.texts[:n_gen], space.max_new_tokens, cfg.eval.batch_size)
+                out = predictor.generate_from(val_ids[:n_gen], space.max_new_tokens, cfg.eval.batch_size)
                 scores = per_example([o["generation"] for o in out], val.texts[:n_gen])
                 row.update({f"val_{k}": float(v.mean()) for k, v in scores.items()})
             row["val_perplexity"] = perplexity(loss)
