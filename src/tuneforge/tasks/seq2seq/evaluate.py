@@ -7,13 +7,8 @@ import numpy as np
 from tuneforge.tasks.seq2seq.spec import TEXT_METRICS
 
 
-def perplexity_ci(nll: np.ndarray, tokens: np.ndarray, samples: int, seed: int) -> dict | None:
-    from tuneforge.tasks.causal_lm.evaluate import perplexity_ci as ci
-
-    return ci(nll, tokens, samples, seed)
-
-
 def scored(cfg, refs: list[str], generations: list[str] | None, nll=None, tokens=None) -> dict:
+    from tuneforge.tasks.causal_lm.evaluate import perplexity_ci
     from tuneforge.tasks.seq2seq.generate import perplexity
     from tuneforge.tasks.seq2seq.metrics import score
 

@@ -202,7 +202,7 @@ class Seq2SeqPredictor:
     def __init__(self, model, tokenizer, settings: dict, device, precision: str = "fp32"):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.device, self.precision = device, precision
-        ids = settings.get("ids") or special_ids_of(model, tokenizer)
+        ids = settings["ids"]  # decoder start, end and pad tokens (model.special_ids)
         self.eos_id, self.pad_id = ids["eos_token_id"], ids["pad_token_id"]
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.stops = sorted({self.eos_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None})
@@ -214,7 +214,7 @@ class Seq2SeqPredictor:
         from tuneforge.artifacts import SETTINGS_KEY
         from tuneforge.models.device import resolve_device, resolve_precision
         from tuneforge.models.load import load_tokenizer
-        from tuneforge.tasks.seq2seq.model import load_seq2seq
+        from tuneforge.tasks.seq2seq.model import load_seq2seq, special_ids
 
         model_dir = Path(model_dir)
         device = resolve_device(device)
@@ -222,7 +222,8 @@ class Seq2SeqPredictor:
         settings = json.loads((model_dir / "config.json").read_text()).get(SETTINGS_KEY, {})
         model = load_seq2seq(model_dir).to(device)
         model.eval()
-        return cls(model, load_tokenizer(model_dir), settings, device, precision)
+        tokenizer = load_tokenizer(model_dir)
+        return cls(model, tokenizer, {**settings, "ids": special_ids(model_dir, tokenizer)}, device, precision)
 
     @property
     def labels(self):
@@ -251,21 +252,3 @@ class Seq2SeqPredictor:
 
     def predict(self, texts: list[str], batch_size: int = 16) -> list[dict]:
         return self.generate(texts, batch_size=batch_size)
-
-
-def special_ids_of(model, tokenizer) -> dict:
-    """eos and pad ids from the model's generation config (the tokenizer's where it has none)."""
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    pad = getattr(gen, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(model.config, "pad_token_id", None)
-    if pad is None:
-        pad = tokenizer.pad_token_id
-    if pad is None:  # a model without one: padding is masked, any token does
-        pad = eos[0] if isinstance(eos, list) else eos
-    return {"eos_token_id": eos[0] if isinstance(eos, list) else eos, "pad_token_id": pad}

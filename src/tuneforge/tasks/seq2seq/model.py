@@ -102,18 +102,7 @@ def load_seq2seq(model_dir: Path, seed: int | None = None, trust_remote_code: bo
         except (OSError, ValueError) as err:
             raise ModelNotFoundError(f"cannot load a sequence-to-sequence model from {model_dir} ({err})",
                                      fix="use a Hugging Face encoder-decoder directory with safetensors weights") from None
-    if start_id(model.config) is None:
-        raise ModelNotFoundError(f"{model_dir}'s config.json has no decoder_start_token_id: generation cannot start",
-                                 fix="set decoder_start_token_id (T5: the pad id; BART: the eos id; BERT2BERT: [CLS]) "
-                                     "in its config.json")
     return model
-
-
-def start_id(config) -> int | None:
-    value = getattr(config, "decoder_start_token_id", None)
-    if value is None and getattr(config, "decoder", None) is not None:
-        value = getattr(config.decoder, "decoder_start_token_id", None)
-    return value
 
 
 def special_ids(model_dir: Path, tokenizer) -> dict:

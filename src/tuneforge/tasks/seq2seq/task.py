@@ -69,12 +69,13 @@ class Seq2SeqTask(TaskDefaults):
 
         return encode_targets(tokenizer, list(texts), None, space.ids["decoder_start_token_id"], space.ids["eos_token_id"])
 
-    def label_space(self, cfg, data) -> Seq2SeqSpace:
-        """The target limit and generation length, by the training targets where the config leaves them to the data."""
+    def label_space(self, cfg, data, tokenizer=None) -> Seq2SeqSpace:
+        """The target limit and generation length, by the training targets where the config leaves them to the data
+        (`tokenizer`: the model's, when the caller holds it already)."""
         from tuneforge.tasks.seq2seq.model import special_ids
 
         model_dir = self.resolve_model(cfg.model.name)[0]
-        tokenizer = self.load_tokenizer(model_dir)
+        tokenizer = tokenizer or self.load_tokenizer(model_dir)
         space = Seq2SeqSpace(0, "", 0, cfg.task.num_beams, cfg.task.prefix, special_ids(model_dir, tokenizer))
         lengths = [len(t) for t in self._targets(tokenizer, space, data.splits.train.labels)]
         space.longest_target = longest = max(lengths, default=16)
@@ -101,7 +102,7 @@ class Seq2SeqTask(TaskDefaults):
     def audit_sections(self, cfg, data, tokenizer, max_length: int) -> dict:
         from tuneforge.tasks.seq2seq.audit import sections
 
-        space = self.label_space(cfg, data)
+        space = self.label_space(cfg, data, tokenizer)
         lengths = {name: [len(t) for t in self._targets(tokenizer, space, ex.labels)] for name, ex in data.splits.items()}
         return sections(data, lengths, space.max_target_length, space.max_target_why)
 
