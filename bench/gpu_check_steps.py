@@ -273,13 +273,21 @@ def ordered_examples() -> tuple[list[tuple[str, Path, str]], list[tuple[str, Pat
     makefile = (ROOT / "Makefile").read_text() if (ROOT / "Makefile").is_file() else ""
     demos = re.findall(r"examples/([\w-]+)\.yaml", makefile)
     found = [(p.stem, p, assets.read_example(p)["task"]["type"]) for p in assets.example_configs()]
-    rank = lambda e: (TASK_ORDER.index(e[2]) if e[2] in TASK_ORDER else len(TASK_ORDER),  # noqa: E731
+    variant = {p.stem: _variant(assets.read_example(p)["task"]) for p in assets.example_configs()}
+    rank = lambda e: (TASK_ORDER.index(e[2]) if e[2] in TASK_ORDER else len(TASK_ORDER), variant[e[0]],  # noqa: E731
                       demos.index(e[0]) if e[0] in demos else len(demos), e[0])
     first, rest, seen = [], [], set()
     for e in sorted(found, key=rank):
-        (rest if e[2] in seen else first).append(e)
-        seen.add(e[2])
+        kind = (e[2], variant[e[0]])
+        (rest if kind in seen else first).append(e)
+        seen.add(kind)
     return first, rest
+
+
+def _variant(task: dict) -> str:
+    """A task's variant its first example must cover too: preference tuning (DPO) for the causal LM, told by the
+    example's task section setting DPO's knobs."""
+    return "preference" if {"beta", "preference_loss", "sft_weight"} & set(task) else ""
 
 
 def step_models(c: Check, limit: float, examples) -> dict:

@@ -402,7 +402,7 @@ def test_causal_lm_defaults_to_lora_on_every_linear_layer_of_smollm2():
     assert (cfg.train.lora.r, cfg.train.lora.alpha, cfg.train.lora.dropout) == (16, 32, 0.05)
     assert cfg.train.lora.target_modules == ["all-linear"]
     assert cfg.train.learning_rate == 5e-4
-    assert cfg.eval.baselines == ["base_zero_shot", "base_few_shot", "retrieval"]
+    assert cfg.eval.baselines == ["base_zero_shot", "base_few_shot", "retrieval", "reference", "length", "sft_chosen"]
 
 
 def test_causal_lm_with_full_method_takes_no_lora_section():

@@ -274,6 +274,7 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
     from tuneforge.training.loop import TrainData, default_loss, epochs_for, patience_for, plan_steps, train
 
     task, console, durations, ids, y = prep.task, prep.console, prep.durations, prep.ids, prep.y
+    trained = _trained_baselines(prep, cfg, accelerator, precision, why, out) if prep.baselines is None else {}
     with _stage(durations, "load_model"):
         model = task.load_model(prep.model_dir, prep.label_space, cfg.train.seed, cfg.model.trust_remote_code)
     info = describe(prep.model_dir)
@@ -290,14 +291,16 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
     if prep.baselines is None:
         with _stage(durations, "baselines"):  # one process scores the test split, so only it needs them
             prep.baselines = task.baselines(cfg, prep.label_space, prep.data.splits, ids, y, model, pad_id, precision) \
-                if accelerator.is_main_process else {}
+                | trained if accelerator.is_main_process else {}
         if keep_baselines and accelerator.is_main_process:
             artifacts.write_json(out / artifacts.BASELINES, {"splits": _split_hashes(prep.data.report),
                                                              "names": list(cfg.eval.baselines),
                                                              "baselines": artifacts.to_json(prep.baselines)})
 
+    with _stage(durations, "before_training"):  # e.g. preference tuning's reference log-probs
+        task.before_training(cfg, prep.label_space, ids, y, model, pad_id, precision)
     model = apply_method(model, cfg.train, task.peft_task_type, task.lora_targets(), task.lora_head())
-    loss_fn = task.training_loss() or default_loss
+    loss_fn = task.training_loss(cfg) or default_loss
     train_data = TrainData(ids["train"], y["train"], getattr(y["train"], "positions", None))
     world = accelerator.num_processes
     per_epoch, total, eval_every = plan_steps(len(ids["train"]), cfg.train)  # the same for any number of processes
@@ -338,6 +341,35 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
     return Fitted(_trained_model(prep, cfg, accelerator, model), result, est, plan, select, info, held)
 
 
+def _trained_baselines(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, out: Path) -> dict:
+    """The task's baselines that are trainings themselves (e.g. SFT on preference pairs' chosen answers): each trained
+    here on its variant of the data, with cfg.train and the task's hooks, before the run's own model is loaded (one
+    model in memory at a time), then scored by the task on the main process. Their checkpoints go to a scratch
+    directory removed afterwards."""
+    import dataclasses
+
+    scored = {}
+    for name, (space, ids, y) in prep.task.trained_baselines(cfg, prep.label_space, prep.ids, prep.y,
+                                                             prep.max_length).items():
+        prep.console.print(f"[bold]baseline[/] {name}: trained first, with the same train settings")
+        sub = dataclasses.replace(prep, label_space=space, ids=ids, y=y, baselines={}, durations={}, resume_from="new")
+        scratch = out / "baselines.tmp" / name
+        try:
+            with _stage(prep.durations, f"baseline_{name}"):
+                fitted = fit(sub, cfg, accelerator, precision, why, out=scratch)
+                if accelerator.is_main_process:
+                    from tuneforge.models.infer import pad_id_of
+
+                    scored[name] = prep.task.score_trained_baseline(cfg, name, prep.label_space, prep.data.splits, prep.y,
+                                                                    fitted.model, pad_id_of(prep.tokenizer))
+        finally:
+            accelerator.wait_for_everyone()
+            accelerator.free_memory()  # the accelerator keeps every prepared model otherwise
+            if accelerator.is_main_process:
+                shutil.rmtree(out / "baselines.tmp", ignore_errors=True)
+    return scored
+
+
 def _estimate(prep: Prepared, cfg: RunConfig, model, precision: str, world: int) -> dict:
     """The run's cost on this hardware, from a few timed steps of `model` (cost.estimate)."""
     from tuneforge.models.infer import pad_id_of
@@ -352,7 +384,7 @@ def _estimate(prep: Prepared, cfg: RunConfig, model, precision: str, world: int)
                              eval_rows_tokens=sum(map(len, ids["val"])), n_evals=max(1, total // eval_every),
                              infer_tokens=sum(map(len, ids["test"])), pad_id=pad_id_of(prep.tokenizer), precision=precision,
                              seconds_so_far=time.perf_counter() - prep.t_start, positions=getattr(y["train"], "positions", None),
-                             loss_fn=prep.task.training_loss() or default_loss, world=world, collate=prep.task.collate)
+                             loss_fn=prep.task.training_loss(cfg) or default_loss, world=world, collate=prep.task.collate)
 
 
 def estimate_cost(prep: Prepared, cfg: RunConfig, accelerator, precision: str) -> dict:

@@ -37,8 +37,22 @@ class TaskDefaults:
     def lora_targets(self):
         return None  # peft's default for the architecture
 
-    def training_loss(self):
+    def training_loss(self, cfg):
         return None  # the model's own loss
+
+    def before_training(self, cfg, label_space, ids: dict, y: dict, model, pad_id: int, precision: str) -> None:
+        """Work on the pre-trained model just before training changes it (on every process, for every training of a
+        search): e.g. the reference log-probabilities preference tuning measures its rewards from."""
+        return None
+
+    def trained_baselines(self, cfg, label_space, ids: dict, y: dict, max_length: int) -> dict:
+        """Baselines that are trainings themselves: name -> (label space, ids, targets) of a variant of the data that
+        the pipeline trains with this task's hooks and cfg.train, then hands to `score_trained_baseline`."""
+        return {}
+
+    def score_trained_baseline(self, cfg, name: str, label_space, splits, y: dict, model, pad_id: int) -> dict:
+        """A trained baseline's test outputs, as `baselines` returns them (kept in baselines.json for --resume)."""
+        raise NotImplementedError(f"{self.name} has no trained baseline {name}")
 
     def selection(self, cfg) -> tuple[str, str]:
         """The validation key that picks the best step, and whether higher or lower is better."""

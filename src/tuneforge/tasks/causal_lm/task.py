@@ -1,7 +1,8 @@
-"""Causal LM behind the task seam: instruction tuning (prompt/completion pairs, chats) and domain adaptation
-(plain text) of a generative LLM, LoRA by default, packed rows, validation loss for early stopping, and test
-generations scored by exact match, ROUGE-L and chrF against the untuned model (zero- and few-shot) and a
-retrieval baseline."""
+"""Causal LM behind the task seam: instruction tuning (prompt/completion pairs, chats), domain adaptation (plain
+text) and preference tuning (DPO on chosen / rejected pairs: preference.py, preference_eval.py) of a generative LLM,
+LoRA by default, packed rows, validation loss for early stopping, and test generations scored by exact match,
+ROUGE-L and chrF against the untuned model (zero- and few-shot) and a retrieval baseline (pairs: preference accuracy
+against the reference model's ranking, the longer answer, and SFT on the chosen answers)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ MIN_PACKED_ROW = 256        # short examples pack better into rows of at least t
 
 @dataclass
 class LMSpace:
-    """What the data is: its kind (pair, chat, text), the closed set of completions when there is one, and the
+    """What the data is: its kind (pair, chat, text, preference), the closed set of completions when there is one, and the
     generation length resolved from the training completions."""
     kind: str
     classes: list[str] | None = None
@@ -45,6 +46,9 @@ class HeldOutExamples(list):
     def __init__(self, examples, row_of):
         super().__init__(examples)
         self.row_of = row_of
+
+    def subset(self, positions: list[int]) -> "HeldOutExamples":
+        return HeldOutExamples([self[i] for i in positions], [self.row_of[i] for i in positions])
 
 
 def _messages(ex, k: int, system_prompt: str | None) -> list[dict]:
@@ -87,11 +91,12 @@ class CausalLMTask(TaskDefaults):
         from tuneforge.tasks.causal_lm.metrics import closed_set
 
         kind = data.report["kind"]
-        classes = None if kind == "text" else closed_set(data.splits.train.labels, data.splits.test.labels)
+        classes = None if kind in ("text", "preference") else closed_set(data.splits.train.labels, data.splits.test.labels)
         return LMSpace(kind, classes)
 
     def describe_space(self, space: LMSpace) -> str:
-        what = {"pair": "prompt/completion pairs", "chat": "chats", "text": "plain text"}[space.kind]
+        what = {"pair": "prompt/completion pairs", "chat": "chats", "text": "plain text",
+                "preference": "preference pairs (chosen / rejected), trained by DPO"}[space.kind]
         return what + (f", completions from a closed set of {len(space.classes)}" if space.classes else "")
 
     def token_lengths(self, cfg, tokenizer, data) -> dict:
@@ -99,6 +104,11 @@ class CausalLMTask(TaskDefaults):
         from tuneforge.tasks.causal_lm.encoding import uses_template
 
         template = uses_template(tokenizer, cfg.task.chat_template)
+        if data.report["kind"] == "preference":  # a pair's longer side: what max_length must hold
+            from tuneforge.tasks.causal_lm.preference import render_pairs
+
+            return {name: np.array([max(len(p.chosen.ids), len(p.rejected.ids)) for p in render_pairs(cfg, tokenizer, ex, template)])
+                    for name, ex in data.splits.items()}
         return {name: np.array([sum(len(p.ids) for p in pieces) for pieces in render(cfg, tokenizer, ex, template)])
                 for name, ex in data.splits.items()}
 
@@ -122,6 +132,12 @@ class CausalLMTask(TaskDefaults):
         from tuneforge.tasks.causal_lm.encoding import uses_template
 
         template = uses_template(tokenizer, cfg.task.chat_template)
+        if data.report["kind"] == "preference":
+            from tuneforge.tasks.causal_lm.preference import render_pairs
+            from tuneforge.tasks.causal_lm.preference_eval import audit_sections
+
+            pairs = {name: render_pairs(cfg, tokenizer, ex, template) for name, ex in data.splits.items()}
+            return audit_sections(data, pairs, tokenizer, max_length, template)
         rendered = {name: render(cfg, tokenizer, ex, template, max_length) for name, ex in data.splits.items()}
         return sections(data, rendered, tokenizer, max_length, template, cfg.audit)
 
@@ -131,6 +147,10 @@ class CausalLMTask(TaskDefaults):
         from tuneforge.tasks.causal_lm.encoding import fit, pack, trainable, uses_template
 
         space.template = uses_template(tokenizer, cfg.task.chat_template)
+        if space.kind == "preference":
+            from tuneforge.tasks.causal_lm.preference import encode_preference
+
+            return encode_preference(cfg, tokenizer, space, splits, max_length)
         ids, y = {}, {}
         for name, ex in splits.items():
             pieces = render(cfg, tokenizer, ex, space.template, max_length)
@@ -163,11 +183,11 @@ class CausalLMTask(TaskDefaults):
         examples = y["test"]
         wanted = set(keep)
         positions = [i for i, r in enumerate(examples.row_of) if r in wanted]
-        cut_examples = HeldOutExamples([examples[i] for i in positions], [examples.row_of[i] for i in positions])
+        cut_examples = examples.subset(positions)
         n, n_examples = len(splits.test), len(examples)
         cut_baselines = {}
         for name, b in baselines.items():
-            per_example = {k: take(v, positions, n_examples) for k, v in b.items() if k in ("nll", "tokens")}
+            per_example = {k: take(v, positions, n_examples) for k, v in b.items() if k in ("nll", "tokens", "logps", "lengths")}
             cut_baselines[name] = {**take({k: v for k, v in b.items() if k not in per_example}, keep, n), **per_example}
         return dataclasses.replace(splits, test=splits.test.subset(keep)), {**y, "test": cut_examples}, cut_baselines
 
@@ -182,6 +202,10 @@ class CausalLMTask(TaskDefaults):
         mask (encoding.packed_batch)."""
         from tuneforge.tasks.causal_lm.encoding import packed_batch
 
+        if isinstance(examples[0]["labels"], dict):  # packed preference pairs
+            from tuneforge.tasks.causal_lm.preference import collate_pairs
+
+            return collate_pairs(examples, pad_id, pad_to_multiple_of)
         if "position_ids" not in examples[0]:
             return super().collate(examples, pad_id, pad_to_multiple_of)
         rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
@@ -190,10 +214,47 @@ class CausalLMTask(TaskDefaults):
     def lora_targets(self):
         return "all-linear"
 
-    def training_loss(self):
+    def training_loss(self, cfg):
+        """The packed SFT loss, or on preference batches (collate_pairs: they carry reference log-probs) the
+        preference loss task.preference_loss with task.beta and task.sft_weight."""
         from tuneforge.tasks.causal_lm.generate import packed_loss
+        from tuneforge.tasks.causal_lm.preference import preference_loss
 
-        return packed_loss
+        prefer = preference_loss(cfg.task.beta, cfg.task.preference_loss, cfg.task.sft_weight)
+
+        def loss(model, batch: dict):
+            return prefer(model, batch) if "reference" in batch else packed_loss(model, batch)
+
+        return loss
+
+    def before_training(self, cfg, space: LMSpace, ids: dict, y: dict, model, pad_id: int, precision: str) -> None:
+        """Preference pairs: the starting model's log-probs of the training and validation pairs (the reference)."""
+        if space.kind == "preference":
+            from tuneforge.tasks.causal_lm.preference import compute_reference
+
+            compute_reference(cfg, y, model, pad_id, precision)
+
+    def trained_baselines(self, cfg, space: LMSpace, ids: dict, y: dict, max_length: int) -> dict:
+        """Preference pairs: `sft_chosen`, the SFT path on the chosen answers alone (the same rows' prompts, packed as
+        SFT packs them; validation on the chosen answers' loss)."""
+        import dataclasses
+
+        from tuneforge.tasks.causal_lm.encoding import pack, trainable
+
+        if space.kind != "preference" or "sft_chosen" not in cfg.eval.baselines:
+            return {}
+        chosen = [p.chosen for p in y["train"].pairs if trainable(p.chosen)]
+        rows, labels, positions = pack(chosen, max_length, cfg.task.packing)
+        val = [p.chosen for p in y["val"]]
+        return {"sft_chosen": (dataclasses.replace(space, kind="pair"),
+                               {"train": rows, "val": [e.ids for e in val], "test": []},
+                               {"train": PackedLabels(labels, positions), "val": HeldOutExamples(val, list(range(len(val)))),
+                                "test": []})}
+
+    def score_trained_baseline(self, cfg, name: str, space: LMSpace, splits, y: dict, model, pad_id: int) -> dict:
+        from tuneforge.tasks.causal_lm.preference_eval import score_sft
+
+        return score_sft(cfg, y, model, pad_id)
 
     def selection(self, cfg) -> tuple[str, str]:
         return "val_loss", "min"
@@ -221,6 +282,10 @@ class CausalLMTask(TaskDefaults):
 
     # --- baselines: the untuned model, zero- and few-shot, and retrieval ---
     def baselines(self, cfg, space: LMSpace, splits, ids, y, model, pad_id: int, precision: str) -> dict:
+        if space.kind == "preference":
+            from tuneforge.tasks.causal_lm.preference_eval import baselines as preference_baselines
+
+            return preference_baselines(cfg, space, splits, y, self._predictor(model, cfg, space, precision))
         from tuneforge.tasks.causal_lm.baselines import baselines
 
         return baselines(cfg, space, splits, y, self._predictor(model, cfg, space, precision), precision)
@@ -239,6 +304,11 @@ class CausalLMTask(TaskDefaults):
                   precision: str):
         from tuneforge.tasks.causal_lm.generate import example_losses, mean_loss, perplexity
 
+        if space.kind == "preference":
+            from tuneforge.tasks.causal_lm.preference import validator
+
+            return validator(cfg, val, pad_id, precision)
+
         def validate(model) -> dict:
             loss = mean_loss(*example_losses(model, val, pad_id, cfg.eval.batch_size, precision))
             return {"val_loss": loss, "val_perplexity": perplexity(loss)}
@@ -253,6 +323,10 @@ class CausalLMTask(TaskDefaults):
 
     def evaluate(self, cfg, space: LMSpace, splits, y: dict, predictor,
                  baselines: dict) -> tuple[dict, list[dict] | None]:
+        if space.kind == "preference":
+            from tuneforge.tasks.causal_lm.preference_eval import evaluate as evaluate_pairs
+
+            return evaluate_pairs(cfg, space, splits, y, predictor, baselines)
         from tuneforge.tasks.causal_lm.evaluate import evaluate
 
         return evaluate(cfg, space, splits, y, predictor, baselines)
@@ -299,8 +373,10 @@ class CausalLMTask(TaskDefaults):
         return ["completion"], [[r["completion"]] for r in results]
 
     def intended_use(self, metrics: dict) -> str:
-        what = ("continuing text like the training text (domain or style adaptation)" if metrics.get("kind") == "text"
-                else "answering prompts like the training prompts, in the style of the training completions")
+        what = {"text": "continuing text like the training text (domain or style adaptation)",
+                "preference": "answering prompts like the training prompts, preferring answers like the chosen ones "
+                              "over answers like the rejected ones (DPO)"}.get(
+            metrics.get("kind"), "answering prompts like the training prompts, in the style of the training completions")
         return (f"Generating text: {what}. Greedy decoding is what was evaluated (see generation_config.json). It can\n"
                 "state false things fluently and repeats what its training data says: review its output before it\n"
                 "reaches people, and check the sample generations in the run's report.")
@@ -311,6 +387,10 @@ class CausalLMTask(TaskDefaults):
         return report_details(metrics)
 
     def summary_rows(self, metrics: dict) -> tuple[list[str], list[list[str]]]:
+        if metrics.get("kind") == "preference":
+            from tuneforge.tasks.causal_lm.preference_eval import summary_rows
+
+            return summary_rows(metrics)
         keys = ["loss", "perplexity"] + ([] if metrics.get("kind") == "text" else ["exact_match", "rouge_l", "chrf"])
         keys += [k for k in ("accuracy", "macro_f1") if k in metrics["test"]["model"]]
         header = keys + [f"95% CI ({metrics['main_metric']})"]

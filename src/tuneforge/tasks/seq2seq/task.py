@@ -133,7 +133,7 @@ class Seq2SeqTask(TaskDefaults):
 
         return batch(examples, pad_id, pad_to_multiple_of)
 
-    def training_loss(self):
+    def training_loss(self, cfg):
         from tuneforge.tasks.seq2seq.generate import target_loss
 
         return target_loss
