@@ -23,11 +23,12 @@ Measured: pairs per second of training (tuneforge: reference pass + the loop's s
 and the preference accuracy of each final model on the same held-out pairs, scored alike (the implicit reward,
 beta x log(pi / ref) summed over the answer, ranks chosen above rejected; fp32; the reference is the base model).
 Data: the DPO demo's pairs (examples/poster_quotes.py: a film's "fresh" critic snippet chosen over a "rotten" one,
-the film's title as the prompt, the demo's system prompt), a fixed `--pairs` of them, 10% held out.
+the film's title as the prompt, the demo's system prompt), a fixed `--pairs` of them, 25% held out.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -43,8 +44,8 @@ import harness  # bench/harness.py: the script's own folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results_dpo_throughput.json"
-DEFAULT_PAIRS = 400
-VAL_FRACTION = 0.1
+DEFAULT_PAIRS = 520  # every pair examples/poster_quotes.py writes
+VAL_FRACTION = 0.25  # 130 held-out pairs: 40 left the accuracy comparison within noise (0.65 vs 0.75 = 4 pairs)
 SEED = 42
 TARGET_RATIO = 1.5
 SYSTEM = "Write a short quote for the poster of the film the user names."  # examples/poster_quotes.yaml's
@@ -250,12 +251,15 @@ def main() -> int:
         data = datasets.Dataset.from_list([{"prompt": sys_turn + [{"role": "user", "content": r["prompt"]}],
                                             "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in train_rows])
+        # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing; off, as tuneforge's default
+        names = {f.name for f in dataclasses.fields(DPOConfig)}
+        checkpointing = {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
         dargs = DPOConfig(output_dir=str(tmp / "trl"), max_length=max_length, per_device_train_batch_size=args.pairs_per_step,
                           num_train_epochs=args.epochs, learning_rate=tcfg.learning_rate, weight_decay=tcfg.weight_decay,
                           warmup_steps=tcfg.warmup_ratio, max_grad_norm=tcfg.max_grad_norm, beta=0.1,
                           loss_type=["sigmoid"], bf16=precision == "bf16", use_cpu=True, logging_steps=10,
                           save_strategy="no", eval_strategy="no", report_to=[], dataloader_num_workers=0, seed=tcfg.seed,
-                          disable_tqdm=True, gradient_checkpointing=False)
+                          disable_tqdm=True, **checkpointing)
         peft_cfg = LoraConfig(r=tcfg.lora.r, lora_alpha=tcfg.lora.alpha, lora_dropout=tcfg.lora.dropout,
                               target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = DPOTrainer(model=model, args=dargs, train_dataset=data, processing_class=load_lm_tokenizer(model_dir),

@@ -186,6 +186,17 @@ class TaskDefaults:
         return batch
 
 
+def metric_rows(metrics: dict, keys: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The console's test table for metrics.json: the model and each baseline, `keys` to 4 decimals ("-" where one
+    has none), then the 95% CI of the main metric."""
+    rows = []
+    for name, m in [("fine-tuned model", metrics["test"]["model"])] + list(metrics["test"]["baselines"].items()):
+        ci = m.get("ci")
+        rows.append([name] + [f"{m[k]:.4f}" if m.get(k) is not None else "-" for k in keys]
+                    + [f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
+    return keys + [f"95% CI ({metrics['main_metric']})"], rows
+
+
 def run_data_setting(run_dir: Path, key: str):
     """data.`key` of the run's config.yaml in `run_dir` (None when the run has none)."""
     import yaml

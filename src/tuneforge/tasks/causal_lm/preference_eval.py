@@ -187,11 +187,6 @@ def _samples(cfg, test, predictor, space, base: dict) -> list[dict]:
 
 
 def summary_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
-    keys = ["preference_accuracy", "reward_margin", "loss", "perplexity"]
-    header = keys + [f"95% CI ({metrics['main_metric']})"]
-    rows = []
-    for name, m in [("fine-tuned model", metrics["test"]["model"])] + list(metrics["test"]["baselines"].items()):
-        ci = m.get("ci")
-        rows.append([name] + [f"{m[k]:.4f}" if m.get(k) is not None else "-" for k in keys]
-                    + [f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
-    return header, rows
+    from tuneforge.tasks.base import metric_rows
+
+    return metric_rows(metrics, ["preference_accuracy", "reward_margin", "loss", "perplexity"])

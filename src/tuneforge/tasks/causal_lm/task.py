@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from tuneforge.errors import DataError
-from tuneforge.tasks.base import TaskDefaults
+from tuneforge.tasks.base import TaskDefaults, metric_rows
 from tuneforge.tasks.causal_lm.encoding import Encoded
 
 NO_COMPLETION = "(empty)"  # drift and serving: a completion that came back empty
@@ -393,13 +393,7 @@ class CausalLMTask(TaskDefaults):
             return summary_rows(metrics)
         keys = ["loss", "perplexity"] + ([] if metrics.get("kind") == "text" else ["exact_match", "rouge_l", "chrf"])
         keys += [k for k in ("accuracy", "macro_f1") if k in metrics["test"]["model"]]
-        header = keys + [f"95% CI ({metrics['main_metric']})"]
-        rows = []
-        for name, m in [("fine-tuned model", metrics["test"]["model"])] + list(metrics["test"]["baselines"].items()):
-            ci = m.get("ci")
-            rows.append([name] + [f"{m[k]:.4f}" if m.get(k) is not None else "-" for k in keys]
-                        + [f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
-        return header, rows
+        return metric_rows(metrics, keys)
 
 
 TASK = CausalLMTask()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tuneforge.tasks.base import TaskDefaults
+from tuneforge.tasks.base import TaskDefaults, metric_rows
 
 AUTO_MAX_TARGET_CAP = 512
 AUTO_MAX_NEW_TOKENS_CAP = 256
@@ -199,13 +199,7 @@ class Seq2SeqTask(TaskDefaults):
 
     def summary_rows(self, metrics: dict) -> tuple[list[str], list[list[str]]]:
         keys = ["loss", "perplexity", "exact_match", "rouge_1", "rouge_2", "rouge_l", "rouge_lsum", "chrf"]
-        header = keys + [f"95% CI ({metrics['main_metric']})"]
-        rows = []
-        for name, m in [("fine-tuned model", metrics["test"]["model"])] + list(metrics["test"]["baselines"].items()):
-            ci = m.get("ci")
-            rows.append([name] + [f"{m[k]:.4f}" if m.get(k) is not None else "-" for k in keys]
-                        + [f"{ci['low']:.4f}-{ci['high']:.4f}" if ci else "-"])
-        return header, rows
+        return metric_rows(metrics, keys)
 
     def report_details(self, metrics: dict) -> list[str]:
         from tuneforge.tasks.seq2seq.report import report_details
