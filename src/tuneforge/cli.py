@@ -34,6 +34,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--epochs", type=float, help="passes over the training data")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in the output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in the output directory")
+    _track_argument(p)
     _json_argument(p, "metrics.json's content")
     from tuneforge.training.launch import add_launch_arguments
 
@@ -43,6 +44,12 @@ def _run_parser(sub) -> None:
 def _json_argument(p, what: str) -> None:
     p.add_argument("--json", action="store_true",
                    help=f"print {what} as JSON on standard output when done; the progress goes to standard error")
+
+
+def _track_argument(p) -> None:
+    p.add_argument("--track", choices=["mlflow", "tensorboard"],
+                   help="send the run to an experiment tracker (tracking.backend): MLflow (tracking.uri, default MLflow's "
+                        "own store in the working directory) or TensorBoard event files in OUTPUT/tensorboard/")
 
 
 def _tune_parser(sub) -> None:
@@ -59,6 +66,7 @@ def _tune_parser(sub) -> None:
                    "trials left running by a stopped process are failed and retried")
     p.add_argument("--output", help="output directory (default: the config's output.dir)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run or search in the output directory")
+    _track_argument(p)
     _json_argument(p, "the best trial's test metrics (metrics.json)")
     from tuneforge.training.launch import add_launch_arguments
 
@@ -263,7 +271,8 @@ def _config_from_args(args):
         raise ConfigError("nothing to run", fix="pass a config file (tuneforge run examples/sentiment.yaml) or --data PATH")
     overrides = {("data", "test_path"): args.test_data, ("data", "val_path"): args.val_data,
                  ("audit", "leakage"): args.leakage, ("model", "name"): args.model, ("output", "dir"): args.output,
-                 ("train", "method"): args.method, ("train", "epochs"): args.epochs}
+                 ("train", "method"): args.method, ("train", "epochs"): args.epochs,
+                 ("tracking", "backend"): getattr(args, "track", None)}
     if args.config:
         overrides[("data", "text_column")] = args.text_column
         overrides[("data", "label_column")] = args.label_column
@@ -315,7 +324,8 @@ def cmd_tune(args) -> int:
     raw = load_config(args.config).model_dump(exclude_unset=True)
     for (section, key), value in {("tune", "trials"): args.trials, ("tune", "timeout_minutes"): args.timeout,
                                   ("tune", "storage"): args.storage, ("tune", "study"): args.study,
-                                  ("output", "dir"): args.output, ("output", "overwrite"): args.overwrite or None}.items():
+                                  ("output", "dir"): args.output, ("output", "overwrite"): args.overwrite or None,
+                                  ("tracking", "backend"): args.track}.items():
         if value is not None:
             raw.setdefault(section, {})[key] = value
     from tuneforge.runlog import run_log

@@ -213,6 +213,30 @@ class OutputConfig(_Section):
                                "format) beside the merged model, for serving many adapters on one base model.")
 
 
+class TrackingConfig(_Section):
+    """Send the run to an experiment tracker as it goes (`--track` on run and tune); off by default."""
+    backend: Literal["mlflow", "tensorboard"] | None = Field(
+        None, description="mlflow: params, per-evaluation metrics, test metrics of the model and each baseline, tags "
+        "and the evidence (report, card, metrics.json, audit.json) as artifacts, in an MLflow store or server; "
+        "tensorboard: event files under OUTPUT/tensorboard/ with the same per-evaluation metrics; null = off.")
+    uri: str | None = Field(None, description="mlflow: the tracking URI (http(s)://HOST:PORT of a server, sqlite:///PATH, "
+                            "file:///PATH); null = MLflow's own default in the working directory (what `mlflow ui` "
+                            "started there shows).")
+    experiment: str | None = Field(None, description="mlflow: the experiment; null = the output directory's name.")
+    log_model: bool = Field(False, description="mlflow: also log the model directory as the run's `model` artifact.")
+    register_as: str | None = Field(None, description="mlflow: register the logged model under this name when the "
+                                    "evaluation gate promotes it (needs log_model); unpromoted runs are not registered.")
+
+    @model_validator(mode="after")
+    def _register_needs_model(self) -> "TrackingConfig":
+        if self.register_as and not self.log_model:
+            raise ValueError("tracking.register_as needs tracking.log_model: true (the registry holds the logged model)")
+        if self.backend == "tensorboard" and (self.uri or self.experiment or self.log_model or self.register_as):
+            raise ValueError("tracking.uri, experiment, log_model and register_as are MLflow's; tracking.backend is "
+                             "tensorboard: set backend: mlflow (or --track mlflow), or leave them out")
+        return self
+
+
 # train.* keys a search may not vary: the seed is the search's own (every trial trains with the config's), and the
 # rest change speed or memory, not the model; nested sections other than lora (distributed) are process layout
 _NOT_TUNABLE = {"seed", "precision", "checkpoint_every", "checkpoint_minutes", "gradient_checkpointing", "target_modules"}
@@ -312,6 +336,7 @@ class RunConfig(_Section):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tuneforge import artifacts
+from tuneforge import artifacts, tracking
 from tuneforge.config import RunConfig, dump_config, parse_config
 from tuneforge.errors import OutputError
 from tuneforge.drift import PROFILE_FILE
@@ -41,7 +41,8 @@ def _check_resume_config(out: Path, cfg: RunConfig) -> None:
     import yaml
 
     saved = parse_config(yaml.safe_load(saved_path.read_text()), str(saved_path))
-    mine, theirs = cfg.model_dump(exclude={"output"}), saved.model_dump(exclude={"output"})
+    # where the output and the tracker go is not the run: a resume may change them
+    mine, theirs = cfg.model_dump(exclude={"output", "tracking"}), saved.model_dump(exclude={"output", "tracking"})
     if mine != theirs:
         diff = [k for k in mine if mine[k] != theirs[k]]
         raise OutputError(f"the config differs from the interrupted run's in section(s) {', '.join(diff)}",
@@ -91,9 +92,12 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
     console = console or make_console(quiet=int(os.environ.get("RANK", "0")) != 0)
     out = Path(cfg.output.dir)
     t_start = time.perf_counter()
+    tracker = tracking.Tracker()
 
     def checked_prepare() -> Prepared:
         # --- everything that can reject the input happens before the output directory is touched ---
+        nonlocal tracker
+        tracker = tracking.open_tracker(cfg, out)  # an unreachable tracker stops the run here (exit 2)
         artifacts.check_output_dir(out, resume=resume, overwrite=cfg.output.overwrite)
         point = artifacts.resume_point(out) if resume else "new"
         if point in ("checkpoint", "start"):
@@ -119,11 +123,42 @@ def run(cfg: RunConfig, *, resume: bool = False, console: Console | None = None)
         artifacts.write_json(out / artifacts.PREPARED, {"splits": _split_hashes(prep.data.report),
                                                         "max_length": prep.max_length, "max_length_why": prep.max_length_why})
     accelerator.wait_for_everyone()
-    fitted = fit(prep, cfg, accelerator, precision, why, out=out, resume=prep.resume_from == "checkpoint",
-                 keep_baselines=True)
-    if not accelerator.is_main_process:
-        return {}
-    return finalize(prep, cfg, fitted, accelerator, precision, out=out, resume=resume)
+    if accelerator.is_main_process:
+        start_tracking(tracker, prep, cfg, out, resume_id=tracking.kept_run_id(out, tracker)
+                       if prep.resume_from in ("checkpoint", "start") else None)
+    with tracking_ended_on_error(tracker):
+        fitted = fit(prep, cfg, accelerator, precision, why, out=out, resume=prep.resume_from == "checkpoint",
+                     keep_baselines=True, track=tracker)
+        if not accelerator.is_main_process:
+            return {}
+        return finalize(prep, cfg, fitted, accelerator, precision, out=out, resume=resume, tracker=tracker)
+
+
+def start_tracking(tracker: tracking.Tracker, prep: Prepared, cfg: RunConfig, out: Path, *, name: str | None = None,
+                   resume_id: str | None = None, tags: dict | None = None) -> None:
+    """Start the tracker's run (params: the resolved config; tags: task, model, data hashes, versions, hardware) and
+    note it in OUT/tracking.json for a --resume to continue."""
+    if tracker.backend is None:
+        return
+    tracker.start(name or out.resolve().name, tracking.flat_params(cfg),
+                  tracking.run_tags(cfg, prep.task.name, prep.data.report) | (tags or {}), resume_id=resume_id)
+    if tracker.run_id:
+        artifacts.write_json(out / tracking.RUN_ID_FILE, tracking.run_id_record(tracker))
+        where = tracker.record()
+        prep.console.print(f"[bold]tracking[/] {tracker.backend} run {tracker.run_id}"
+                           + (f" in {where['uri']} (experiment {where['experiment']})" if "uri" in where else ""))
+
+
+@contextmanager
+def tracking_ended_on_error(tracker: tracking.Tracker):
+    """A run that stops with an error ends its tracked run FAILED (KILLED when interrupted)."""
+    from tuneforge.training.loop import TrainingInterrupted
+
+    try:
+        yield
+    except BaseException as err:
+        tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
+        raise
 
 
 def _split_hashes(report: dict) -> dict[str, str]:
@@ -261,12 +296,13 @@ def make_accelerator(cfg: RunConfig):
 
 
 def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *, out: Path, resume: bool = False,
-        progress=None, estimate: bool = True, keep_baselines: bool = False) -> Fitted:
+        progress=None, estimate: bool = True, keep_baselines: bool = False, track: tracking.Tracker | None = None) -> Fitted:
     """Load the pre-trained model, score the baselines on it (once per Prepared), apply the method, estimate the
     cost and train with `cfg.train` (a search's trial passes its own). `progress(step, total, row)` is called at
     every step and evaluation (default: the progress bar). `estimate=False` (a search's trials: seconds each)
     leaves Fitted.estimate None; `estimate_cost` makes it later for the one that is kept. `keep_baselines` writes
-    the baselines' outputs to OUT/baselines.json as soon as they are scored, for a --resume to reuse."""
+    the baselines' outputs to OUT/baselines.json as soon as they are scored, for a --resume to reuse. `track`: each
+    evaluation's row also goes to this tracker (training loss, validation metrics, learning rate, throughput)."""
     from tuneforge.models.infer import pad_id_of
     from tuneforge.models.load import apply_method
     from tuneforge.models.resolve import describe
@@ -327,6 +363,8 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
 
     check = EstimateCheck(est, total, max(1, total // eval_every), console.print) if est is not None and not resume else None
     with _stage(durations, "train"), (contextlib.nullcontext(progress) if progress else _progress(console)) as report:
+        if track is not None and track.backend is not None:
+            report = _tracked(report, track)
         result = train(model, train_data, validate, cfg.train, cfg.eval,
                        accelerator=accelerator, precision=precision, pad_id=pad_id,
                        checkpoint_dir=out / artifacts.CHECKPOINT, resume=resume, progress=report,
@@ -339,6 +377,16 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
             "train.early_stopping_patience": patience, "processes": world}
     held = weights_held(model)
     return Fitted(_trained_model(prep, cfg, accelerator, model), result, est, plan, select, info, held)
+
+
+def _tracked(progress, tracker: tracking.Tracker):
+    """`progress` that also sends each evaluation's row to the tracker (before `progress` may stop the training)."""
+    def update(step: int, total: int, row: dict | None) -> None:
+        if row is not None:
+            tracker.log_metrics(tracking.eval_metrics(row), step)
+        progress(step, total, row)
+
+    return update
 
 
 def _trained_baselines(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, out: Path) -> dict:
@@ -420,7 +468,7 @@ def _trained_model(prep: Prepared, cfg: RunConfig, accelerator, model):
 
 
 def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precision: str, *, out: Path,
-             resume: bool = False, extra_metrics: dict | None = None) -> dict:
+             resume: bool = False, extra_metrics: dict | None = None, tracker: tracking.Tracker | None = None) -> dict:
     """Export the trained model, evaluate the export on the test split (the only time test labels are read), and
     write metrics, reports and run.json (last: its presence marks a finished run). Returns metrics.json's content."""
     from tuneforge.evaluation.card import build_card
@@ -487,11 +535,40 @@ def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precis
     durations["total"] = round(time.perf_counter() - prep.t_start, 2)  # the whole run, report included
     metrics["cost"]["actual"]["seconds_total"] = durations["total"]
     artifacts.write_json(out / "metrics.json", metrics)
+    if tracker is not None and tracker.backend is not None:
+        with _stage(durations, "tracking"):
+            run_info["tracking"] = _send_to_tracker(tracker, cfg, out, metrics, run_info, result.steps, prep.console)
     artifacts.write_json(out / artifacts.FINISHED_MARKER, run_info)  # last: a run that failed before keeps ...
     for name in (artifacts.CHECKPOINT, artifacts.CHECKPOINT + ".old"):  # ... its checkpoint: --resume finishes it
         shutil.rmtree(out / name, ignore_errors=True)
     _print_summary(prep.console, task, metrics, est, durations, out)
     return metrics
+
+
+def _send_to_tracker(tracker: tracking.Tracker, cfg: RunConfig, out: Path, metrics: dict, run_info: dict, step: int,
+                     console: Console) -> dict:
+    """The finished run's test metrics (model and baselines), promotion, cost and evidence to the tracker; the model
+    too with tracking.log_model, registered (tracking.register_as) only when promoted. Returns run.json's record."""
+    tracker.log_metrics(tracking.final_metrics(metrics), step, what="test metrics")
+    tracker.set_tags({"tuneforge.promoted": str(bool(metrics["promoted"])).lower(),
+                      "tuneforge.main_metric": metrics["main_metric"]})
+    tracker.log_artifacts({"report.html": out / "report.html", "model_card/README.md": out / "model" / "README.md",
+                           "metrics.json": out / "metrics.json", "audit.json": out / "audit.json",
+                           "config.yaml": out / "config.yaml", "data_report.json": out / "data_report.json"})
+    tracker.log_dict("run.json", run_info)
+    registered = None
+    if cfg.tracking.log_model:
+        tracker.log_artifacts({"model": out / "model"})
+        if cfg.tracking.register_as and metrics["promoted"]:
+            registered = tracker.register("model", cfg.tracking.register_as)
+    tracker.end("FINISHED")
+    record = tracker.record() | {"registered": registered}
+    if record.get("url"):
+        console.print(f"[bold]tracking[/] {record['url']}")
+    if record["not_logged"]:
+        console.print(f"[yellow]tracking[/]: {len(record['not_logged'])} item(s) were not logged to {tracker.backend} "
+                      f"(the run itself is complete; run.json lists them): " + "; ".join(record["not_logged"][:3]))
+    return record
 
 
 def _test_without_training_copies(prep: Prepared, cfg: RunConfig, predictor) -> dict | None:

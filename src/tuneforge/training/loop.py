@@ -336,8 +336,10 @@ def train(model, train_data: TrainData, validate: Callable[[object], dict], cfg:
             best = trainable_state(unwrapped)
         else:
             c["bad_evals"] += 1
-        if progress:
-            progress(c["step"], total, row)
+        if progress:  # with the training throughput so far (not kept in the history: it is not reproducible)
+            seconds = max(c["train_seconds"], 1e-9)
+            progress(c["step"], total, row | {"train_rows_per_second": c["samples"] / seconds,
+                                              "train_tokens_per_second": c["tokens"] / seconds})
         return bool(patience) and c["bad_evals"] >= patience
 
     stopped_early = False

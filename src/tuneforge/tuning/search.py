@@ -60,6 +60,7 @@ class Search:
     deadline: float | None
     bar: object = None
     kept: tuple | None = None  # (trial number, Fitted, durations) of the best trial run in this process
+    tracker: object = None  # tracking.Tracker: the search's run; each trial a run nested in it
 
 
 def make_pruner(tune_cfg):
@@ -130,10 +131,14 @@ def tune(cfg: RunConfig, *, resume: bool = False, console: Console | None = None
     name = tc.study or out.resolve().name
     url = tc.storage or f"sqlite:///{(out / STUDY_FILE).resolve()}"
     storage = None
+    from tuneforge import tracking
+
+    tracker = tracking.Tracker()
 
     def checked_prepare():
         # --- everything that can reject the input happens before the output directory is touched ---
-        nonlocal storage
+        nonlocal storage, tracker
+        tracker = tracking.open_tracker(cfg, out)  # an unreachable tracker stops the search here (exit 2)
         _check_output(out, name, resume=resume, overwrite=cfg.output.overwrite, shared=tc.storage is not None)
         storage = open_storage(url) if tc.storage is not None or (resume and (out / STUDY_FILE).is_file()) else None
         if resume:
@@ -169,7 +174,11 @@ def tune(cfg: RunConfig, *, resume: bool = False, console: Console | None = None
                        resume=resume, console=console)
     s = Search(cfg, prep, space, source, accelerator, precision, why, out, study, storage, url, key, direction,
                tc.seed if tc.seed is not None else cfg.train.seed, console,
-               time.monotonic() + 60 * tc.timeout_minutes if tc.timeout_minutes else None)
+               time.monotonic() + 60 * tc.timeout_minutes if tc.timeout_minutes else None, tracker=tracker)
+    from tuneforge.pipeline import start_tracking, tracking_ended_on_error
+
+    start_tracking(tracker, prep, cfg, out, name=f"search {name}",
+                   tags={"tuneforge.search": f"{tc.trials} trials over {', '.join(space)}"})
     console.print(f"[bold]search[/] study {name} in {redact(url)}: {tc.trials} trials over {', '.join(space)} ({source}); "
                   f"chosen by validation {key.removeprefix('val_')} ({mode}); "
                   + (f"{tc.pruner} pruning" if tc.pruning else "no pruning")
@@ -178,8 +187,12 @@ def tune(cfg: RunConfig, *, resume: bool = False, console: Console | None = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            timed_out = _search(s)
-            return _finish(s, timed_out, resume)
+            with tracking_ended_on_error(tracker):
+                timed_out = _search(s)
+                result = _finish(s, timed_out, resume)
+                if result is None:  # another process writes the final run; this one's trials are logged
+                    tracker.end("FINISHED")
+                return result
         finally:
             _send(s, None)  # the followers' stop
 
@@ -270,23 +283,28 @@ def _run_trial(s: Search, trial) -> None:
 
     shown_console, s.prep.console = s.prep.console, Console(quiet=True)  # one line per trial, not each trial's plan
     _send(s, {"trial": trial.number, "params": params})
+    track = s.tracker.nested(f"trial {trial.number}", params, {"tuneforge.trial": trial.number})
     try:
-        fitted = fit(s.prep, cfg, s.accelerator, s.precision, s.why, out=tdir, progress=progress, estimate=False)
+        fitted = fit(s.prep, cfg, s.accelerator, s.precision, s.why, out=tdir, progress=progress, estimate=False,
+                     track=track)
     except optuna.TrialPruned as err:
         trial.set_user_attr("note", str(err))
         s.study.tell(trial, state=Pruned)
         _report(s, trial.number, "PRUNED", None, shown, t0, str(err))
+        _end_trial(track, "PRUNED", str(err))
         return
     except (KeyboardInterrupt, TrainingInterrupted):
         trial.set_user_attr("note", "interrupted; retried with the same values")
         s.study.tell(trial, state=Failed)
         retry(s.study, trial, same_params=True)
+        _end_trial(track, "INTERRUPTED", "interrupted; retried with the same values")
         raise TrainingInterrupted(f"search interrupted in trial {trial.number}; the finished trials are kept in the study",
                                   fix="run the same command again with --resume to continue") from None
     except Exception as err:
         trial.set_user_attr("note", f"failed: {type(err).__name__}: {err}"[:500])
         s.study.tell(trial, state=Failed)
         retry(s.study, trial, same_params=False)
+        _end_trial(track, "FAIL", f"{type(err).__name__}: {err}")
         raise
     finally:
         s.prep.console = shown_console
@@ -299,12 +317,22 @@ def _run_trial(s: Search, trial) -> None:
         trial.set_user_attr("note", f"validation {s.key} is {value}")
         s.study.tell(trial, state=Pruned)
         _report(s, trial.number, "PRUNED", None, shown, t0, f"validation {s.key} is {value}")
+        _end_trial(track, "PRUNED", f"validation {s.key} is {value}")
         return
     s.study.tell(trial, value, state=Complete)
+    track.log_metrics({f"best_{s.key}": value, "best_step": fitted.result.best_step})
+    _end_trial(track, "COMPLETE", "")
     if s.study.best_trial.number == trial.number:  # keep its model: the final run then needs no retraining
         fitted.model.to("cpu")
         s.kept = (trial.number, fitted, dict(s.prep.durations))
     _report(s, trial.number, "COMPLETE", value, shown, t0, "")
+
+
+def _end_trial(track, state: str, note: str) -> None:
+    """A trial's tracked run ends FINISHED when complete, KILLED when pruned or interrupted, FAILED when it failed;
+    tagged with the trial's state (tuneforge.trial_state) and note."""
+    track.set_tags({"tuneforge.trial_state": state} | ({"tuneforge.note": note[:500]} if note else {}))
+    track.end({"COMPLETE": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED"))
 
 
 def _trial_config(s: Search, params: dict, **kwargs) -> RunConfig:
@@ -453,8 +481,9 @@ def _train_best(s: Search, resume: bool, timed_out: bool) -> dict:
     summary = _summary(s, s.study.get_trials(deepcopy=False)) | {
         "retrained": retrained, "final_validation": fitted.result.best_metric, "finished": True, "timed_out": timed_out}
     _write_results(s, summary)
+    s.tracker.log_metrics({"trials_complete": summary["complete"], "trials_pruned": summary["pruned"]})
     return finalize(prep, cfg, fitted, s.accelerator, s.precision, out=s.out, resume=resume,
-                    extra_metrics={"search": summary})
+                    extra_metrics={"search": summary}, tracker=s.tracker)
 
 
 def _write_best_yaml(s: Search, cfg: RunConfig, best) -> None:
