@@ -369,3 +369,39 @@ def test_the_default_efficientnet_lite0_loads_offline_at_the_working_size_and_fr
     from tuneforge.tasks.image_classification.report import how_to_load
 
     assert "Plain transformers cannot load" in how_to_load(64, "pytorch") and "pipeline(" not in how_to_load(64, "pytorch")
+
+
+def test_onnx_export_labels_every_test_image_alike_and_serves(image_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    from tuneforge.serving.app import ServeSettings, create_app, run_predictor
+    from tuneforge.serving.monitor import load_reference
+
+    out, metrics, data = image_run
+    assert main(["export", str(out), "--format", "onnx", "--quantize", "int8"]) == 0
+    record = json.loads((out / "run.json").read_text())["exports"]["onnx"]
+    test_rows = json.loads((out / "data_report.json").read_text())["splits"]["test"]["rows"]
+    assert record["check"]["passed"] and record["check"]["rows"] == test_rows and record["check"]["label_agreement"] == 1.0
+    assert record["int8"]["rows"] == test_rows
+    assert record["inputs"] == {"pixel_values": ["batch", 3, 32, 32]}
+    x = torch.randn(5, 3, 32, 32)  # a batch of 5: the export saw 2
+    session = ort.InferenceSession(str(out / "export" / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"pixel_values": x.numpy()})
+    with torch.no_grad():
+        want = AutoModelForImageClassification.from_pretrained(out / "model").eval()(pixel_values=x).logits
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+    image = next(p for p in sorted(data.rglob("*.png")))
+    encoded = base64.b64encode(image.read_bytes()).decode()
+    labels = {}
+    for runtime in ("torch", "onnx"):
+        settings = ServeSettings(run_dir=out, api_key="k", monitor_url=f"sqlite:///{tmp_path / f'{runtime}.sqlite'}")
+        with TestClient(create_app(settings, run_predictor(out, runtime=runtime), reference=load_reference(out))) as c:
+            r = c.post("/v1/predict", json={"images": [encoded]}, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 200, r.text
+        labels[runtime] = r.json()["predictions"]
+    assert labels["onnx"][0]["label"] == labels["torch"][0]["label"]
+    for k, v in labels["torch"][0]["probabilities"].items():
+        assert labels["onnx"][0]["probabilities"][k] == pytest.approx(v, abs=1e-4)

@@ -189,3 +189,38 @@ def test_task_flag_over_a_config_takes_the_other_tasks_defaults(tmp_path):
                               overwrite=False)
     parsed = _config_from_args(args)
     assert (parsed.task.type, parsed.eval.metric, parsed.eval.bootstrap_samples) == ("token-classification", "f1", 10)
+
+
+def test_onnx_export_tags_every_test_sentence_alike_and_serves_the_same_entities(token_run, tmp_path):
+    """`tuneforge export --format onnx` checks itself on the test split (word logits and tags); then ONNX Runtime on
+    a batch and width the export never saw, against transformers; and `--runtime onnx` serves the same entities."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    from tuneforge.serving.app import ServeSettings, create_app, run_predictor
+    from tuneforge.serving.monitor import load_reference
+    from tuneforge.tasks.token_classification.task import EntityPredictor
+
+    out, _ = token_run
+    assert main(["export", str(out), "--format", "onnx"]) == 0
+    record = json.loads((out / "run.json").read_text())["exports"]["onnx"]
+    test_rows = json.loads((out / "data_report.json").read_text())["splits"]["test"]["rows"]
+    assert record["check"]["passed"] and record["check"]["rows"] == test_rows and record["check"]["label_agreement"] == 1.0
+    ids = torch.randint(5, 100, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    session = ort.InferenceSession(str(out / "export" / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        want = AutoModelForTokenClassification.from_pretrained(out / "model").eval()(input_ids=ids, attention_mask=mask).logits
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+    texts = ["movie actor 7 and scenes 108 119", "the plot", "a actor 3 and actor 30 was"]
+    direct = EntityPredictor.load(out / "model").predict(texts)
+    settings = ServeSettings(run_dir=out, api_key="k", monitor_url=f"sqlite:///{tmp_path / 'log.sqlite'}")
+    with TestClient(create_app(settings, run_predictor(out, runtime="onnx"), reference=load_reference(out))) as c:
+        preds = c.post("/v1/predict", json={"texts": texts}, headers={"Authorization": "Bearer k"}).json()["predictions"]
+    assert [[(e["entity_group"], e["start"], e["end"]) for e in p["entities"]] for p in preds] == \
+        [[(e["entity_group"], e["start"], e["end"]) for e in d["entities"]] for d in direct]

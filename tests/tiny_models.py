@@ -33,6 +33,33 @@ def build_tiny_llama(path: Path) -> Path:
     return path
 
 
+def build_tiny_llama_bpe(path: Path) -> Path:
+    """The tiny Llama with a byte-level BPE tokenizer (trained here on LM_WORDS, ~400 tokens) instead of the
+    word-level one: what GGUF's `gpt2` tokenizer model holds, so a run on it exports to GGUF and loads back."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [" ".join(LM_WORDS)] * 4 + [" ".join(str(i) for i in range(60)), "\n: ? . , !"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
+                                   pad_token="</s>", additional_special_tokens=["<|im_start|>"], model_max_length=256)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                         pad_token_id=fast.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
 S2S_WORDS = ("cats dogs birds fish fur bark wings fins have and the a of with in on under over near big small red "
              "blue green old new quick slow happy sad loud quiet none summarize extract").split()
 

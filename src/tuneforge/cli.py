@@ -209,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "column (a task may read more: a folder of images)")
     p.add_argument("--text-column", help="the column of --input holding the inputs (default: the run's)")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p = sub.add_parser("export", help="write a finished run's model as ONNX (encoders) or GGUF (causal LMs), checked "
+                       "against the PyTorch model on the run's test split", description="Writes OUTPUT/export/FORMAT/ "
+                       "and records the export (files, sizes, the check's figures, seconds) in run.json.")
+    p.add_argument("output", help="output directory of a finished run")
+    p.add_argument("--format", required=True, choices=["onnx", "gguf"], help="onnx: text, token and image "
+                   "classification (ONNX Runtime); gguf: the causal LM (llama.cpp, Ollama, LM Studio)")
+    p.add_argument("--quantize", help="onnx: int8 (adds model_int8.onnx, dynamic int8 weights); gguf: f16 (default), "
+                   "bf16 or q8_0")
+    _json_argument(p, "the export's record")
     p = sub.add_parser("report", help="rebuild report.html (and the model card) from a finished run's stored results")
     p.add_argument("output", help="output directory of a finished run")
     p = sub.add_parser("serve", help="serve a finished run over HTTP (batching, API key, metrics, drift monitor)")
@@ -223,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under load, how long a batch waits to fill (an idle server never waits); 0 = greedy")
     _serve_options(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "onnx-int8"],
+                   help="torch: the safetensors model; onnx / onnx-int8: the run's ONNX export (tuneforge export "
+                        "--format onnx [--quantize int8]) on ONNX Runtime, CPU")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on a bf16 GPU or an AMX CPU, fp16 on an older GPU, else fp32")
     p.add_argument("--max-texts", type=int, default=64, help="inputs (texts, images) per request")
@@ -407,6 +419,26 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tuneforge.export import export_run
+    from tuneforge.runlog import make_console
+
+    console = make_console(stderr=args.json)
+    record = export_run(Path(args.output), args.format, args.quantize, console)
+    check = record["check"]
+    agree = check.get("label_agreement", check.get("top1_agreement"))
+    console.print(f"[bold]export[/] {Path(args.output) / 'export' / args.format / record['file']} "
+                  f"({record['files'][record['file']] / 2**20:.1f} MiB) in {record['seconds']:.0f} s; on {check['rows']} test "
+                  f"rows: max |difference| {check['max_abs_diff']:.2e}, the same {'labels' if args.format == 'onnx' else 'top token'} "
+                  f"on {agree:.2%}")
+    if "int8" in record:
+        q = record["int8"]
+        console.print(f"[bold]export[/] int8 {record['int8']['file']} ({record['files'][q['file']] / 2**20:.1f} MiB): max "
+                      f"|difference| {q['max_abs_diff']:.2e}, the same labels on {q['label_agreement']:.2%}")
+    _print_json(args, record)
+    return 0
+
+
 def cmd_report(args) -> int:
     from tuneforge.evaluation.card import build_card
     from tuneforge.evaluation.report import build_report
@@ -433,6 +465,10 @@ def cmd_serve(args) -> int:
     out = Path(args.output)
     require_promoted(out, args.force)
     device = resolve_device(args.device)  # a device this machine lacks fails here, before the server starts
+    if args.runtime != "torch":
+        from tuneforge.export import onnx_model_path
+
+        onnx_model_path(out, args.runtime)  # a missing or stale export fails here, before the server starts
     key = os.environ.get(args.api_key_env) or None
     if key is None and not args.no_auth:
         raise ConfigError(f"no API key: environment variable {args.api_key_env} is empty",
@@ -450,7 +486,7 @@ def cmd_serve(args) -> int:
                              body_timeout_s=args.body_timeout_s)
     RequestLog(log_url(out, settings.monitor_url)).close()  # a bad URL fails here, before the server starts
     _log_to_stderr()
-    app = create_app(settings, run_predictor(out, device, args.precision), reference=load_reference(out))
+    app = create_app(settings, run_predictor(out, device, args.precision, args.runtime), reference=load_reference(out))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -546,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--nproc` runs again in each process
     handler = {"run": cmd_run, "tune": cmd_tune, "audit": cmd_audit, "predict": cmd_predict, "report": cmd_report,
+               "export": cmd_export,
                "serve": cmd_serve, "monitor": cmd_monitor,
                "models": cmd_models}[args.command]
     interrupted = record_start()  # in a process `--nproc` started: its pid, so that Ctrl-C reaches it

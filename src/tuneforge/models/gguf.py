@@ -137,20 +137,14 @@ def _convert_into(gguf_path: Path, out: Path) -> dict:
     what tuneforge-gguf.json records about it."""
     import torch
     import transformers
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, GgufConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
         # the class the file's architecture names (a GGUF holds a generative LM: llama, gemma3, qwen2, ...)
         model_type = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True).model_type
-        cls = getattr(transformers, _causal_lm_class(model_type) or "", None)
-        if cls is None:
-            raise ValueError(f"no generative model class for architecture {model_type!r}")
-        # dequantize=True gives a plain dense model; without it the GGUF quantizer stays attached and both
-        # training and save_pretrained refuse the model
-        model = cls.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32,
-                                    quantization_config=GgufConfig(dequantize=True))
+        model = load_gguf_model(gguf_path, model_type)
     except (ValueError, KeyError, OSError, NotImplementedError) as e:
         raise GGUFConversionError(f"transformers {transformers.__version__} cannot load {gguf_path}: {e}",
                                   fix="use a GGUF of an architecture transformers supports (llama, gemma3, qwen2, ...) "
@@ -176,6 +170,34 @@ def _convert_into(gguf_path: Path, out: Path) -> dict:
     return {"source": str(gguf_path), "source_bytes": gguf_path.stat().st_size, "transformers": transformers.__version__,
             "gguf": importlib.metadata.version("gguf"), "torch": torch.__version__, "dtype": "float32",
             "tied_embeddings": _OUTPUT_TENSOR not in tensor_names}
+
+
+def load_gguf_model(gguf_path: Path, model_type: str | None = None):
+    """The GGUF's model, dequantised to a dense fp32 model of its architecture's class, in eval mode. Raises
+    ValueError for an architecture transformers has no generative class for."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, GgufConfig
+
+    folder, name = str(Path(gguf_path).parent), Path(gguf_path).name
+    model_type = model_type or AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True).model_type
+    cls = getattr(transformers, _causal_lm_class(model_type) or "", None)
+    if cls is None:
+        raise ValueError(f"no generative model class for architecture {model_type!r}")
+    # dequantize=True gives a plain dense model; without it the GGUF quantizer stays attached and both
+    # training and save_pretrained refuse the model
+    return cls.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32,
+                               quantization_config=GgufConfig(dequantize=True)).eval()
+
+
+def source_pre_tokenizer(source: str | None) -> str:
+    """tokenizer.ggml.pre of the GGUF a model was converted from (llama.cpp's pre-tokenizer name, e.g. smollm), so
+    that its export names the same one; "default" when the model did not come from a GGUF."""
+    if not source or not Path(source).is_file():
+        return "default"
+    from gguf import GGUFReader
+
+    return _field(GGUFReader(Path(source)), "tokenizer.ggml.pre") or "default"
 
 
 def _eos_ids(tokenizer) -> list[int]:

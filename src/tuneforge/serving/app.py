@@ -268,6 +268,7 @@ class RunPredictor:
     run_dir: Path
     device: str | torch.device = "cpu"
     precision: str = "fp32"
+    runtime: str = "torch"  # or onnx / onnx-int8: the run's ONNX export (export.RUNTIMES) on ONNX Runtime
     predictor: object = None
 
     @property
@@ -279,13 +280,21 @@ class RunPredictor:
 
     def __call__(self) -> tuple[Callable, list[str], Callable]:
         task = self.task
-        self.predictor = task.load_predictor(self.run_dir / "model", self.device, self.precision)
-        log.info("model on %s, %s", self.predictor.device, self.predictor.precision)
+        if self.runtime == "torch":
+            self.predictor = task.load_predictor(self.run_dir / "model", self.device, self.precision)
+        else:  # the task's predictor (tokenizer, labels, batching) with ONNX Runtime in place of the model
+            from tuneforge.export import onnx_model_path
+            from tuneforge.models.onnx import OnnxModel
+
+            self.predictor = task.load_predictor(self.run_dir / "model", "cpu", "fp32")
+            self.predictor.model = OnnxModel(onnx_model_path(self.run_dir, self.runtime), config=self.predictor.model.config)
+        log.info("model on %s, %s, runtime %s", self.predictor.device, self.predictor.precision, self.runtime)
         return self.predictor.predict, task.label_names(self.predictor), task.observe
 
 
-def run_predictor(run_dir: Path, device: str | torch.device = "cpu", precision: str = "fp32") -> RunPredictor:
-    return RunPredictor(Path(run_dir), device, precision)
+def run_predictor(run_dir: Path, device: str | torch.device = "cpu", precision: str = "fp32",
+                  runtime: str = "torch") -> RunPredictor:
+    return RunPredictor(Path(run_dir), device, precision, runtime)
 
 
 def require_promoted(run_dir: Path, force: bool) -> None:

@@ -80,6 +80,21 @@ class TaskDefaults:
         """Anything the task adds to the exported model directory."""
         return None
 
+    def onnx_inputs(self, predictor) -> tuple[dict, dict]:
+        """(example inputs of the ONNX graph, their free axes) for `tuneforge export --format onnx`: by default a
+        text encoder's token ids and attention mask, batch and sequence free."""
+        import torch
+
+        vocab = int(predictor.model.config.vocab_size)
+        ids = torch.randint(min(5, vocab - 1), vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+        axes = {0: "batch", 1: "sequence"}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {"input_ids": axes, "attention_mask": axes}
+
+    def export_outputs(self, predictor, test, batch_size: int) -> tuple[list, list]:
+        """(the model's raw output per test row, its label(s) per row) through `predictor.model`, for an export's
+        check (export.py compares them between the PyTorch model and the exported one)."""
+        raise NotImplementedError(f"{self.name} has no export check")
+
     def test_subset(self, splits, y: dict, baselines: dict, keep: list[int]) -> tuple[object, dict, dict]:
         """(splits, targets, baseline outputs) with the test split cut to its rows `keep` (positions in splits.test):
         what `evaluate` needs to score those rows only (audit.leakage: allow scores the test rows not in training).

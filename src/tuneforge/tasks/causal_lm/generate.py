@@ -105,6 +105,30 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def prompt_logprobs(model, prompts: list[list[int]], pad_id: int, batch_size: int = 16) -> tuple[list[np.ndarray], list[int]]:
+    """Per prompt: the log-probabilities of the next token after it (the whole vocabulary) followed by those of each
+    of its own tokens given the ones before (every position, so attention at each one counts); and its top next
+    token. fp32; right-padded batches of similar length."""
+    device = next(model.parameters()).device
+    out: list = [None] * len(prompts)
+    top: list = [0] * len(prompts)
+    for idx in length_batches([len(p) for p in prompts], batch_size):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, :len(prompts[i])] = torch.tensor(prompts[i])
+            mask[r, :len(prompts[i])] = 1
+        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1).cpu()
+        for r, i in enumerate(idx):
+            n = len(prompts[i])
+            own = logp[r, torch.arange(n - 1), ids[r, 1:n]]
+            out[i] = torch.cat([logp[r, n - 1], own]).numpy()
+            top[i] = int(logp[r, n - 1].argmax())
+    return out, top
+
+
 def generate_ids(model, prompts: list[list[int]], pad_id: int, stop_ids: list[int], max_new_tokens: int,
                  batch_size: int = 16, precision: str = "fp32") -> list[list[int]]:
     """Greedy completions (new token ids, up to the first stop token) for each prompt, in input order. Prompts of

@@ -50,6 +50,7 @@ class Completion(BaseModel):
 
 SPEC = TaskSpec(
     name="causal-lm",
+    export_formats=("gguf",),
     config=CausalLMTaskConfig,
     summary="a generative LLM tuned on prompt/completion pairs, chats, plain text or preference pairs (DPO)",
     metrics={"rouge_l": "max", "chrf": "max", "exact_match": "max", "perplexity": "min", "loss": "min",

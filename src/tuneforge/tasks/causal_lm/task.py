@@ -316,6 +316,17 @@ class CausalLMTask(TaskDefaults):
         return validate
 
     # --- test evaluation of the exported model ---
+    def export_outputs(self, predictor, test, batch_size: int) -> tuple[list, list]:
+        """Each test prompt's log-probabilities (of the next token, and of each of its own tokens) and its top next
+        token (plain text: the first 64 tokens of each text)."""
+        from tuneforge.tasks.causal_lm.generate import prompt_logprobs
+
+        if "messages" in test.extras:
+            prompts = [predictor.fit_prompt(predictor.prompt_of(m[:-1])) for m in test.extras["messages"]]
+        else:
+            prompts = [predictor.text_prompt(t)[:64] for t in test.texts]
+        return prompt_logprobs(predictor.model, prompts, predictor.pad_id, batch_size)
+
     def load_predictor(self, model_dir: Path, device="cpu", precision: str = "fp32"):
         from tuneforge.tasks.causal_lm.generate import CompletionPredictor
 

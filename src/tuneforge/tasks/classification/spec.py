@@ -24,6 +24,7 @@ class ClassPrediction(BaseModel):
 
 SPEC = TaskSpec(
     name="text-classification",
+    export_formats=("onnx",),
     config=ClassificationTaskConfig,
     summary="one label (or several) per text",
     metrics={"macro_f1": "max", "accuracy": "max"},

@@ -83,6 +83,14 @@ class ClassificationTask(TaskDefaults):
 
         return Predictor.load(model_dir, device, precision)
 
+    def export_outputs(self, predictor, test, batch_size: int) -> tuple[list, list]:
+        """Each test text's logits and label(s)."""
+        from tuneforge.models.infer import encode, pad_id_of, predict_logits
+
+        ids = encode(predictor.tokenizer, test.texts, predictor.max_length)
+        logits = predict_logits(predictor.model, ids, pad_id_of(predictor.tokenizer), batch_size, "fp32", predictor.device)
+        return list(logits), list(predictor.space.names(predictor.space.decide(predictor.space.probabilities(logits))))
+
     def settings(self, cfg, max_length: int, space=None) -> dict:
         """What the exported model's config.json keeps under `tuneforge` for predict and serve."""
         return {"task": self.name, "threshold": cfg.task.threshold, "max_length": max_length}

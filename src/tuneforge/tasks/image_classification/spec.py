@@ -48,6 +48,7 @@ class ImagePrediction(BaseModel):
 
 SPEC = TaskSpec(
     name="image-classification",
+    export_formats=("onnx",),
     config=ImageClassificationTaskConfig,
     summary="one label (or several) per image",
     # scored as text classification is (its evaluation, the same metrics.json keys): its metric facts

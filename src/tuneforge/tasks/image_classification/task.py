@@ -183,6 +183,21 @@ class ImageClassificationTask(ClassificationTask):
                 "max_pixels": cfg.task.max_pixels, "loads_with": label_space.loads_with if label_space else "transformers",
                 "threshold": cfg.task.threshold}
 
+    def onnx_inputs(self, predictor) -> tuple[dict, dict]:
+        """Two normalised images at the model's size; the batch axis free (the size is the run's)."""
+        import torch
+
+        x = torch.randn(2, 3, predictor.image_size, predictor.image_size, generator=torch.Generator().manual_seed(0))
+        return {"pixel_values": x}, {"pixel_values": {0: "batch"}}
+
+    def export_outputs(self, predictor, test, batch_size: int) -> tuple[list, list]:
+        """Each test image's logits and label(s)."""
+        from tuneforge.tasks.image_classification.predictor import image_logits
+
+        logits = image_logits(predictor.model, test.extras["pixels"], predictor.mean, predictor.std, batch_size,
+                              "fp32", predictor.device)
+        return list(logits), list(predictor.space.names(predictor.space.decide(predictor.space.probabilities(logits))))
+
     def load_predictor(self, model_dir: Path, device="cpu", precision: str = "fp32"):
         from tuneforge.tasks.image_classification.predictor import ImagePredictor
 

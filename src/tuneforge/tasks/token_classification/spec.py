@@ -33,6 +33,7 @@ class EntityPrediction(BaseModel):
 
 SPEC = TaskSpec(
     name="token-classification",
+    export_formats=("onnx",),
     config=TokenClassificationTaskConfig,
     summary="one tag per word: entities, clauses, parties",
     metrics={"f1": "max", "precision": "max", "recall": "max"},

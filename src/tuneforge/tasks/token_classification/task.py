@@ -172,6 +172,13 @@ class TokenClassificationTask(TaskDefaults):
         return validate
 
     # --- test evaluation of the exported model ---
+    def export_outputs(self, predictor, test, batch_size: int) -> tuple[list, list]:
+        """Each test sentence's word logits and its tags."""
+        from tuneforge.tasks.token_classification.predictor import tags_from_logits
+
+        logits = predictor.word_logits(test.extras["tokens"], batch_size)
+        return logits, [list(t) for t in tags_from_logits(logits, predictor.labels)[0]]
+
     def load_predictor(self, model_dir: Path, device="cpu", precision: str = "fp32"):
         return EntityPredictor.load(model_dir, device, precision)
 
