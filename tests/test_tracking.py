@@ -20,7 +20,7 @@ from tuneforge.config import parse_config
 from tuneforge.errors import ConfigError
 from tuneforge.pipeline import run
 
-from conftest import make_rows, stop_process
+from conftest import make_rows, stop_process, wait_ready
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -44,21 +44,12 @@ def mlflow_server(tmp_path_factory):
                              str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                              "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    import httpx
-
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1, trust_env=False).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            pytest.fail("mlflow server exited: " + (root / "server.log").read_text()[-3000:])
-    else:
+    try:
+        wait_ready(url, proc, lambda: (root / "server.log").read_text()[-3000:], timeout=120, path="/health")
+    except BaseException:
         stop_process(proc)
-        pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-3000:])
+        raise
     yield url
     stop_process(proc)
     log.close()

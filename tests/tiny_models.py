@@ -10,52 +10,35 @@ LM_WORDS = ("what about tell me the a of is and say please answer topic cats dog
             "fur bark wings fins leaves wet hot night day system you are helpful user assistant").split()
 
 
-def build_tiny_llama(path: Path) -> Path:
+def build_tiny_llama(path: Path, bpe: bool = False) -> Path:
     """Save the tiny Llama and its tokenizer as a Hugging Face directory at `path`; its vocabulary is LM_WORDS,
-    the numbers 0-59 and the specials, so any other word becomes <unk>."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(LM_WORDS)) + [str(i) for i in range(60)])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
-                                   pad_token="</s>", additional_special_tokens=["<|im_start|>"], model_max_length=256)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=4, pad_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def build_tiny_llama_bpe(path: Path) -> Path:
-    """The tiny Llama with a byte-level BPE tokenizer (trained here on LM_WORDS, ~400 tokens) instead of the
-    word-level one: what GGUF's `gpt2` tokenizer model holds, so a run on it exports to GGUF and loads back."""
+    the numbers 0-59 and the specials, so any other word becomes <unk>. `bpe`: a byte-level BPE tokenizer trained
+    here on the same words (~400 tokens, no <unk> needed) instead: what GGUF's `gpt2` tokenizer model holds, so a
+    run on it exports to GGUF and loads back. The specials have the same ids either way."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [" ".join(LM_WORDS)] * 4 + [" ".join(str(i) for i in range(60)), "\n: ? . , !"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bpe:
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        corpus = [" ".join(LM_WORDS)] * 4 + [" ".join(str(i) for i in range(60)), "\n: ? . , !"]
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    else:
+        vocab = {tok: i for i, tok in enumerate(specials + sorted(set(LM_WORDS)) + [str(i) for i in range(60)])}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>",
                                    pad_token="</s>", additional_special_tokens=["<|im_start|>"], model_max_length=256)
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id)
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=4, pad_token_id=2)
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     return path
 

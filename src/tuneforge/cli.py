@@ -434,7 +434,8 @@ def cmd_export(args) -> int:
     if "int8" in record:
         q = record["int8"]
         console.print(f"[bold]export[/] int8 {record['int8']['file']} ({record['files'][q['file']] / 2**20:.1f} MiB): max "
-                      f"|difference| {q['max_abs_diff']:.2e}, the same labels on {q['label_agreement']:.2%}")
+                      f"|difference| {q['max_abs_diff']:.2e}, the same labels on {q['label_agreement']:.2%}; right on "
+                      f"{q['gold_agreement']:.2%} of test rows (PyTorch: {check['gold_agreement_torch']:.2%})")
     _print_json(args, record)
     return 0
 
