@@ -191,8 +191,9 @@ def _gguf(task, run_dir: Path, staging: Path, test, quantize: str | None, cfg, r
                                f"{check['relative_diff']:.1%} of the largest (at most {limit:.0%} for {out_type})",
                                fix="report the model's architecture; nothing was written")
     stops = [predictor.tokenizer.convert_ids_to_tokens(i) for i in predictor.stops]
+    system = predictor.settings.get("system_prompt")  # the run's own system prompt, as `serve` prepends it
     (staging / "Modelfile").write_text(f"FROM ./{name}\n" + "".join(f'PARAMETER stop "{s}"\n' for s in stops)
-                                       + "PARAMETER temperature 0\n")
+                                       + "PARAMETER temperature 0\n" + (f'SYSTEM """{system}"""\n' if system else ""))
     return {"format": "gguf", "file": name, "type": out_type, **{k: written[k] for k in ("architecture", "tensors")},
             "seconds_write": round(seconds_write, 2), "check": check}
 
