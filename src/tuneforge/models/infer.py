@@ -100,6 +100,27 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def hold_autocast_weights(model, precision: str) -> int:
+    """Cast once, in place, the weights autocast would cast at every forward pass (Linear and convolution layers,
+    weight and bias) to `precision`'s dtype; norms and embeddings stay fp32, as autocast keeps them. Under autocast
+    the outputs are the same (the same rounding, done once); the per-call cast goes: MiniLM at batch 1 on a 2-core
+    EPYC with avx512_bf16, 7.3 -> 5.4 ms. Returns the number of tensors cast (0 for fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return 0
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
+             torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+    cast = 0
+    for module in model.modules():
+        if isinstance(module, kinds):
+            for name in ("weight", "bias"):
+                param = getattr(module, name, None)
+                if param is not None and param.dtype == torch.float32:
+                    param.data = param.data.to(dtype)
+                    cast += 1
+    return cast
+
+
 def pad_id_of(tokenizer) -> int:
     """The tokenizer's padding id (0 without one: an image processor pads nothing)."""
     pad = getattr(tokenizer, "pad_token_id", None)
