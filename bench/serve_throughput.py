@@ -215,7 +215,7 @@ def _compare(results: dict, urls: dict, texts: list[str], args, predictor) -> No
     """Every level on both servers in turn, round after round (this VM's speed drifts by tens of percent
     over minutes, so each ratio is taken within one round), plus the model alone in the same round."""
     rows: dict = {name: {c: [] for c in LEVELS} for name in urls}
-    ratios, ceilings, alone = [], [], {bs: [] for bs in (1, 16, 64)}
+    ratios, ratios_1, ceilings, alone = [], [], [], {bs: [] for bs in (1, 16, 64)}
     for r in range(args.rounds):
         names = list(urls) if r % 2 == 0 else list(urls)[::-1]
         for clients in LEVELS:
@@ -227,6 +227,7 @@ def _compare(results: dict, urls: dict, texts: list[str], args, predictor) -> No
             alone[bs].append(_model_alone(predictor, texts, bs))
         at16 = {name: rows[name][16][-1]["req_per_s"] for name in urls}
         ratios.append(round(at16["tuneforge"] / at16["hand_written_pipeline"], 2))
+        ratios_1.append(round(rows["tuneforge"][1][-1]["req_per_s"] / rows["hand_written_pipeline"][1][-1]["req_per_s"], 2))
         ceilings.append(round(alone[16][-1] / at16["hand_written_pipeline"], 2))
         print(f"round {r + 1}: ratio at 16 clients {ratios[-1]}, model alone {[a[-1] for a in alone.values()]}", flush=True)
     results["levels"] = {name: [{"clients": c, "req_per_s": _median([x["req_per_s"] for x in rows[name][c]]),
@@ -236,6 +237,7 @@ def _compare(results: dict, urls: dict, texts: list[str], args, predictor) -> No
                          for name in urls}
     results["rounds"] = args.rounds
     results["ratio_at_16_clients"] = {"median": float(np.median(ratios)), "each_round": ratios}
+    results["ratio_at_1_client"] = {"median": float(np.median(ratios_1)), "each_round": ratios_1}  # a lone request
     results["model_alone_texts_per_s"] = {f"batch_{bs}": _median(v) for bs, v in alone.items()}
     # no server can beat its own model with the HTTP taken away: this bounds the ratio on this machine
     results["ceiling_ratio_at_16"] = {"median": float(np.median(ceilings)), "each_round": ceilings}
