@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-llm demo-dpo demo-image demo-seq2seq fashion-mnist test bench bench-defaults bench-llm bench-dpo bench-image bench-seq2seq
+.PHONY: setup demo demo-llm demo-dpo demo-image demo-seq2seq fashion-mnist test bench bench-defaults bench-llm bench-dpo bench-image bench-seq2seq bench-serve
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -65,6 +65,18 @@ bench-llm: setup
 bench-dpo: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/dpo_throughput.py
+
+# serving: text classification (torch and its ONNX export) vs a hand-written server; the LLM server on both workloads,
+# chat answers (chatterbot) and one-word answers to long shared instructions (SMS triage), vs a hand-written server
+bench-serve: setup
+	test -f runs/sentiment/run.json || $(VENV)/bin/tuneforge run examples/sentiment.yaml --overwrite
+	$(PY) bench/serve_throughput.py runs/sentiment --onnx
+	$(PY) examples/chatterbot.py examples/data/assistant.jsonl
+	test -f runs/assistant/run.json || $(VENV)/bin/tuneforge run examples/assistant.yaml --overwrite
+	$(PY) examples/sms_triage.py examples/data/sms_triage.jsonl
+	test -f runs/sms_triage/run.json || $(VENV)/bin/tuneforge run examples/sms_triage.yaml --overwrite
+	$(PY) bench/llm_serve_throughput.py runs/assistant --levels 1,8 --rounds 3 --requests-per-client 4 --skip-transformers-serve --soak 0 --out bench/results_llm_serve_chat.json
+	$(PY) bench/llm_serve_throughput.py runs/sms_triage --levels 1,8 --rounds 3 --requests-per-client 8 --skip-transformers-serve --soak 0 --out bench/results_llm_serve_short.json
 
 bench-image: setup fashion-mnist
 	$(PY) bench/image_throughput.py

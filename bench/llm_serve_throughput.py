@@ -4,7 +4,8 @@
     .venv/bin/python bench/llm_serve_throughput.py [RUN_DIR] [--levels 1,8,32] [--rounds 3] [--max-tokens 64] [--soak 500]
     .venv/bin/python bench/llm_serve_throughput.py --smoke     # a tiny random Llama run built on the fly -> /tmp
 
-Target (issue #12): >= 3x the hand-written server's completion tokens/s at 8 concurrent clients.
+Target (issues #12, #25): >= 3x the hand-written server's completion tokens/s at 8 concurrent clients, on chat answers
+(runs/assistant) and on one-word answers to long shared instructions (runs/sms_triage): `make bench-serve` runs both.
 
 RUN_DIR is a finished causal-LM run (default runs/assistant: `tuneforge run examples/assistant.yaml`). Every server loads the
 same RUN_DIR/model and runs as its own process on a loopback port; all are up at once and take turns, level by level,
