@@ -368,3 +368,28 @@ def test_serve_refuses_a_device_the_machine_lacks(served_run, capsys, monkeypatc
     assert "not on this machine" in capsys.readouterr().err
     assert main(["serve", str(served_run), "--no-auth", "--force", "--device", "gpu"]) == 2
     assert "unknown device 'gpu'" in capsys.readouterr().err
+
+
+def test_the_model_is_loaded_in_a_thread_that_ends_and_served_from_one_thread(tmp_path):
+    """Loading and the start-up hooks run in a thread of their own that has ended before the first request (a thread
+    that ran torch ops keeps OpenMP workers; more of them than cores slow every op); every batch runs in the one
+    batcher thread."""
+    seen = {"load": [], "hook": [], "predict": set()}
+
+    def predict(texts):
+        seen["predict"].add(threading.current_thread())
+        return [{"label": "a", "probabilities": {"a": 1.0}} for _ in texts]
+
+    def load():
+        seen["load"].append(threading.current_thread())
+        return predict, ["a"], lambda r: (["a"], 1.0)
+
+    settings = ServeSettings(run_dir=tmp_path, api_key=None, monitor_url=f"sqlite:///{tmp_path / 'log.sqlite'}")
+    app = create_app(settings, load)
+    with TestClient(app) as c:
+        loader = seen["load"][0]
+        assert loader is not threading.main_thread() and loader.name.startswith("tuneforge-load")
+        assert not loader.is_alive()  # gone, with any OpenMP workers it had
+        for k in range(3):
+            assert c.post("/v1/predict", json={"texts": [f"t{k}", "u"]}).status_code == 200
+    assert len(seen["predict"]) == 1 and next(iter(seen["predict"])).name.startswith("tuneforge-model")
