@@ -124,3 +124,71 @@ def test_scoring_in_logit_bounded_batches_gives_the_same_losses(tiny_llama_dir):
     finally:
         generate.LOGITS_BUDGET = saved
     assert np.allclose(whole[0], bounded[0], atol=1e-4) and (whole[1] == bounded[1]).all()
+
+
+def _flops(model, method: str) -> tuple[float, float]:
+    """(counted FLOPs of one training forward + backward, of one forward alone) of a 16 x 24 batch."""
+    from tuneforge.config import TrainConfig
+    from tuneforge.models.load import apply_method
+    from tuneforge.training.loop import default_collate, default_loss
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = apply_method(model, TrainConfig(method=method, frozen_layers=1), "SEQ_CLS")
+    rng = np.random.default_rng(0)
+    data = TrainData([list(rng.integers(5, 300, 24)) for _ in range(16)], np.arange(16) % 2)
+    idx = np.arange(16)
+    total = cost.counted_flops(model, data, idx, 0, torch.device("cpu"), "fp32", default_loss, default_collate)
+    batch = training_batch(data, idx, 0, torch.device("cpu"), default_collate)
+    with FlopCounterMode(display=False, custom_mapping=cost._cpu_attention_flops()) as forward, torch.no_grad():
+        default_loss(model, batch)
+    return total, float(forward.get_total_flops())
+
+
+def test_counted_flops_follow_what_each_method_computes(tiny_model_dir):
+    """A full fine-tune's backward computes input and weight gradients: ~3x the forward's FLOPs; LoRA's computes the
+    input gradients only (the base weights are frozen): ~2x; freezing the lower of the 2 layers takes its backward
+    away: ~1 + 2 x (the upper layer's share of the forward) = ~2x."""
+    from transformers import AutoModelForSequenceClassification
+
+    runs = {}
+    for method in ("full", "lora", "frozen"):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+        runs[method] = _flops(model, method)
+    full, lora, frozen = (runs[m][0] / runs[m][1] for m in ("full", "lora", "frozen"))
+    assert 2.8 < full < 3.3, full  # attention's backward is 2.5x its forward (flash), the matmuls' 2x
+    assert 1.9 < lora < 2.5, lora
+    assert 1.6 < frozen < 2.4 and frozen < full
+
+
+def test_a_run_reports_its_flops_per_second_beside_the_measured_peak(base_config, write_csv, tmp_path, capsys):
+    import json
+
+    from tuneforge.config import parse_config
+    from tuneforge.pipeline import run
+
+    from conftest import make_rows
+
+    run(parse_config(base_config(write_csv(make_rows(80)), train={"method": "full", "epochs": 1})))
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    u, actual = info["utilisation"], json.loads((tmp_path / "out" / "metrics.json").read_text())["cost"]["actual"]
+    assert u["flops_per_token"] > 0 and u["peak_flops_per_second"] > 1e9 and u["precision"] == info["precision"]
+    assert u["achieved_flops_per_second"] == pytest.approx(u["flops_per_token"] * actual["train_tokens_per_second"],
+                                                           rel=1e-6)
+    assert u["share_of_peak"] == pytest.approx(u["achieved_flops_per_second"] / u["peak_flops_per_second"])
+    shown = capsys.readouterr().out
+    assert f"GFLOP/s = {u['share_of_peak']:.0%} of this CPU's {info['precision']} matmul peak" in shown
+
+
+def test_attention_on_the_cpu_counts_its_flops():
+    """torch's counter knows the GPU attention kernels only; on the CPU SDPA's forward is 4 x B x H x L x L x D (QK^T
+    and the weighted sum of V)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = (torch.randn(2, 4, 64, 16) for _ in range(3))
+    with FlopCounterMode(display=False) as plain, torch.no_grad():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with FlopCounterMode(display=False, custom_mapping=cost._cpu_attention_flops()) as counted, torch.no_grad():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert plain.get_total_flops() == 0  # if torch learns the CPU kernel, the mapping can go
+    assert counted.get_total_flops() == 4 * 2 * 4 * 64 * 64 * 16

@@ -369,8 +369,15 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
                        accelerator=accelerator, precision=precision, pad_id=pad_id,
                        checkpoint_dir=out / artifacts.CHECKPOINT, resume=resume, progress=report,
                        loss_fn=loss_fn, select=select, monitor=check, collate=task.collate)
+    from tuneforge.training.cost import utilisation
+
+    util = utilisation(est, result.tokens, result.train_seconds)
     console.print(f"[bold]trained[/] {result.steps} steps, {result.samples_per_second:.1f} rows/s "
-                  f"({result.tokens / max(result.train_seconds, 1e-9):.0f} tokens/s); best validation "
+                  f"({result.tokens / max(result.train_seconds, 1e-9):.0f} tokens/s"
+                  + (f", {util['achieved_flops_per_second'] / 1e9:.0f} GFLOP/s = {util['share_of_peak']:.0%} of this "
+                     f"{est['device'].upper()}'s {precision} matmul peak, {util['peak_flops_per_second'] / 1e9:.0f} GFLOP/s"
+                     if util and util["share_of_peak"] is not None else "")
+                  + "); best validation "
                   f"{select[0].removeprefix('val_')} {result.best_metric:.4f} at step {result.best_step}"
                   + (" (stopped early)" if result.stopped_early else ""))
     plan = {"train.epochs": epochs, "model.max_length": prep.max_length, "total_steps": total, "eval_every": eval_every,
@@ -522,6 +529,8 @@ def finalize(prep: Prepared, cfg: RunConfig, fitted: Fitted, accelerator, precis
         "precision": precision, "resolved": fitted.plan,
         "hardware": artifacts.hardware(), "versions": artifacts.library_versions(),
         "durations_s": durations, "resumed": resume, "steps": result.steps,
+        # model FLOP/s achieved in training beside the device's measured matmul peak (training/cost.py utilisation)
+        "utilisation": cost.utilisation(est, result.tokens, result.train_seconds),
         "distributed": {"processes": accelerator.num_processes, "strategy": cfg.train.distributed.strategy,
                         "sharded": _sharded(accelerator), "weights_held_per_process": round(fitted.weights_held, 4),
                         "backend": str(accelerator.state.backend or "none"),

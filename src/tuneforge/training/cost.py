@@ -74,6 +74,43 @@ def _fwd_bwd(model, data: TrainData, idx, pad_id, device, precision, loss_fn, co
     return time.perf_counter() - t0
 
 
+def counted_flops(model, data: TrainData, idx, pad_id, device, precision, loss_fn, collate) -> float:
+    """The FLOPs of one forward and backward pass of batch `idx` as torch runs them (torch.utils.flop_counter:
+    matrix multiplies, convolutions and attention, forward and backward): a frozen layer's missing weight gradients
+    and LoRA's small extra matmuls count as what they compute; embedding lookups, norms and activations do not. The
+    model's gradients are left to the caller."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = training_batch(data, idx, pad_id, device, collate)
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
+        with autocast(device, precision):
+            loss = loss_fn(model, batch)
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+def _cpu_attention_flops() -> dict:
+    """torch's FLOP counter knows the GPU attention kernels, not the CPU's (SDPA runs
+    _scaled_dot_product_flash_attention_for_cpu there): the same formulas for those."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:  # shapes: the counter passes them
+        return fc.sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    mapping = {}
+    for name, fn in (("_scaled_dot_product_flash_attention_for_cpu", forward),
+                     ("_scaled_dot_product_flash_attention_for_cpu_backward", backward)):
+        op = getattr(aten, name, None)
+        if op is not None:
+            mapping[op] = fn
+    return mapping
+
+
 def _optimizer_seconds(model, max_grad_norm: float = 1.0) -> float:
     """One clipped AdamW step over copies of the trainable weights (the model's own are not touched). For a
     full fine-tune on short texts it is a third of the step: measured on MiniLM, tweets, batch 32."""
@@ -169,6 +206,8 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
     # a token costs more in a wider batch (attention; measured on MiniLM here, bf16: 145 us at width 32, 437 at
     # 256, 780 at 448), so the cost is measured at the median, 90th-percentile and widest batch and interpolated
     measured = [(float(widths[k]), per_token_of(k, repeats)) for k in probes]
+    flops_per_position = counted_flops(model, data, batches[typical], pad_id, device, precision, loss_fn, collate) \
+        / padded[typical]
     model.zero_grad(set_to_none=True)
     per_token_at = np.interp(widths, [w for w, _ in measured], [c for _, c in measured])
     per_token = float(per_token_at[typical])
@@ -208,7 +247,9 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
             "trainable_parameters": int(trainable),
             # what the check against the real steps (EstimateCheck) predicts each step from
             "per_token_curve": [[w, c] for w, c in measured], "optimizer_seconds_per_step": float(optimizer_s),
-            "world": world, "grad_accum": grad_accum}
+            "world": world, "grad_accum": grad_accum,
+            # utilisation: the model's FLOPs per trained position (a typical batch), and this device's matmul peak
+            "flops_per_token": float(flops_per_position), "peak_flops_per_second": float(matmul_flops(precision, device))}
 
 
 class EstimateCheck:
@@ -296,17 +337,31 @@ def peak_memory_bytes(device: torch.device) -> int:
     return _rss_bytes()
 
 
-def matmul_flops(precision: str = "fp32", seconds: float = 0.3) -> float:
-    """Measured matmul FLOP/s of this machine at `precision` (a quick probe for `tuneforge models`)."""
+def matmul_flops(precision: str = "fp32", device: torch.device | str = "cpu", seconds: float = 0.3, n: int = 1024) -> float:
+    """Measured matmul FLOP/s of this device at `precision`: square n x n products for `seconds` (the peak a run's
+    utilisation is the share of; `tuneforge models` prints it)."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    n = 512
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    device = torch.device(device)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    _sync(device)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
+    _sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def utilisation(est: dict | None, tokens: int, train_seconds: float) -> dict | None:
+    """Achieved model FLOP/s of a training (the estimate's FLOPs per trained position x the real tokens trained per
+    second: padding is not counted as work) beside the device's measured matmul peak at the run's precision."""
+    if not est or not est.get("flops_per_token") or train_seconds <= 0:
+        return None
+    achieved = est["flops_per_token"] * tokens / train_seconds
+    peak = est["peak_flops_per_second"]
+    return {"flops_per_token": est["flops_per_token"], "achieved_flops_per_second": achieved,
+            "peak_flops_per_second": peak, "precision": est["precision"], "share_of_peak": achieved / peak if peak else None}
 
 
 def seconds_per_1k_examples(non_embedding_params: int, flops: float, tokens_per_example: int = 48,
