@@ -153,7 +153,8 @@ def main() -> int:
     from tuneforge.models.resolve import resolve_model
     from tuneforge.tasks.classification.labels import LabelSpace
     from tuneforge.tasks.behaviour import get_task
-    from tuneforge.training.loop import TrainData, train
+    from tuneforge.training import cost
+    from tuneforge.training.loop import TrainData, default_collate, default_loss, train
     from tuneforge.models.device import resolve_precision
 
     hf_logging.set_verbosity_error()
@@ -240,6 +241,31 @@ def main() -> int:
         r = harness.attempt(results, name, fn, save, update_comparisons, hide=("traceback",))
         results[name] = r  # top-level too, where earlier versions of this bench put them
 
+    # --- utilisation (#26): model FLOPs per trained position, counted on one forward+backward of 32 training rows
+    # (the method's own work: frozen layers without their backward), times each run's real tokens per second, beside
+    # this CPU's measured matmul peak at the run's precision; the same count serves every run of the same method
+    mean_tokens = float(np.mean([len(x) for x in ids["train"]]))
+    flops_cache: dict = {}
+    peaks: dict = {}
+
+    def flops_per_position(model, method: str, precision: str) -> float:
+        key = (method, precision)
+        if key not in flops_cache:
+            idx = np.arange(32)
+            width = max(len(ids["train"][i]) for i in idx)
+            counted = cost.counted_flops(model, TrainData(ids["train"], y["train"]), idx, pad, torch.device("cpu"),
+                                         precision, default_loss, default_collate)
+            model.zero_grad(set_to_none=True)
+            flops_cache[key] = counted / (len(idx) * width)
+        return flops_cache[key]
+
+    def utilisation(samples_per_s: float, method: str, precision: str, model) -> dict:
+        if precision not in peaks:
+            peaks[precision] = cost.matmul_flops(precision)
+        achieved = flops_per_position(model, method, precision) * mean_tokens * samples_per_s
+        return {"model_flops_per_s": achieved, "peak_flops_per_s": peaks[precision],
+                "share_of_peak": achieved / peaks[precision]}
+
     # --- tuneforge ---
     def run_tuneforge(name: str, tcfg) -> dict:
         precision, why = tf_precisions[name]
@@ -256,7 +282,8 @@ def main() -> int:
                       accelerator=acc, precision=precision, pad_id=pad, checkpoint_dir=Path(tmp) / "ckpt", resume=False)
             wall = time.perf_counter() - t0
         raw = acc.unwrap_model(model)
-        return {"samples_per_s": r.samples_per_second, "step_samples_per_s": r.samples_per_second,
+        return {**utilisation(r.samples_per_second, tcfg.method, precision, raw),
+                "samples_per_s": r.samples_per_second, "step_samples_per_s": r.samples_per_second,
                 "test_accuracy": test_accuracy(raw), "method": tcfg.method,
                 **({"frozen_layers": len(raw._tuneforge_frozen) - 1} if hasattr(raw, "_tuneforge_frozen") else {}),
                 "learning_rate": tcfg.learning_rate, "batch_size": tcfg.batch_size, "epochs": tcfg.epochs,
@@ -302,7 +329,8 @@ def main() -> int:
             out = trainer.train()
             wall = time.perf_counter() - t0
         samples = len(ids["train"]) * EPOCHS
-        return {"samples_per_s": out.metrics["train_samples_per_second"],
+        return {**utilisation(out.metrics["train_samples_per_second"], "full", precision, model.train()),
+                "samples_per_s": out.metrics["train_samples_per_second"],
                 "step_samples_per_s": samples / timer.seconds if timer.seconds else 0.0,
                 "test_accuracy": test_accuracy(model), "method": "full", "learning_rate": targs.learning_rate,
                 "batch_size": BATCH_SIZE, "epochs": EPOCHS, "sampling": trainer_sampling(targs),
@@ -334,13 +362,15 @@ def print_summary(results: dict) -> None:
           f"{EPOCHS} epoch; CPU {hw['model']} (amx_bf16 {hw['amx_bf16']}, avx512_bf16 {hw['avx512_bf16']}), "
           f"torch threads {hw['torch_threads']}")
     print(f"Trainer: {results['trainer_precision_note']}")
-    print(f"{'run':<16}{'method':<8}{'precision':<10}{'samples/s':>10}{'step-timed':>12}{'test acc':>10}")
+    print(f"{'run':<16}{'method':<8}{'precision':<10}{'samples/s':>10}{'step-timed':>12}{'test acc':>10}"
+          f"{'GFLOP/s':>10}{'of peak':>9}")
     for name, r in results["runs"].items():
         if "error" in r:
             print(f"{name:<16}FAILED: {r['error']}")
             continue
         print(f"{name:<16}{r['method']:<8}{r['precision']:<10}{r['samples_per_s']:>10.1f}"
-              f"{r['step_samples_per_s']:>12.1f}{r['test_accuracy']:>10.4f}")
+              f"{r['step_samples_per_s']:>12.1f}{r['test_accuracy']:>10.4f}"
+              f"{r.get('model_flops_per_s', 0) / 1e9:>10.0f}{r.get('share_of_peak', 0):>9.0%}")
     for name, c in results["comparisons"].items():
         if c["ratio"] is None:
             print(f"{name}: n/a ({c['why']})")
