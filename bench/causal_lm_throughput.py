@@ -265,6 +265,27 @@ def main() -> int:
         AcceleratorState._reset_state(reset_partial_state=True)  # the one before may have set another precision
         gc.collect()
 
+    # --- utilisation (#26): the model's FLOPs per trained token, counted on one forward+backward of tuneforge's first
+    # packed batch (LoRA: the base weights' backward computes input gradients only), the same model work for every
+    # contender; each one's model FLOP/s = that x its tokens/s, beside this CPU's measured matmul peak
+    def count_flops(model, data) -> None:
+        from tuneforge.training.cost import counted_flops, matmul_flops
+
+        idx = np.arange(min(tcfg.batch_size, len(data.ids)))
+        rng = torch.get_rng_state()  # the count's dropout draws must not change the training that follows
+        counted = counted_flops(model, data, idx, pad_id, torch.device("cpu"), precision, task.training_loss(cfg),
+                                task.collate)
+        torch.set_rng_state(rng)
+        model.zero_grad(set_to_none=True)
+        results["flops_per_token"] = counted / sum(len(data.ids[i]) for i in idx)
+        results["peak_flops_per_s"] = matmul_flops(precision)
+
+    def with_utilisation(out: dict) -> dict:
+        if results.get("flops_per_token"):
+            out["model_flops_per_s"] = results["flops_per_token"] * out["tokens_per_s"]
+            out["share_of_peak"] = out["model_flops_per_s"] / results["peak_flops_per_s"]
+        return out
+
     # --- tuneforge: the task's pieces, as pipeline.run wires them ---
     def run_tuneforge() -> dict:
         from accelerate import Accelerator
@@ -276,6 +297,7 @@ def main() -> int:
         model = apply_method(task.load_model(model_dir, space, tcfg.seed), tcfg, task.peft_task_type, task.lora_targets())
         acc = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=True)
         data = TrainData(ids["train"], y["train"], y["train"].positions)
+        count_flops(model, data)
         t0 = time.perf_counter()
         r = train(model, data, lambda m: {"val_loss": 0.0}, tcfg, cfg.eval, accelerator=acc, precision=precision,
                   pad_id=pad_id, checkpoint_dir=tmp / "ckpt", resume=False, loss_fn=task.training_loss(cfg),
@@ -349,11 +371,11 @@ def main() -> int:
         return out
 
     try:
-        harness.attempt(results, "tuneforge", run_tuneforge, save, update)
+        harness.attempt(results, "tuneforge", lambda: with_utilisation(run_tuneforge()), save, update)
         if not args.skip_trl:
-            harness.attempt(results, "trl", lambda: run_trl(False), save, update)
+            harness.attempt(results, "trl", lambda: with_utilisation(run_trl(False)), save, update)
             if args.also_packed:
-                harness.attempt(results, "trl_packed", lambda: run_trl(True), save, update)
+                harness.attempt(results, "trl_packed", lambda: with_utilisation(run_trl(True)), save, update)
         results["status"] = "complete" if not results["failed"] else "complete, with failed runs"
     except BaseException:
         results["status"] = "interrupted"
@@ -373,14 +395,15 @@ def print_summary(results: dict) -> None:
           f"{s['batch_size']}, lr {s['learning_rate']:g}, max_length {s['max_length']}, LoRA r {s['lora']['r']}; CPU "
           f"{results['cpu']['model']}, torch threads {results['cpu']['torch_threads']}")
     print(f"{'contender':<12}{'precision':<10}{'examples':>9}{'epochs':>7}{'train s':>9}{'tokens/s':>10}"
-          f"{'step-timed':>11}{'val loss':>10}")
+          f"{'step-timed':>11}{'val loss':>10}{'GFLOP/s':>9}{'of peak':>8}")
     for name, r in results["runs"].items():
         if "error" in r:
             print(f"{name:<12}FAILED: {r['error']}")
             continue
         step = f"{r['step_tokens_per_s']:.1f}" if r.get("step_tokens_per_s") else "-"
         print(f"{name:<12}{r['precision']:<10}{r['examples']:>9}{r['epochs']:>7}{r['seconds']:>9.2f}"
-              f"{r['tokens_per_s']:>10.1f}{step:>11}{r['val_loss']:>10.4f}")
+              f"{r['tokens_per_s']:>10.1f}{step:>11}{r['val_loss']:>10.4f}"
+              f"{r.get('model_flops_per_s', 0) / 1e9:>9.0f}{r.get('share_of_peak', 0):>8.0%}")
     for name, c in results["comparisons"].items():
         if c["ratio"] is None:
             print(f"{name}: n/a ({c['why']})")
