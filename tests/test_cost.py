@@ -141,6 +141,11 @@ def _flops(model, method: str) -> tuple[float, float]:
     batch = training_batch(data, idx, 0, torch.device("cpu"), default_collate)
     with FlopCounterMode(display=False, custom_mapping=cost._cpu_attention_flops()) as forward, torch.no_grad():
         default_loss(model, batch)
+    # the forward alone, as the DPO bench counts its reference model: the same count as the counter's own
+    model.zero_grad(set_to_none=True)
+    assert cost.counted_flops(model, data, idx, 0, torch.device("cpu"), "fp32", default_loss, default_collate,
+                              backward=False) == forward.get_total_flops()
+    assert all(p.grad is None for p in model.parameters())  # no backward ran
     return total, float(forward.get_total_flops())
 
 
@@ -178,6 +183,7 @@ def test_a_run_reports_its_flops_per_second_beside_the_measured_peak(base_config
     assert u["share_of_peak"] == pytest.approx(u["achieved_flops_per_second"] / u["peak_flops_per_second"])
     shown = capsys.readouterr().out
     assert f"GFLOP/s = {u['share_of_peak']:.0%} of this CPU's {info['precision']} matmul peak" in shown
+    assert f"{actual['train_tokens_per_second']:.0f} tokens/s, " in shown  # the task's positions: a text's tokens
 
 
 def test_attention_on_the_cpu_counts_its_flops():

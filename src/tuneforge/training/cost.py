@@ -14,9 +14,9 @@ import time
 import numpy as np
 import torch
 
-from tuneforge.models.infer import autocast
-from tuneforge.training.loop import (TrainData, adamw, default_collate, default_loss, make_batches, padded_width,
-                                     training_batch)
+from tuneforge.models.infer import FrozenWeightsCast, autocast
+from tuneforge.training.loop import (TrainData, adamw, default_collate, default_loss, keep_freed_memory, make_batches,
+                                     padded_width, training_batch)
 
 _TAIL_SECONDS = 1.5  # reload, report (matplotlib plots) and model card, measured here: 0.4-1 s
 _DISK_BYTES_PER_SECOND = 100e6  # export writes fp32 weights, the final evaluation reads them back
@@ -74,18 +74,21 @@ def _fwd_bwd(model, data: TrainData, idx, pad_id, device, precision, loss_fn, co
     return time.perf_counter() - t0
 
 
-def counted_flops(model, data: TrainData, idx, pad_id, device, precision, loss_fn, collate) -> float:
+def counted_flops(model, data: TrainData, idx, pad_id, device, precision, loss_fn, collate,
+                  backward: bool = True) -> float:
     """The FLOPs of one forward and backward pass of batch `idx` as torch runs them (torch.utils.flop_counter:
     matrix multiplies, convolutions and attention, forward and backward): a frozen layer's missing weight gradients
     and LoRA's small extra matmuls count as what they compute; embedding lookups, norms and activations do not. The
-    model's gradients are left to the caller."""
+    model's gradients are left to the caller. `backward=False`: the forward pass alone, without gradients (what a
+    frozen reference model computes)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = training_batch(data, idx, pad_id, device, collate)
     with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
-        with autocast(device, precision):
+        with torch.set_grad_enabled(backward), autocast(device, precision):
             loss = loss_fn(model, batch)
-        loss.backward()
+        if backward:
+            loss.backward()
     return float(counter.get_total_flops())
 
 
@@ -199,15 +202,17 @@ def _estimate(model, ids: list[list[int]], targets: np.ndarray, *, batch_size: i
         return min(_fwd_bwd(model, data, batches[k], pad_id, device, precision, loss_fn, collate) for _ in range(repeats)) / padded[k]
 
     peak_before = _rss_bytes()  # data, audit, baselines and the model so far
-    with PeakRSS() as step_memory:
-        first = per_token_of(largest, 1) * padded[largest]  # warms up the kernels, and sets the peak memory
-    repeats = 2 if first < 2.0 else 1  # an LLM's packed batch takes seconds: once is enough, and cheaper
-    probes = sorted({int(widths[k]): k for k in probes}.values(), key=lambda k: widths[k])  # packed rows: one width
-    # a token costs more in a wider batch (attention; measured on MiniLM here, bf16: 145 us at width 32, 437 at
-    # 256, 780 at 448), so the cost is measured at the median, 90th-percentile and widest batch and interpolated
-    measured = [(float(widths[k]), per_token_of(k, repeats)) for k in probes]
-    flops_per_position = counted_flops(model, data, batches[typical], pad_id, device, precision, loss_fn, collate) \
-        / padded[typical]
+    keep_freed_memory()  # the steps as the loop runs them: freed memory kept, frozen weights held at the precision
+    with FrozenWeightsCast(model, precision):
+        with PeakRSS() as step_memory:
+            first = per_token_of(largest, 1) * padded[largest]  # warms up the kernels, and sets the peak memory
+        repeats = 2 if first < 2.0 else 1  # an LLM's packed batch takes seconds: once is enough, and cheaper
+        probes = sorted({int(widths[k]): k for k in probes}.values(), key=lambda k: widths[k])  # packed rows: one width
+        # a token costs more in a wider batch (attention; measured on MiniLM here, bf16: 145 us at width 32, 437 at
+        # 256, 780 at 448), so the cost is measured at the median, 90th-percentile and widest batch and interpolated
+        measured = [(float(widths[k]), per_token_of(k, repeats)) for k in probes]
+        flops_per_position = counted_flops(model, data, batches[typical], pad_id, device, precision, loss_fn,
+                                           collate) / padded[typical]
     model.zero_grad(set_to_none=True)
     per_token_at = np.interp(widths, [w for w, _ in measured], [c for _, c in measured])
     per_token = float(per_token_at[typical])
