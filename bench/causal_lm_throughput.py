@@ -6,7 +6,8 @@ rate, warm-up, weight decay, batch size and epochs, one after another in this on
     .venv/bin/python bench/causal_lm_throughput.py --also-packed    # + TRL with packing=True (bfd, padding-free)
     .venv/bin/python bench/causal_lm_throughput.py --smoke          # tiny random Llama, 40 examples, 1 epoch -> /tmp
 
-Target (the issue): tuneforge >= 1.5x TRL's non-padding training tokens/s, at equal or lower validation loss.
+Targets (#26): tuneforge >= 3x TRL's non-padding training tokens/s and >= 2.5x TRL with packing, at equal or lower
+validation loss; >= 35% of the bf16 matmul peak (#25 asked 1.5x).
 
 The contenders (the `runs` key of the JSON):
   tuneforge    the causal-lm task's own pieces as `tuneforge run` wires them (config from `parse_config` with the
@@ -60,7 +61,7 @@ DEFAULT_EXAMPLES = 300
 DEFAULT_EPOCHS = 2  # what tuneforge's epochs: null picks on data this small (~200 target steps, at most 2 passes)
 VAL_FRACTION = 0.1
 SEED = 42
-TARGET_RATIO = 1.5
+TARGET_RATIOS = {"trl": 3.0, "trl_packed": 2.5}  # #26, per peer
 
 
 # --- data ---
@@ -136,8 +137,8 @@ def compare(runs: dict, tf: str, peer: str) -> dict:
             "ratio_step_timed": a["tokens_per_s"] / b["step_tokens_per_s"] if b.get("step_tokens_per_s") else None,
             "tuneforge_tokens_per_s": a["tokens_per_s"], "peer_tokens_per_s": b["tokens_per_s"],
             "tuneforge_val_loss": a["val_loss"], "peer_val_loss": b["val_loss"], "val_loss_difference": diff,
-            "meets_target": bool(ratio >= TARGET_RATIO and diff <= 0.0),
-            "target": f">= {TARGET_RATIO}x the peer's tokens/s at equal or lower validation loss"}
+            "meets_target": bool(ratio >= TARGET_RATIOS.get(peer, 1.5) and diff <= 0.0),
+            "target": f">= {TARGET_RATIOS.get(peer, 1.5)}x the peer's tokens/s at equal or lower validation loss"}
 
 
 def main() -> int:

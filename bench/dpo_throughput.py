@@ -212,6 +212,31 @@ def main() -> int:
         AcceleratorState._reset_state(reset_partial_state=True)
         gc.collect()
 
+    # --- utilisation (#26): the model's work per pair, counted on tuneforge's first batch: the policy's forward and
+    # backward (LoRA) plus the reference model's forward (tuneforge runs it once up front, TRL at every step: the same
+    # model work either way), per token, times the training tokens per pair; each contender's model FLOP/s = that x
+    # its pairs/s (reference pass included in both), beside this CPU's measured matmul peak
+    def count_flops(model, data) -> None:
+        from tuneforge.training.cost import counted_flops, matmul_flops
+
+        idx = np.arange(min(tcfg.batch_size, len(data.ids)))
+        cpu, loss_fn = torch.device("cpu"), task.training_loss(cfg)
+        rng = torch.get_rng_state()  # the count's dropout draws must not change the training that follows
+        step = counted_flops(model, data, idx, pad_id, cpu, precision, loss_fn, task.collate)
+        reference = counted_flops(model, data, idx, pad_id, cpu, precision, loss_fn, task.collate, backward=False)
+        torch.set_rng_state(rng)
+        model.zero_grad(set_to_none=True)
+        per_token = (step + reference) / sum(len(data.ids[i]) for i in idx)
+        results["flops_per_pair"] = per_token * sum(len(r) for r in data.ids) / len(train_rows)
+        results["peak_flops_per_s"] = matmul_flops(precision)
+
+    def with_utilisation(out: dict) -> dict:
+        if results.get("flops_per_pair"):
+            out["model_flops_per_s"] = results["flops_per_pair"] * out["pairs_per_s"]
+            out["peak_flops_per_s"] = results["peak_flops_per_s"]
+            out["share_of_peak"] = out["model_flops_per_s"] / results["peak_flops_per_s"]
+        return out
+
     def run_tuneforge() -> dict:
         from accelerate import Accelerator
 
@@ -225,6 +250,7 @@ def main() -> int:
         reference_s = time.perf_counter() - t0
         model = apply_method(model, tcfg, task.peft_task_type, task.lora_targets())
         acc = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=True)
+        count_flops(model, TrainData(ids["train"], y["train"], y["train"].positions))
         r = train(model, TrainData(ids["train"], y["train"], y["train"].positions), lambda m: {"val_loss": 0.0}, tcfg,
                   cfg.eval, accelerator=acc, precision=precision, pad_id=pad_id, checkpoint_dir=tmp / "ckpt", resume=False,
                   loss_fn=task.training_loss(cfg), select=task.selection(cfg), collate=task.collate)
@@ -275,9 +301,9 @@ def main() -> int:
         return out
 
     try:
-        harness.attempt(results, "tuneforge", run_tuneforge, save, update)
+        harness.attempt(results, "tuneforge", lambda: with_utilisation(run_tuneforge()), save, update)
         if not args.skip_trl:
-            harness.attempt(results, "trl", run_trl, save, update)
+            harness.attempt(results, "trl", lambda: with_utilisation(run_trl()), save, update)
         results["status"] = "complete" if not results["failed"] else "complete, with failed runs"
     except BaseException:
         results["status"] = "interrupted"
@@ -289,7 +315,7 @@ def main() -> int:
     for name, r in results["runs"].items():
         print(f"{name:<10} " + ("FAILED: " + r["error"] if "error" in r else
                                 f"{r['pairs_per_s']:.2f} pairs/s, {r['steps']} steps, held-out preference accuracy "
-                                f"{r['val_preference_accuracy']:.3f}"))
+                                f"{r['val_preference_accuracy']:.3f}" + harness.utilisation_text(r)))
     if c.get("ratio"):
         print(f"tuneforge vs TRL: {c['ratio']:.2f}x pairs/s; accuracy {c['accuracy_difference']:+.3f}; target "
               f"{c['target']}: {'met' if c['meets_target'] else 'NOT met'}")

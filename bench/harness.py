@@ -51,3 +51,34 @@ def recorder(path: Path, results: dict, compare: Callable[[dict], dict]) -> tupl
         results["comparison"] = compare(results["runs"])
 
     return save, update
+
+
+def run_utilisation(run: Path | dict) -> dict:
+    """A tuneforge run's own utilisation (its output directory's run.json, or that file read): its model FLOP/s and
+    their share of this CPU's measured matmul peak at the run's precision, as the contender's figures; {} for a run
+    that has none."""
+    info = run if isinstance(run, dict) else json.loads((Path(run) / "run.json").read_text())
+    util = info.get("utilisation") or {}
+    if not util.get("achieved_flops_per_second"):
+        return {}
+    return {"model_flops_per_s": util["achieved_flops_per_second"], "peak_flops_per_s": util["peak_flops_per_second"],
+            "share_of_peak": util["share_of_peak"]}
+
+
+def same_work_utilisation(run: dict, reference: dict | None, rate_key: str) -> dict:
+    """A peer's model FLOP/s from a tuneforge run that does the same model work per unit of `rate_key` (the same
+    model, method, data and lengths): the reference's FLOPs per unit (its model FLOP/s / its rate) x the peer's
+    rate, beside the same peak. Model FLOPs utilisation counts the model's work, not what an implementation adds
+    or saves, so both contenders are measured by one count. {} without a usable reference."""
+    if not reference or "error" in reference or not reference.get("model_flops_per_s") or not run.get(rate_key):
+        return {}
+    flops = reference["model_flops_per_s"] / reference[rate_key] * run[rate_key]
+    return {"model_flops_per_s": flops, "peak_flops_per_s": reference["peak_flops_per_s"],
+            "share_of_peak": flops / reference["peak_flops_per_s"], "flops_counted_on": "the tuneforge run of the same work"}
+
+
+def utilisation_text(r: dict) -> str:
+    """' 272 GFLOP/s = 33% of peak' for a printed line, '' without the figures."""
+    if not r.get("model_flops_per_s"):
+        return ""
+    return f"  {r['model_flops_per_s'] / 1e9:.0f} GFLOP/s = {r['share_of_peak']:.0%} of the {r['peak_flops_per_s'] / 1e9:.0f} peak"

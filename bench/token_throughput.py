@@ -292,7 +292,7 @@ def main() -> int:
                 "baselines_test_f1": {n: b["f1"] for n, b in metrics["test"]["baselines"].items()},
                 "max_length": resolved["model.max_length"],
                 "same_max_length_as_trainer": resolved["model.max_length"] == max_length,
-                "same_splits_as_trainer": pipeline_hashes == split_hashes}
+                "same_splits_as_trainer": pipeline_hashes == split_hashes, **harness.run_utilisation(run_info)}
 
     # --- plain Trainer + DataCollatorForTokenClassification, the standard HF recipe ---
     label2id = space.label2id
@@ -383,7 +383,9 @@ def main() -> int:
         if not args.skip_full:
             attempt("tuneforge_full", lambda: run_tuneforge("full"))
         if not args.skip_trainer:
-            attempt(f"trainer_{trainer_precision}", lambda: run_trainer(trainer_precision))
+            # its model FLOP/s: tuneforge's count of the same work (the full fine-tune, same sentences and lengths)
+            attempt(f"trainer_{trainer_precision}", lambda: (lambda r: {**r, **harness.same_work_utilisation(
+                r, results["runs"].get("tuneforge_full"), "sentences_per_s")})(run_trainer(trainer_precision)))
         results["status"] = "complete" if not results["failed"] else "complete, with failed runs"
     except BaseException:
         results["status"] = "interrupted"
@@ -404,7 +406,7 @@ def print_summary(results: dict) -> None:
           f"(amx_bf16 {hw['amx_bf16']}, avx512_bf16 {hw['avx512_bf16']}), torch threads {hw['torch_threads']}")
     print(f"Trainer: {results['trainer_precision_note']}")
     print(f"{'run':<16}{'method':<8}{'precision':<10}{'sent/s':>9}{'windows/s':>11}{'step-timed':>12}"
-          f"{'test F1':>9}{'P':>8}{'R':>8}{'train s':>9}")
+          f"{'test F1':>9}{'P':>8}{'R':>8}{'train s':>9}{'GFLOP/s':>9}{'of peak':>8}")
     for name, r in results["runs"].items():
         if "error" in r:
             print(f"{name:<16}FAILED: {r['error']}")
@@ -412,7 +414,8 @@ def print_summary(results: dict) -> None:
         windows = f"{r['windows_per_s']:.1f}" if "windows_per_s" in r else "-"
         step = f"{r['step_sentences_per_s']:.1f}" if "step_sentences_per_s" in r else "-"
         print(f"{name:<16}{r['method']:<8}{r['precision']:<10}{r['sentences_per_s']:>9.1f}{windows:>11}{step:>12}"
-              f"{r['test_f1']:>9.4f}{r['test_precision']:>8.4f}{r['test_recall']:>8.4f}{r['seconds']:>9.1f}")
+              f"{r['test_f1']:>9.4f}{r['test_precision']:>8.4f}{r['test_recall']:>8.4f}{r['seconds']:>9.1f}"
+              + (f"{r['model_flops_per_s'] / 1e9:>9.0f}{r['share_of_peak']:>8.0%}" if r.get("model_flops_per_s") else f"{'-':>9}{'-':>8}"))
     for name, c in results["comparisons"].items():
         if c["ratio"] is None:
             print(f"{name}: n/a ({c['why']})")
