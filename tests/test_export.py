@@ -130,6 +130,27 @@ def llm_run(tmp_path_factory):
     return d / "out", model
 
 
+def test_a_flipped_top_token_is_excused_only_within_the_exports_own_error():
+    from tuneforge.export import near_tie_flips
+
+    rng = np.random.default_rng(0)
+    ref = [np.log(rng.dirichlet(np.ones(300))) for _ in range(3)]
+    tops = [int(r.argmax()) for r in ref]
+    seconds = [int(np.argsort(r)[-2]) for r in ref]
+    noise = [rng.uniform(-0.03, 0.03, 300) for _ in range(3)]  # the export's error: up to 0.03 nats anywhere
+    got = [r + e for r, e in zip(ref, noise)]
+    # row 0: its top two 0.02 nats apart, the export swaps them within its error: a tie
+    ref[0][seconds[0]] = ref[0][tops[0]] - 0.02
+    got[0] = ref[0] + noise[0]
+    got[0][tops[0]], got[0][seconds[0]] = ref[0][tops[0]] - 0.01, ref[0][tops[0]] + 0.01
+    # row 1: the runner-up trails by far more than the error, and the export still prefers it: a real flip
+    got[1][seconds[1]] = ref[1][tops[1]] + 0.5
+    labels = [int(g.argmax()) for g in got]
+    assert labels == [seconds[0], seconds[1], tops[2]] and ref[1][tops[1]] - ref[1][seconds[1]] > 0.1
+    assert near_tie_flips(ref, tops, got, labels) == 1
+    assert near_tie_flips(ref, tops, ref, tops) == 0
+
+
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
 def test_gguf_export_loads_back_with_the_same_next_tokens_tokenizer_and_template(llm_run, kind, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -139,7 +160,9 @@ def test_gguf_export_loads_back_with_the_same_next_tokens_tokenizer_and_template
     folder = out / "export" / "gguf"
     record = json.loads((out / "run.json").read_text())["exports"]["gguf"]
     assert record["file"] == f"model-{kind}.gguf" and record["type"] == kind and record["check"]["passed"]
-    assert record["check"]["top1_agreement"] >= 0.95 and record["check"]["rows"] == 18
+    check = record["check"]
+    assert check["rows"] == 18 and check["top1_agreement"] * 18 + check["top1_near_ties"] >= 0.95 * 18
+    assert check["top1_agreement"] >= 0.85  # a quantized export may flip a near tie, no more
     assert record["check"]["max_abs_diff"] < (0.05 if kind == "f16" else 0.5)
     assert (folder / "Modelfile").read_text().startswith(f"FROM ./model-{kind}.gguf\n")
 

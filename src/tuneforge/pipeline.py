@@ -372,12 +372,13 @@ def fit(prep: Prepared, cfg: RunConfig, accelerator, precision: str, why: str, *
     from tuneforge.training.cost import utilisation
 
     util = utilisation(est, result.tokens, result.train_seconds)
-    console.print(f"[bold]trained[/] {result.steps} steps, {result.samples_per_second:.1f} rows/s "
-                  f"({result.tokens / max(result.train_seconds, 1e-9):.0f} tokens/s"
-                  + (f", {util['achieved_flops_per_second'] / 1e9:.0f} GFLOP/s = {util['share_of_peak']:.0%} of this "
-                     f"{est['device'].upper()}'s {precision} matmul peak, {util['peak_flops_per_second'] / 1e9:.0f} GFLOP/s"
-                     if util and util["share_of_peak"] is not None else "")
-                  + "); best validation "
+    unit = get_spec(task.name).positions
+    rates = ([f"{result.tokens / max(result.train_seconds, 1e-9):.0f} {unit}/s"] if unit else []) + (
+        [f"{util['achieved_flops_per_second'] / 1e9:.0f} GFLOP/s = {util['share_of_peak']:.0%} of this "
+         f"{est['device'].upper()}'s {precision} matmul peak, {util['peak_flops_per_second'] / 1e9:.0f} GFLOP/s"]
+        if util and util["share_of_peak"] is not None else [])
+    console.print(f"[bold]trained[/] {result.steps} steps, {result.samples_per_second:.1f} rows/s"
+                  + (f" ({', '.join(rates)})" if rates else "") + "; best validation "
                   f"{select[0].removeprefix('val_')} {result.best_metric:.4f} at step {result.best_step}"
                   + (" (stopped early)" if result.stopped_early else ""))
     plan = {"train.epochs": epochs, "model.max_length": prep.max_length, "total_steps": total, "eval_every": eval_every,

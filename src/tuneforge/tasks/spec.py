@@ -62,6 +62,7 @@ class TaskSpec:
     card_metrics: dict[str, dict] = field(default_factory=dict)  # metric -> the Hub model-index metric entry
     defaults: dict[str, dict] = field(default_factory=dict)       # config defaults that differ from the generic
     counted: str = "classes"                   # what a split's class_counts count (report and card headings)
+    positions: str = "tokens"                  # what a training row's length counts (the training line's rate; "": none)
     quick_start_flags: tuple[str, ...] = ()    # what `run --data F` must be given besides the file
     flags: tuple[Flag, ...] = ()               # its own flags on `run` and `audit`
     # what a prediction reads: one `input` (a text, an image), `predict --<input>` (repeatable) and /v1/predict's

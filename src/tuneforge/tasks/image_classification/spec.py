@@ -64,6 +64,7 @@ SPEC = TaskSpec(
     counted="classes",
     quick_start_flags=(),  # a folder of class sub-folders names its own labels
     flags=(Flag("--multi-label", "multi_label", True, "images may carry several labels (a table's label cell)"),),
+    positions="",  # a row's length is its pixel values: no rate worth printing
     input="image",
     inputs="images",
     request=ImagesRequest,
