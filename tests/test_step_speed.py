@@ -133,3 +133,13 @@ def test_keep_freed_memory_takes_on_glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
     assert keep_freed_memory() is True
+
+
+def test_frozen_weights_off_the_cpu_are_left_to_autocast():
+    """Holding keeps the fp32 originals beside the copies: on an accelerator (here the meta device stands in) that
+    memory is not spent."""
+    layer = torch.nn.Linear(8, 8, device="meta").requires_grad_(False)
+    held = FrozenWeightsCast(layer, "bf16")
+    assert held.hold() == 0 and layer.weight.dtype == torch.float32
+    cpu = torch.nn.Linear(8, 8).requires_grad_(False)
+    assert FrozenWeightsCast(cpu, "bf16").hold() == 2 and cpu.weight.dtype == torch.bfloat16

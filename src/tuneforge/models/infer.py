@@ -135,7 +135,10 @@ class FrozenWeightsCast:
     embeddings gets its own low-precision copy; the embedding lookup keeps the fp32 table, as autocast does.
 
     Under autocast the outputs are the same. On SmolLM2-135M with LoRA (2-core AMD EPYC, avx512_bf16) the casts were
-    ~110 ms of a 700 ms step, 50 ms of it the tied 49k x 576 head (bench/profile_steps.py)."""
+    ~110 ms of a 700 ms step, 50 ms of it the tied 49k x 576 head (bench/profile_steps.py). CPU weights only: the
+    fp32 originals stay in memory beside the copies (+2 bytes a frozen weight while training), which host memory
+    affords and an accelerator's, where a large model's frozen weights are most of the memory, may not; there
+    autocast's per-forward casts are also cheap, and nothing was measured."""
 
     def __init__(self, model, precision: str):
         self.model, self.dtype = model, _autocast_dtype(precision)
@@ -149,7 +152,8 @@ class FrozenWeightsCast:
             if isinstance(module, _CAST_BY_AUTOCAST):
                 for name in ("weight", "bias"):
                     param = module._parameters.get(name)
-                    if param is not None and not param.requires_grad and param.dtype == torch.float32:
+                    if (param is not None and not param.requires_grad and param.dtype == torch.float32
+                            and param.device.type == "cpu"):
                         self.kept.append((module, name, param))
                         module._parameters[name] = torch.nn.Parameter(param.detach().to(self.dtype), requires_grad=False)
         return len(self.kept)
