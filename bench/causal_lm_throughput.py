@@ -270,22 +270,16 @@ def main() -> int:
     # packed batch (LoRA: the base weights' backward computes input gradients only), the same model work for every
     # contender; each one's model FLOP/s = that x its tokens/s, beside this CPU's measured matmul peak
     def count_flops(model, data) -> None:
-        from tuneforge.training.cost import counted_flops, matmul_flops
+        from tuneforge.training.cost import matmul_flops
 
         idx = np.arange(min(tcfg.batch_size, len(data.ids)))
-        rng = torch.get_rng_state()  # the count's dropout draws must not change the training that follows
-        counted = counted_flops(model, data, idx, pad_id, torch.device("cpu"), precision, task.training_loss(cfg),
-                                task.collate)
-        torch.set_rng_state(rng)
-        model.zero_grad(set_to_none=True)
-        results["flops_per_token"] = counted / sum(len(data.ids[i]) for i in idx)
+        results["flops_per_token"] = harness.counted_flops_per_token(model, data, idx, pad_id, precision,
+                                                                     task.training_loss(cfg), task.collate)
         results["peak_flops_per_s"] = matmul_flops(precision)
 
     def with_utilisation(out: dict) -> dict:
-        if results.get("flops_per_token"):
-            out["model_flops_per_s"] = results["flops_per_token"] * out["tokens_per_s"]
-            out["share_of_peak"] = out["model_flops_per_s"] / results["peak_flops_per_s"]
-        return out
+        return harness.counted_utilisation(out, results.get("flops_per_token"), "tokens_per_s",
+                                           results.get("peak_flops_per_s"))
 
     # --- tuneforge: the task's pieces, as pipeline.run wires them ---
     def run_tuneforge() -> dict:

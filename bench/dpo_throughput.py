@@ -217,25 +217,17 @@ def main() -> int:
     # model work either way), per token, times the training tokens per pair; each contender's model FLOP/s = that x
     # its pairs/s (reference pass included in both), beside this CPU's measured matmul peak
     def count_flops(model, data) -> None:
-        from tuneforge.training.cost import counted_flops, matmul_flops
+        from tuneforge.training.cost import matmul_flops
 
         idx = np.arange(min(tcfg.batch_size, len(data.ids)))
-        cpu, loss_fn = torch.device("cpu"), task.training_loss(cfg)
-        rng = torch.get_rng_state()  # the count's dropout draws must not change the training that follows
-        step = counted_flops(model, data, idx, pad_id, cpu, precision, loss_fn, task.collate)
-        reference = counted_flops(model, data, idx, pad_id, cpu, precision, loss_fn, task.collate, backward=False)
-        torch.set_rng_state(rng)
-        model.zero_grad(set_to_none=True)
-        per_token = (step + reference) / sum(len(data.ids[i]) for i in idx)
+        per_token = harness.counted_flops_per_token(model, data, idx, pad_id, precision, task.training_loss(cfg),
+                                                    task.collate, reference_forward=True)
         results["flops_per_pair"] = per_token * sum(len(r) for r in data.ids) / len(train_rows)
         results["peak_flops_per_s"] = matmul_flops(precision)
 
     def with_utilisation(out: dict) -> dict:
-        if results.get("flops_per_pair"):
-            out["model_flops_per_s"] = results["flops_per_pair"] * out["pairs_per_s"]
-            out["peak_flops_per_s"] = results["peak_flops_per_s"]
-            out["share_of_peak"] = out["model_flops_per_s"] / results["peak_flops_per_s"]
-        return out
+        return harness.counted_utilisation(out, results.get("flops_per_pair"), "pairs_per_s",
+                                           results.get("peak_flops_per_s"))
 
     def run_tuneforge() -> dict:
         from accelerate import Accelerator

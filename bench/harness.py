@@ -82,3 +82,41 @@ def utilisation_text(r: dict) -> str:
     if not r.get("model_flops_per_s"):
         return ""
     return f"  {r['model_flops_per_s'] / 1e9:.0f} GFLOP/s = {r['share_of_peak']:.0%} of the {r['peak_flops_per_s'] / 1e9:.0f} peak"
+
+
+def counted_flops_per_token(model, data, idx, pad_id: int, precision: str, loss_fn, collate,
+                            reference_forward: bool = False) -> float:
+    """The model's FLOPs per trained token, counted on one forward + backward of batch `idx` (tuneforge's counter:
+    training/cost.py counted_flops); `reference_forward`: plus one forward alone, a preference loss's frozen
+    reference model. The count's dropout draws and gradients leave the training that follows as it was."""
+    import torch
+
+    from tuneforge.training.cost import counted_flops
+
+    cpu = torch.device("cpu")
+    rng = torch.get_rng_state()
+    flops = counted_flops(model, data, idx, pad_id, cpu, precision, loss_fn, collate)
+    if reference_forward:
+        flops += counted_flops(model, data, idx, pad_id, cpu, precision, loss_fn, collate, backward=False)
+    torch.set_rng_state(rng)
+    model.zero_grad(set_to_none=True)
+    return flops / sum(len(data.ids[i]) for i in idx)
+
+
+def counted_utilisation(out: dict, flops_per_unit: float | None, rate_key: str, peak: float | None) -> dict:
+    """A contender's figures with its model FLOP/s (the counted FLOPs per unit of `rate_key` x its rate) and their
+    share of the measured peak; unchanged without a count."""
+    if flops_per_unit and peak:
+        out["model_flops_per_s"] = flops_per_unit * out[rate_key]
+        out["peak_flops_per_s"] = peak
+        out["share_of_peak"] = out["model_flops_per_s"] / peak
+    return out
+
+
+def measured_as(fn: Callable[[], dict], results: dict, reference: str, rate_key: str) -> Callable[[], dict]:
+    """`fn` (a peer's run) with its utilisation from the tuneforge run `reference` of the same work
+    (same_work_utilisation), for `attempt`."""
+    def run() -> dict:
+        r = fn()
+        return {**r, **same_work_utilisation(r, results["runs"].get(reference), rate_key)}
+    return run

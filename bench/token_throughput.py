@@ -384,8 +384,8 @@ def main() -> int:
             attempt("tuneforge_full", lambda: run_tuneforge("full"))
         if not args.skip_trainer:
             # its model FLOP/s: tuneforge's count of the same work (the full fine-tune, same sentences and lengths)
-            attempt(f"trainer_{trainer_precision}", lambda: (lambda r: {**r, **harness.same_work_utilisation(
-                r, results["runs"].get("tuneforge_full"), "sentences_per_s")})(run_trainer(trainer_precision)))
+            attempt(f"trainer_{trainer_precision}", harness.measured_as(lambda: run_trainer(trainer_precision), results,
+                                                                       "tuneforge_full", "sentences_per_s"))
         results["status"] = "complete" if not results["failed"] else "complete, with failed runs"
     except BaseException:
         results["status"] = "interrupted"

@@ -108,6 +108,17 @@ def _autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def _autocast_weights(model, frozen_only: bool = False):
+    """(module, name, parameter) for each fp32 weight and bias that autocast casts at every forward pass: those of
+    Linear and convolution layers (norms and embeddings it keeps fp32); `frozen_only`: those without gradients."""
+    for module in model.modules():
+        if isinstance(module, _CAST_BY_AUTOCAST):
+            for name in ("weight", "bias"):
+                param = module._parameters.get(name)
+                if param is not None and param.dtype == torch.float32 and not (frozen_only and param.requires_grad):
+                    yield module, name, param
+
+
 def hold_autocast_weights(model, precision: str) -> int:
     """Cast once, in place, the weights autocast would cast at every forward pass (Linear and convolution layers,
     weight and bias) to `precision`'s dtype; norms and embeddings stay fp32, as autocast keeps them. Under autocast
@@ -117,22 +128,19 @@ def hold_autocast_weights(model, precision: str) -> int:
     if dtype is None:
         return 0
     cast = 0
-    for module in model.modules():
-        if isinstance(module, _CAST_BY_AUTOCAST):
-            for name in ("weight", "bias"):
-                param = getattr(module, name, None)
-                if param is not None and param.dtype == torch.float32:
-                    param.data = param.data.to(dtype)
-                    cast += 1
+    for _, _, param in list(_autocast_weights(model)):
+        param.data = param.data.to(dtype)
+        cast += 1
     return cast
 
 
 class FrozenWeightsCast:
     """Training's counterpart of hold_autocast_weights: the *frozen* Linear and convolution weights (and biases)
     that autocast casts afresh at every forward pass (it caches only weights that take gradients) held at
-    `precision`'s dtype while `hold()` is in force, the fp32 originals put back by `release()`. Trainable weights
-    are left to autocast (the optimizer updates their fp32 values). A frozen output head tied to the input
-    embeddings gets its own low-precision copy; the embedding lookup keeps the fp32 table, as autocast does.
+    `precision`'s dtype while `hold()` is in force, the fp32 originals put back by `release()`. The copies are made
+    once (frozen weights do not change) and put back by the next `hold()`. Trainable weights are left to autocast
+    (the optimizer updates their fp32 values). A frozen output head tied to the input embeddings gets its own
+    low-precision copy; the embedding lookup keeps the fp32 table, as autocast does.
 
     Under autocast the outputs are the same. On SmolLM2-135M with LoRA (2-core AMD EPYC, avx512_bf16) the casts were
     ~110 ms of a 700 ms step, 50 ms of it the tied 49k x 576 head (bench/profile_steps.py). CPU weights only: the
@@ -142,27 +150,27 @@ class FrozenWeightsCast:
 
     def __init__(self, model, precision: str):
         self.model, self.dtype = model, _autocast_dtype(precision)
-        self.kept: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+        self.kept: list[tuple[torch.nn.Module, str, torch.nn.Parameter, torch.nn.Parameter]] = []
+        self.held = False
 
     def hold(self) -> int:
-        """Cast the frozen weights (a no-op at fp32 or while held); returns how many tensors are held."""
-        if self.dtype is None or self.kept:
-            return len(self.kept)
-        for module in self.model.modules():
-            if isinstance(module, _CAST_BY_AUTOCAST):
-                for name in ("weight", "bias"):
-                    param = module._parameters.get(name)
-                    if (param is not None and not param.requires_grad and param.dtype == torch.float32
-                            and param.device.type == "cpu"):
-                        self.kept.append((module, name, param))
-                        module._parameters[name] = torch.nn.Parameter(param.detach().to(self.dtype), requires_grad=False)
+        """Put the low-precision copies in place (cast on the first call; a no-op at fp32 or while held); returns
+        how many tensors are held."""
+        if self.dtype is not None and not self.kept:
+            self.kept = [(module, name, param, torch.nn.Parameter(param.detach().to(self.dtype), requires_grad=False))
+                         for module, name, param in _autocast_weights(self.model, frozen_only=True)
+                         if param.device.type == "cpu"]
+        for module, name, _, copy in self.kept:
+            module._parameters[name] = copy
+        self.held = True
         return len(self.kept)
 
     def release(self) -> None:
         """The fp32 weights back in place (the same Parameter objects: ties and optimizer state untouched)."""
-        for module, name, param in self.kept:
-            module._parameters[name] = param
-        self.kept = []
+        if self.held:
+            for module, name, param, _ in self.kept:
+                module._parameters[name] = param
+        self.held = False
 
     def __enter__(self) -> "FrozenWeightsCast":
         self.hold()

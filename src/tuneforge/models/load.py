@@ -10,6 +10,7 @@ from torch import nn
 
 from tuneforge.config import TrainConfig
 from tuneforge.errors import ModelNotFoundError
+from tuneforge.models.dropout import use_fast_dropout
 
 
 @contextlib.contextmanager
@@ -91,8 +92,6 @@ def apply_method(model, cfg: TrainConfig, peft_task_type: str | None = "SEQ_CLS"
         with warnings.catch_warnings():  # peft 0.21 asks transformers 5.24 a renamed attribute (FutureWarning)
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = get_peft_model(model, lcfg)
-    from tuneforge.models.dropout import use_fast_dropout
-
     use_fast_dropout(model)  # the model's and LoRA's dropout layers: the same rate, a quarter of the random draws on CPU
     return model
 
